@@ -1,0 +1,379 @@
+//! The contract between the xdns XDP program (`dns-ebpf`) and its agent (`dns-agent`).
+//!
+//! Every type that crosses the kernel/userspace line lives here: `#[repr(C)]`, integers and
+//! byte arrays only, explicit padding, and a size assertion each, so that both sides agree on
+//! every byte. Map names, capacities and counter indices are constants here for the same reason.
+//!
+//! # How the kernel answers
+//!
+//! The agent pre-encodes every answer of the cluster zone. For a query `(name, qtype)` the XDP
+//! program builds a key from the lowercased wire-format name and looks it up:
+//!
+//! 1. `(name, qtype)` → an [`AnswerValue`]: the answer, authority and additional sections as
+//!    bytes, ready to be copied after the question ([`ACTION_ANSWER`]), or "the name exists but
+//!    has no such type" ([`ACTION_NODATA`]), or "userspace answers this" ([`ACTION_PASS`]).
+//! 2. else `(name, QTYPE_OTHER)` → the same, for every type the name has no entry of its own for.
+//! 3. else, when the zone is synced and [`CONFIG_NXDOMAIN`] is set, a name below the cluster zone
+//!    (but not below `pod.<zone>`, whose names are synthesised by userspace) does not exist:
+//!    NXDOMAIN.
+//! 4. else the query goes up the stack to the agent.
+//!
+//! Negative answers carry the zone's SOA record, built from [`ZoneConfig::soa`] with its three
+//! names compressed against the question (see [`SOA_PTR_OFFSETS`]).
+//!
+//! Section bytes are positioned right after the question, so compression pointers into the
+//! question (`0xC00C` for the question name) are valid; the question itself is echoed exactly
+//! as received, so clients that randomise the case of their names see their own bytes.
+#![no_std]
+
+/// Bumped whenever a layout below changes. Pinned maps live in a directory named after it, so
+/// an agent never reads maps written with another layout.
+pub const LAYOUT_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Map and program names (ELF symbol names; the kernel keeps the first 15 bytes).
+
+/// Program name of the XDP entry point.
+pub const PROGRAM_NAME: &str = "xdns_xdp";
+/// `HashMap<ShortKey, AnswerValue>`: answers for names of at most [`SHORT_NAME_LEN`] bytes.
+pub const MAP_ANSWERS_SHORT: &str = "XDNS_ANS_SHORT";
+/// `HashMap<LongKey, AnswerValue>`: answers for longer names (IPv6 reverse names, deep names).
+pub const MAP_ANSWERS_LONG: &str = "XDNS_ANS_LONG";
+/// `HashMap<u32, AnswerBlob>`: section bytes too long for [`AnswerValue::data`].
+pub const MAP_BLOBS: &str = "XDNS_BLOBS";
+/// `HashMap<u32, u32>`: IPv4 listen addresses (key: the address bytes in network order).
+pub const MAP_LISTEN_V4: &str = "XDNS_LISTEN4";
+/// `HashMap<[u8; 16], u32>`: IPv6 listen addresses.
+pub const MAP_LISTEN_V6: &str = "XDNS_LISTEN6";
+/// `Array<ZoneConfig>` with one entry.
+pub const MAP_CONFIG: &str = "XDNS_CONFIG";
+/// `PerCpuArray<u64>` indexed by [`counter`].
+pub const MAP_COUNTERS: &str = "XDNS_COUNTERS";
+
+/// Every map the program has, for pinning and reopening.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_ANSWERS_SHORT,
+    MAP_ANSWERS_LONG,
+    MAP_BLOBS,
+    MAP_LISTEN_V4,
+    MAP_LISTEN_V6,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+];
+
+// ---------------------------------------------------------------------------------------------
+// Limits.
+
+/// Longest wire-format name (RFC 1035 §2.3.4), root label included.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest label.
+pub const MAX_LABEL_LEN: usize = 63;
+/// Names of at most this many wire bytes go into [`MAP_ANSWERS_SHORT`].
+pub const SHORT_NAME_LEN: usize = 62;
+/// Name bytes of a [`LongKey`]: every legal name, plus one zero byte of padding.
+pub const LONG_NAME_LEN: usize = 256;
+/// Section bytes held inline in an [`AnswerValue`].
+pub const INLINE_DATA_LEN: usize = 96;
+/// Section bytes of an [`AnswerBlob`].
+pub const BLOB_DATA_LEN: usize = 1216;
+/// The largest DNS message the kernel sends, and the largest UDP answer userspace sends:
+/// 1232 bytes fit in any IPv6 path without fragmentation (DNS Flag Day 2020).
+pub const MAX_UDP_REPLY: usize = 1232;
+/// The largest DNS message a client without EDNS accepts over UDP (RFC 1035).
+pub const CLASSIC_UDP_LIMIT: usize = 512;
+/// The UDP payload size xdns advertises in its OPT records.
+pub const EDNS_UDP_SIZE: u16 = MAX_UDP_REPLY as u16;
+/// Length of an OPT record without options.
+pub const OPT_RECORD_LEN: usize = 11;
+/// Queries longer than this go to userspace (the kernel's offsets stay small for the verifier).
+pub const MAX_KERNEL_QUERY: usize = MAX_UDP_REPLY;
+
+/// Default capacities; `dns-agent run` can change them at load time.
+pub const DEFAULT_ANSWERS_SHORT_MAX: u32 = 1 << 19;
+pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 17;
+pub const DEFAULT_BLOBS_MAX: u32 = 1 << 16;
+pub const LISTEN_MAX: u32 = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Keys.
+
+/// The `qtype` of the entry that answers every type a name has no entry of its own for.
+/// (Type 0 is reserved and never asked for; the kernel passes queries for it.)
+pub const QTYPE_OTHER: u16 = 0;
+
+/// Key of [`MAP_ANSWERS_SHORT`]: query type (host order) and the lowercased wire-format name,
+/// zero-padded. The name's own root label ends it, so no length is needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShortKey {
+    pub qtype: u16,
+    pub name: [u8; SHORT_NAME_LEN],
+}
+
+/// Key of [`MAP_ANSWERS_LONG`]. Its first 64 bytes have the layout of a [`ShortKey`], so the
+/// XDP program builds one buffer and uses its prefix for short names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongKey {
+    pub qtype: u16,
+    pub name: [u8; LONG_NAME_LEN],
+    pub _pad: [u8; 2],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values.
+
+/// Reply with [`AnswerValue::data`] (or the blob it names) after the question.
+pub const ACTION_ANSWER: u8 = 1;
+/// Reply NOERROR with no answer and the zone SOA in the authority section.
+pub const ACTION_NODATA: u8 = 2;
+/// Userspace answers this query (its answer is computed per query, e.g. a chased CNAME).
+pub const ACTION_PASS: u8 = 3;
+
+/// DNS header flag bits (second 16-bit word of the header, host order).
+pub const FLAG_QR: u16 = 0x8000;
+pub const FLAG_AA: u16 = 0x0400;
+pub const FLAG_TC: u16 = 0x0200;
+pub const FLAG_RD: u16 = 0x0100;
+pub const FLAG_RA: u16 = 0x0080;
+pub const FLAG_AD: u16 = 0x0020;
+pub const FLAG_CD: u16 = 0x0010;
+pub const OPCODE_MASK: u16 = 0x7800;
+pub const RCODE_MASK: u16 = 0x000f;
+pub const RCODE_NOERROR: u16 = 0;
+pub const RCODE_NXDOMAIN: u16 = 3;
+
+/// Value of both answer maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AnswerValue {
+    /// One of `ACTION_*`.
+    pub action: u8,
+    pub _pad0: u8,
+    /// Header bits the reply carries besides QR and the query's RD and CD: AA, RA, RCODE.
+    pub flags: u16,
+    /// Record counts of the section bytes (for [`ACTION_NODATA`] the kernel adds the SOA).
+    pub ancount: u16,
+    pub nscount: u16,
+    pub arcount: u16,
+    /// Length of the section bytes.
+    pub data_len: u16,
+    /// Internet checksum partial sum (folded, not inverted) of the section bytes, taken as if
+    /// they started at an even offset. The kernel byte-swaps it when they start at an odd one.
+    pub data_csum: u16,
+    pub _pad1: u16,
+    /// 0: the section bytes are [`AnswerValue::data`]; otherwise the key of an [`AnswerBlob`].
+    /// A blob is never rewritten in place: a changed answer gets a new blob id.
+    pub blob: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` time after which the entry must not be served; 0 for never.
+    pub expires_ns: u64,
+    pub data: [u8; INLINE_DATA_LEN],
+}
+
+/// Value of [`MAP_BLOBS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AnswerBlob {
+    pub data: [u8; BLOB_DATA_LEN],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zone configuration.
+
+/// The agent has loaded the whole zone: the kernel may answer.
+pub const CONFIG_SYNCED: u32 = 1 << 0;
+/// Every existing name of the zone is in the maps: a name below the zone that is not there
+/// does not exist. Cleared when the maps could not take every name (e.g. they are full).
+pub const CONFIG_NXDOMAIN: u32 = 1 << 1;
+
+/// Byte length of the zone SOA record template.
+pub const SOA_RECORD_LEN: usize = 54;
+/// Offsets in the template of the three compression pointers the kernel fills in, each
+/// pointing at the zone's name inside the question: the owner, then the ends of the MNAME
+/// (`ns.dns.<zone>`) and of the RNAME (`hostmaster.<zone>`).
+pub const SOA_PTR_OFFSETS: [usize; 3] = [0, 19, 32];
+
+/// Value of [`MAP_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ZoneConfig {
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    /// Wire length of [`ZoneConfig::zone`], root label included.
+    pub zone_len: u16,
+    /// Partial checksum of [`ZoneConfig::soa`] with its pointer slots zero (even start).
+    pub soa_csum: u16,
+    /// Header bits of an NXDOMAIN reply besides QR, RD and CD (AA, RA, RCODE).
+    pub nxdomain_flags: u16,
+    /// Header bits of a NODATA reply besides QR, RD and CD.
+    pub nodata_flags: u16,
+    /// The cluster zone, lowercased wire format, zero-padded.
+    pub zone: [u8; LONG_NAME_LEN],
+    /// The SOA record of negative answers, pointer slots zero.
+    pub soa: [u8; SOA_RECORD_LEN],
+    pub _pad: [u8; 2],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
+
+/// Indices of [`MAP_COUNTERS`]. Every packet the program sees lands in exactly one of the
+/// `ANSWERED_*`, `PASS_*` or `ERROR_*` counters.
+pub mod counter {
+    /// Answered in the kernel with data.
+    pub const ANSWERED: u32 = 0;
+    /// Answered in the kernel: the name exists, the type does not.
+    pub const ANSWERED_NODATA: u32 = 1;
+    /// Answered in the kernel: the name does not exist.
+    pub const ANSWERED_NXDOMAIN: u32 = 2;
+    /// Not a UDP packet to a listen address on port 53: not ours to look at.
+    pub const PASS_NOT_DNS: u32 = 3;
+    /// A query whose name is not in the maps.
+    pub const PASS_MISS: u32 = 4;
+    /// The entry says userspace answers.
+    pub const PASS_USERSPACE: u32 = 5;
+    /// The answer does not fit the client's limit: userspace answers with TC=1.
+    pub const PASS_TOO_BIG: u32 = 6;
+    /// A message outside the kernel's rules (response, opcode, counts, class, EDNS version,
+    /// meta type, IP options or fragments, VLAN tags): userspace decides.
+    pub const PASS_UNSUPPORTED: u32 = 7;
+    /// Truncated or malformed: userspace decides (usually FORMERR).
+    pub const PASS_MALFORMED: u32 = 8;
+    /// The zone is not loaded yet (userspace answers SERVFAIL).
+    pub const PASS_NOT_SYNCED: u32 = 9;
+    /// The entry has expired.
+    pub const PASS_EXPIRED: u32 = 10;
+    /// Resizing the packet failed; passed up unchanged.
+    pub const ERROR_RESIZE: u32 = 11;
+    /// Writing the reply failed after the packet was resized: dropped, the client retries.
+    pub const ERROR_WRITE: u32 = 12;
+
+    pub const COUNT: u32 = 13;
+
+    /// Names for display and metrics, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "answered",
+        "answered_nodata",
+        "answered_nxdomain",
+        "pass_not_dns",
+        "pass_miss",
+        "pass_userspace",
+        "pass_too_big",
+        "pass_unsupported",
+        "pass_malformed",
+        "pass_not_synced",
+        "pass_expired",
+        "error_resize",
+        "error_write",
+    ];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout checks: a change here is a change of the contract (bump LAYOUT_VERSION).
+
+const _: () = assert!(core::mem::size_of::<ShortKey>() == 64);
+const _: () = assert!(core::mem::size_of::<LongKey>() == 260);
+const _: () =
+    assert!(core::mem::offset_of!(LongKey, name) == core::mem::offset_of!(ShortKey, name));
+const _: () = assert!(core::mem::size_of::<AnswerValue>() == 128);
+const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
+const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
+const _: () = assert!(core::mem::size_of::<AnswerBlob>() == BLOB_DATA_LEN);
+const _: () =
+    assert!(core::mem::size_of::<ZoneConfig>() == 12 + LONG_NAME_LEN + SOA_RECORD_LEN + 2);
+const _: () = assert!(BLOB_DATA_LEN + 12 + 5 + OPT_RECORD_LEN >= MAX_UDP_REPLY);
+const _: () = assert!(INLINE_DATA_LEN < BLOB_DATA_LEN);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, made of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for ShortKey {}
+    unsafe impl aya::Pod for LongKey {}
+    unsafe impl aya::Pod for AnswerValue {}
+    unsafe impl aya::Pod for AnswerBlob {}
+    unsafe impl aya::Pod for ZoneConfig {}
+}
+
+impl ShortKey {
+    pub const fn zeroed() -> Self {
+        Self {
+            qtype: 0,
+            name: [0; SHORT_NAME_LEN],
+        }
+    }
+}
+
+impl LongKey {
+    pub const fn zeroed() -> Self {
+        Self {
+            qtype: 0,
+            name: [0; LONG_NAME_LEN],
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl AnswerValue {
+    pub const fn zeroed() -> Self {
+        Self {
+            action: 0,
+            _pad0: 0,
+            flags: 0,
+            ancount: 0,
+            nscount: 0,
+            arcount: 0,
+            data_len: 0,
+            data_csum: 0,
+            _pad1: 0,
+            blob: 0,
+            _pad2: 0,
+            expires_ns: 0,
+            data: [0; INLINE_DATA_LEN],
+        }
+    }
+}
+
+impl ZoneConfig {
+    pub const fn zeroed() -> Self {
+        Self {
+            flags: 0,
+            zone_len: 0,
+            soa_csum: 0,
+            nxdomain_flags: 0,
+            nodata_flags: 0,
+            zone: [0; LONG_NAME_LEN],
+            soa: [0; SOA_RECORD_LEN],
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Internet checksum arithmetic shared by both sides (RFC 1071).
+pub mod csum {
+    /// Adds `bytes` to a running partial sum, the first byte taken as the high byte of a
+    /// 16-bit word (even offset).
+    #[inline]
+    pub fn add_bytes(mut sum: u64, bytes: &[u8]) -> u64 {
+        let mut chunks = bytes.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(*last) << 8;
+        }
+        sum
+    }
+
+    /// Folds a running sum to 16 bits (not inverted).
+    #[inline]
+    pub const fn fold(mut sum: u64) -> u16 {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
+    }
+}
