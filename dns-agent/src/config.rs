@@ -1,0 +1,254 @@
+//! Command line, and the checks that refuse a bad configuration at start.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::kernel::AttachMode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dns-agent",
+    version,
+    about = "xdns node agent: an eBPF-accelerated node-local DNS cache for Kubernetes",
+    long_about = "xdns node agent. Answers cached cluster.local queries in the kernel with an XDP \
+                  program, serves the rest from userspace, and forwards names outside the cluster \
+                  upstream. Runs on every node, in place of NodeLocal DNSCache."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load the XDP program, fill its maps from the cluster, and serve DNS.
+    Run(RunArgs),
+    /// Print the kernel counters (and the userspace ones) of a running agent.
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Kubernetes objects as YAML (Namespace, Service, EndpointSlice; several documents or
+    /// `kind: List`) instead of the API. Edits apply without a restart.
+    #[arg(long, value_name = "PATH")]
+    pub zone_file: Option<PathBuf>,
+
+    /// Address to serve DNS on, IPv4 or IPv6 (repeatable). The XDP program answers queries to
+    /// these addresses only. Each must be assigned to an interface of the node.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "169.254.20.10")]
+    pub listen: Vec<IpAddr>,
+
+    /// Interface to attach the XDP program to (repeatable): the host side of pod veths, or a
+    /// NIC. Without any, only userspace answers.
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interfaces: Vec<String>,
+
+    /// XDP attach mode: generic works everywhere and is the right one for veths; driver for NICs
+    /// whose driver supports XDP.
+    #[arg(long, value_enum, default_value_t = AttachMode::Generic)]
+    pub attach_mode: AttachMode,
+
+    /// The cluster domain.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Upstream resolver for names outside the cluster, ADDR or ADDR:PORT, [IPv6]:PORT
+    /// (repeatable). Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "upstream", value_name = "ADDR[:PORT]")]
+    pub upstreams: Vec<String>,
+
+    /// TTL of positive answers from the cluster zone, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub ttl: u32,
+
+    /// TTL of negative answers (NXDOMAIN, NODATA) from the cluster zone, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub negative_ttl: u32,
+
+    /// bpffs directory where the agent pins its maps.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdns")]
+    pub pin_path: PathBuf,
+
+    /// Prometheus metrics, /health and /ready. ":PORT" listens on every address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = ":9253")]
+    pub metrics_addr: String,
+
+    /// Capacity of the kernel answer map for names of up to 62 bytes, in entries (longer
+    /// names get a quarter of it, answers over 96 bytes an eighth). Memory is used per entry
+    /// present, not per entry of capacity.
+    #[arg(long, value_name = "ENTRIES", default_value_t = dns_common::DEFAULT_ANSWERS_SHORT_MAX)]
+    pub kernel_capacity: u32,
+
+    /// Serve from userspace only: do not load the XDP program.
+    #[arg(long)]
+    pub no_kernel: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// The running agent's --pin-path.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdns")]
+    pub pin_path: PathBuf,
+
+    /// The running agent's --metrics-addr, for the userspace counters.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9253")]
+    pub metrics_addr: String,
+}
+
+/// A refused configuration: the flag, what is wrong, how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { flag, problem: problem.into() }
+}
+
+/// Largest TTL DNS allows (RFC 2181 §8).
+const MAX_TTL: u32 = i32::MAX as u32;
+
+/// Checked settings of `run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub args: RunArgs,
+    pub cluster_domain: String,
+    pub upstreams: Vec<SocketAddr>,
+    pub metrics_addr: SocketAddr,
+}
+
+impl RunArgs {
+    pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        let domain = self.cluster_domain.trim_end_matches('.').to_ascii_lowercase();
+        let labels_ok = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !labels_ok {
+            return Err(refuse(
+                "cluster-domain",
+                format!("{:?} is not a domain name (e.g. cluster.local)", self.cluster_domain),
+            ));
+        }
+        if self.ttl > MAX_TTL {
+            return Err(refuse("ttl", format!("{} is above the largest TTL, {MAX_TTL}", self.ttl)));
+        }
+        if self.negative_ttl > MAX_TTL {
+            return Err(refuse("negative-ttl", format!("{} is above the largest TTL, {MAX_TTL}", self.negative_ttl)));
+        }
+        if self.listen.is_empty() {
+            return Err(refuse("listen", "at least one listen address is needed"));
+        }
+        if self.kernel_capacity < 1024 {
+            return Err(refuse("kernel-capacity", format!("{} is too small; at least 1024", self.kernel_capacity)));
+        }
+        if self.zone_file.is_none() {
+            return Err(refuse(
+                "zone-file",
+                "no source of cluster objects: give --zone-file PATH (the Kubernetes API source is not built yet)",
+            ));
+        }
+        if !self.interfaces.is_empty() && self.no_kernel {
+            return Err(refuse("interface", "--no-kernel serves from userspace only; drop --interface or --no-kernel"));
+        }
+        let upstreams = if self.upstreams.is_empty() {
+            resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
+                .map_err(|e| refuse("upstream", format!("none given and /etc/resolv.conf unusable: {e}")))?
+        } else {
+            self.upstreams
+                .iter()
+                .map(|u| parse_upstream(u).map_err(|e| refuse("upstream", e)))
+                .collect::<Result<_, _>>()?
+        };
+        if let Some(u) = upstreams.iter().find(|u| self.listen.contains(&u.ip()) && u.port() == 53) {
+            return Err(refuse(
+                "upstream",
+                format!("{u} is one of this agent's own listen addresses: queries would loop"),
+            ));
+        }
+        let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr).map_err(|e| refuse("metrics-addr", e))?;
+        Ok(RunConfig { cluster_domain: domain, upstreams, metrics_addr, args: self })
+    }
+}
+
+/// `ADDR`, `ADDR:PORT`, `[V6]:PORT`.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not ADDR, ADDR:PORT or [IPv6]:PORT"))
+}
+
+/// The `nameserver` lines of a resolv.conf.
+pub fn resolv_conf_nameservers(path: &std::path::Path) -> Result<Vec<SocketAddr>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let servers: Vec<SocketAddr> = text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next()).flatten()
+        })
+        // A scope suffix (fe80::1%eth0) cannot be used from another interface's namespace.
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect();
+    if servers.is_empty() {
+        return Err("no nameserver lines".to_string());
+    }
+    Ok(servers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["dns-agent", "run", "--zone-file", "z.yaml", "--upstream", "192.0.2.53"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn refuses_with_flag_and_fix() {
+        let e = args(&["--cluster-domain", "bad_domain..local"]).validate().unwrap_err();
+        assert_eq!(e.flag, "cluster-domain");
+        let e = args(&["--upstream", "169.254.20.10"]).validate().unwrap_err();
+        assert!(e.to_string().contains("loop"), "{e}");
+        let e = args(&["--upstream", "nope"]).validate().unwrap_err();
+        assert_eq!(e.to_string(), "--upstream: \"nope\" is not ADDR, ADDR:PORT or [IPv6]:PORT");
+        let e = args(&["--ttl", "4294967295"]).validate().unwrap_err();
+        assert_eq!(e.flag, "ttl");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.cluster_domain, "cluster.local");
+        assert_eq!(c.args.listen, vec!["169.254.20.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.upstreams, vec![parse_upstream("192.0.2.53").unwrap()]);
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(parse_upstream("192.0.2.1").unwrap().to_string(), "192.0.2.1:53");
+        assert_eq!(parse_upstream("192.0.2.1:5353").unwrap().to_string(), "192.0.2.1:5353");
+        assert_eq!(parse_upstream("[2001:db8::1]:53").unwrap().to_string(), "[2001:db8::1]:53");
+        assert_eq!(parse_upstream("2001:db8::1").unwrap().to_string(), "[2001:db8::1]:53");
+    }
+}

@@ -1,0 +1,299 @@
+//! The kernel fast path: loading the XDP program, attaching it, and its maps.
+
+pub mod maps;
+pub mod sync;
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use dns_common::{
+    AnswerBlob, AnswerValue, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
+    MAP_BLOBS, MAP_CONFIG, MAP_COUNTERS, MAP_LISTEN_V4, MAP_LISTEN_V6, PROGRAM_NAME, ShortKey,
+    ZoneConfig, counter,
+};
+
+pub use self::maps::KernelMaps;
+
+/// The XDP program, built by `build.rs` and embedded: one binary is all a node needs.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the eBPF object failed (is this root, on a kernel with BPF?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the verifier rejected the XDP program: {0}")]
+    Verify(#[source] aya::programs::ProgramError),
+    #[error(
+        "attaching to {interface} in {mode} mode failed: {source}{hint}",
+        hint = if *mode == AttachMode::Driver { "; try --attach-mode generic" } else { "" }
+    )]
+    Attach {
+        interface: String,
+        mode: AttachMode,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning maps under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Bpffs(String),
+    #[error("pinning map {name}: {source}")]
+    PinMap {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Generic XDP (in the network stack): works on every interface; the right choice for
+    /// veth pairs, where XDP_TX in driver mode needs a program on the peer too.
+    Generic,
+    /// Native XDP in the driver: for physical NICs that support it.
+    Driver,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Generic => "generic",
+            Self::Driver => "driver",
+        })
+    }
+}
+
+impl From<AttachMode> for XdpMode {
+    fn from(m: AttachMode) -> Self {
+        match m {
+            AttachMode::Generic => XdpMode::Skb,
+            AttachMode::Driver => XdpMode::Driver,
+        }
+    }
+}
+
+/// Capacities of the answer maps (entries).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub short: u32,
+    pub long: u32,
+    pub blobs: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            short: dns_common::DEFAULT_ANSWERS_SHORT_MAX,
+            long: dns_common::DEFAULT_ANSWERS_LONG_MAX,
+            blobs: dns_common::DEFAULT_BLOBS_MAX,
+        }
+    }
+}
+
+/// Where a running agent pins its maps: `<pin-path>/v<layout>`.
+pub fn pin_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// The loaded program with its maps and attachments. Dropping it detaches the program.
+pub struct Kernel {
+    ebpf: Ebpf,
+    links: Vec<(String, XdpLinkId)>,
+    pin_dir: PathBuf,
+}
+
+impl Kernel {
+    /// Loads and verifies the program, sizes its maps, and pins the maps under `pin_path` (so
+    /// `dns-agent stats` and operators' tools find them).
+    pub fn load(capacity: Capacity, pin_path: &Path) -> Result<(Self, KernelMaps), KernelError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_ANSWERS_SHORT, capacity.short)
+            .map_max_entries(MAP_ANSWERS_LONG, capacity.long)
+            .map_max_entries(MAP_BLOBS, capacity.blobs)
+            .load(PROGRAM)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(KernelError::MissingProgram(PROGRAM_NAME))?
+            .try_into()
+            .map_err(KernelError::Verify)?;
+        program.load().map_err(KernelError::Verify)?;
+
+        ensure_bpffs(pin_path)?;
+        let pin_dir = pin_dir(pin_path);
+        // Maps a previous agent left behind (it was killed before it could clean up) are
+        // replaced: this agent fills its own.
+        if pin_dir.exists() {
+            let _ = fs::remove_dir_all(&pin_dir);
+        }
+        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin { path: pin_dir.clone(), source })?;
+
+        let maps = KernelMaps {
+            short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(&mut ebpf, MAP_ANSWERS_SHORT, &pin_dir)?,
+            long: take_map::<HashMap<MapData, LongKey, AnswerValue>>(&mut ebpf, MAP_ANSWERS_LONG, &pin_dir)?,
+            blobs: take_map::<HashMap<MapData, u32, AnswerBlob>>(&mut ebpf, MAP_BLOBS, &pin_dir)?,
+            listen_v4: take_map::<HashMap<MapData, u32, u32>>(&mut ebpf, MAP_LISTEN_V4, &pin_dir)?,
+            listen_v6: take_map::<HashMap<MapData, [u8; 16], u32>>(&mut ebpf, MAP_LISTEN_V6, &pin_dir)?,
+            config: take_map::<Array<MapData, ZoneConfig>>(&mut ebpf, MAP_CONFIG, &pin_dir)?,
+            counters: take_map::<PerCpuArray<MapData, u64>>(&mut ebpf, MAP_COUNTERS, &pin_dir)?,
+        };
+        Ok((Self { ebpf, links: Vec::new(), pin_dir }, maps))
+    }
+
+    /// Attaches the program to `interface`.
+    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<(), KernelError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load");
+        let id = program.attach(interface, mode.into()).map_err(|source| KernelError::Attach {
+            interface: interface.to_string(),
+            mode,
+            source,
+        })?;
+        self.links.push((interface.to_string(), id));
+        Ok(())
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|(i, _)| i.as_str())
+    }
+
+    /// Detaches from every interface and removes the pins.
+    pub fn detach_all(&mut self) {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load");
+        for (iface, id) in self.links.drain(..) {
+            if let Err(e) = program.detach(id) {
+                tracing::warn!(interface = iface, error = %e, "detaching XDP failed");
+            } else {
+                tracing::info!(interface = iface, "XDP program detached");
+            }
+        }
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs fills the zeroed struct; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `pin_path` lives on a BPF filesystem, mounting one at /sys/fs/bpf when the pin
+/// path is below it and nothing is mounted there yet (as on a bare node or in a fresh
+/// network namespace test).
+fn ensure_bpffs(pin_path: &Path) -> Result<(), KernelError> {
+    let mut probe = pin_path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let root = Path::new(DEFAULT_BPFFS);
+    if pin_path.starts_with(root) && !is_bpffs(root) {
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: constant, valid C strings.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
+        if rc == 0 {
+            tracing::info!("mounted a BPF filesystem at /sys/fs/bpf");
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        return Err(KernelError::Bpffs(format!(
+            "--pin-path {}: /sys/fs/bpf is not a BPF filesystem and mounting one failed ({err});              mount it (`mount -t bpf bpf /sys/fs/bpf`) or mount it into the container",
+            pin_path.display()
+        )));
+    }
+    Err(KernelError::Bpffs(format!(
+        "--pin-path {}: not on a BPF filesystem; choose a directory below a bpffs mount such as /sys/fs/bpf",
+        pin_path.display()
+    )))
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<M, KernelError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    let data_pin = |m: &aya::maps::Map| -> Result<(), KernelError> {
+        let data: &MapData = match m {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) => d,
+            _ => return Ok(()),
+        };
+        data.pin(pin_dir.join(name)).map_err(|source| KernelError::PinMap { name, source })
+    };
+    data_pin(&map)?;
+    M::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// Kernel counters of a running agent, read from its pinned map and summed over CPUs.
+pub fn read_pinned_counters(pin_path: &Path) -> Result<Vec<(&'static str, u64)>, KernelError> {
+    let path = pin_dir(pin_path).join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| KernelError::Map { name: MAP_COUNTERS, source })?;
+    let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|source| KernelError::Map { name: MAP_COUNTERS, source })?;
+    maps::sum_counters(&map)
+}
+
+/// The `ZoneConfig` bits for listen addresses, split by family.
+pub fn split_listen(addrs: &[IpAddr]) -> (Vec<[u8; 4]>, Vec<[u8; 16]>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for a in addrs {
+        match a {
+            IpAddr::V4(a) => v4.push(a.octets()),
+            IpAddr::V6(a) => v6.push(a.octets()),
+        }
+    }
+    (v4, v6)
+}
+
+/// Names of the kernel counters, by index.
+pub fn counter_names() -> &'static [&'static str] {
+    &counter::NAMES
+}

@@ -1,0 +1,34 @@
+//! UDP: the queries the kernel passes up.
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use tokio::net::UdpSocket;
+
+use super::{Handler, Transport};
+
+/// Serves one UDP socket until the task is cancelled.
+pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<()> {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            // ICMP errors from earlier sends surface here on some kernels; not fatal.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(e),
+        };
+        let msg = buf[..n].to_vec();
+        let socket = socket.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Some(reply) = handler.handle(&msg, Transport::Udp).await {
+                send(&socket, &reply, peer).await;
+            }
+        });
+    }
+}
+
+async fn send(socket: &UdpSocket, reply: &[u8], peer: SocketAddr) {
+    if let Err(e) = socket.send_to(reply, peer).await {
+        tracing::debug!(%peer, error = %e, "sending a UDP reply failed");
+    }
+}

@@ -1,0 +1,219 @@
+//! A zone file: the Kubernetes objects of a cluster as YAML (several documents, or
+//! `kind: List`). Edits apply without a restart.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::SourceEvent;
+use crate::zone::objects::{self, ClusterObject, Kind};
+
+/// A zone file that cannot be used, with the place and field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ZoneFileError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: document {doc}: not YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        doc: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: document {doc}{item}: {problem}")]
+    Object { path: PathBuf, doc: usize, item: String, problem: String },
+}
+
+/// Reads and checks a zone file.
+pub fn load(path: &Path) -> Result<Vec<ClusterObject>, ZoneFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ZoneFileError::Read { path: path.to_path_buf(), source })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc_no = i + 1;
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|source| ZoneFileError::Yaml { path: path.to_path_buf(), doc: doc_no, source })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        if kind == "List" {
+            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            for (j, item) in items.into_iter().enumerate() {
+                object(path, doc_no, &format!(" items[{j}]"), item, &mut out)?;
+            }
+        } else {
+            object(path, doc_no, "", value, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn object(
+    path: &Path,
+    doc: usize,
+    item: &str,
+    value: serde_yaml::Value,
+    out: &mut Vec<ClusterObject>,
+) -> Result<(), ZoneFileError> {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let meta = |v: &serde_yaml::Value, key: &str| {
+        v.get("metadata").and_then(|m| m.get(key)).and_then(|n| n.as_str()).map(str::to_string)
+    };
+    let label = match (meta(&value, "namespace"), meta(&value, "name")) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n,
+        _ => "<unnamed>".to_string(),
+    };
+    let fail = |problem: String| ZoneFileError::Object {
+        path: path.to_path_buf(),
+        doc,
+        item: format!("{item} ({kind} {label})"),
+        problem,
+    };
+    fn typed<T: DeserializeOwned>(v: serde_yaml::Value) -> Result<T, String> {
+        serde_yaml::from_value(v).map_err(|e| format!("does not match the Kubernetes schema: {e}"))
+    }
+    let projected = match kind.as_str() {
+        "Namespace" => Some(objects::project_namespace(&typed::<Namespace>(value).map_err(&fail)?)),
+        "Service" => Some(objects::project_service(&typed::<Service>(value).map_err(&fail)?)),
+        "EndpointSlice" => objects::project_slice(&typed::<EndpointSlice>(value).map_err(&fail)?).transpose(),
+        "" => return Err(fail("no `kind`".to_string())),
+        other => {
+            return Err(fail(format!(
+                "kind {other:?} is not one a zone file holds (Namespace, Service, EndpointSlice, List)"
+            )));
+        }
+    };
+    match projected {
+        Some(Ok(o)) => out.push(o),
+        Some(Err(e)) => return Err(fail(e.to_string())),
+        None => tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, or no service label)"),
+    }
+    Ok(())
+}
+
+/// Sends the file's objects as one relist per kind, then `Synced`; afterwards polls the file
+/// and sends a relist whenever its contents change. A broken edit is reported and skipped:
+/// the zone keeps the last good contents.
+pub async fn run(path: PathBuf, initial: Vec<ClusterObject>, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
+    let mut last = fingerprint(&path);
+    if send_relists(&tx, initial).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(poll).await;
+        let now = fingerprint(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match load(&path) {
+            Ok(objects) => {
+                tracing::info!(path = %path.display(), objects = objects.len(), "zone file changed; applying");
+                if send_relists(&tx, objects).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "zone file changed but cannot be used; keeping the last good zone"),
+        }
+    }
+}
+
+async fn send_relists(tx: &mpsc::Sender<SourceEvent>, objects: Vec<ClusterObject>) -> Result<(), ()> {
+    let seen = Instant::now();
+    let mut by_kind: [(Kind, Vec<ClusterObject>); 3] =
+        [(Kind::Namespace, vec![]), (Kind::Service, vec![]), (Kind::EndpointSlice, vec![])];
+    for o in objects {
+        let i = match o {
+            ClusterObject::Namespace(_) => 0,
+            ClusterObject::Service(..) => 1,
+            ClusterObject::Slice(..) => 2,
+        };
+        by_kind[i].1.push(o);
+    }
+    for (kind, objects) in by_kind {
+        tx.send(SourceEvent::Relist { kind, objects, seen }).await.map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Size, modification time and contents hash: a ConfigMap update swaps a symlink, an editor
+/// may keep the size; any of them changing means a reload.
+fn fingerprint(path: &Path) -> Option<(u64, SystemTime, u64)> {
+    use std::hash::{Hash, Hasher};
+    let meta = std::fs::metadata(path).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some((meta.len(), meta.modified().ok()?, h.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_and_lists() {
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: shop}
+  spec: {clusterIP: 10.96.1.1, ports: [{name: http, port: 80}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.1.0.1]}]
+---
+";
+        let objects = parse(Path::new("z.yaml"), text).unwrap();
+        assert_eq!(objects.len(), 3);
+    }
+
+    #[test]
+    fn errors_name_document_object_and_field() {
+        let text = "\
+kind: Namespace
+metadata: {name: shop}
+---
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.1.300}
+";
+        let err = parse(Path::new("z.yaml"), text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "z.yaml: document 2 (Service shop/web): spec.clusterIP: \"10.96.1.300\" is not an IP address"
+        );
+        let err = parse(Path::new("z.yaml"), "kind: Pod\nmetadata: {name: p}\n").unwrap_err().to_string();
+        assert!(err.contains("kind \"Pod\" is not one a zone file holds"), "{err}");
+        let err = parse(Path::new("z.yaml"), "kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not match the Kubernetes schema"), "{err}");
+    }
+}
