@@ -33,7 +33,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         None => bail!("no zone source"),
     };
 
-    let serial = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
+    let serial = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(1);
     let model = ZoneModel::new(ZoneSettings {
         domain: config.cluster_domain.clone(),
         ttl: args.ttl,
@@ -149,23 +152,31 @@ async fn zone_task(
 ) {
     while let Some(event) = rx.recv().await {
         let (changes, seen) = match event {
-            SourceEvent::Relist { kind, objects, seen } => {
-                (model.read().expect("zone lock").diff_relist(kind, objects), Some(seen))
-            }
+            SourceEvent::Relist {
+                kind,
+                objects,
+                seen,
+            } => (
+                model.read().expect("zone lock").diff_relist(kind, objects),
+                Some(seen),
+            ),
             SourceEvent::Upsert { object, seen } => (vec![Change::Upsert(object)], Some(seen)),
-            SourceEvent::Delete { kind, key, seen } => (vec![Change::Delete(kind, key)], Some(seen)),
-            SourceEvent::DeleteNamespace { name, seen } => (vec![Change::DeleteNamespace(name)], Some(seen)),
+            SourceEvent::Delete { kind, key, seen } => {
+                (vec![Change::Delete(kind, key)], Some(seen))
+            }
+            SourceEvent::DeleteNamespace { name, seen } => {
+                (vec![Change::DeleteNamespace(name)], Some(seen))
+            }
             SourceEvent::Synced => {
                 let started = Instant::now();
                 let m = model.read().expect("zone lock");
                 if !m.is_synced() {
                     drop(m);
                     model.write().expect("zone lock").set_synced();
-                    if let Some(s) = sync.as_mut() {
-                        if let Err(e) = s.set_synced() {
+                    if let Some(s) = sync.as_mut()
+                        && let Err(e) = s.set_synced() {
                             tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
                         }
-                    }
                     metrics.set_synced(true);
                     let m = model.read().expect("zone lock");
                     tracing::info!(
@@ -189,24 +200,40 @@ async fn zone_task(
         let (before, after) = {
             let mut m = model.write().expect("zone lock");
             let names = m.touched(&changes);
-            let before = sync.as_ref().map(|_| crate::kernel::sync::entries_of(&m, &names));
+            let before = sync
+                .as_ref()
+                .map(|_| crate::kernel::sync::entries_of(&m, &names));
             m.apply(changes);
-            let after = sync.as_ref().map(|_| crate::kernel::sync::entries_of(&m, &names));
-            metrics.zone_services.store(m.service_count() as u64, std::sync::atomic::Ordering::Relaxed);
-            metrics.zone_endpoints.store(m.endpoint_count() as u64, std::sync::atomic::Ordering::Relaxed);
+            let after = sync
+                .as_ref()
+                .map(|_| crate::kernel::sync::entries_of(&m, &names));
+            metrics.zone_services.store(
+                m.service_count() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            metrics.zone_endpoints.store(
+                m.endpoint_count() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             (before, after)
         };
         if let (Some(s), Some(before), Some(after)) = (sync.as_mut(), before, after) {
             let stats = s.apply(before, after);
-            metrics.kernel_writes.fetch_add((stats.written + stats.removed) as u64, std::sync::atomic::Ordering::Relaxed);
-            metrics.kernel_write_failures.fetch_add(stats.failed as u64, std::sync::atomic::Ordering::Relaxed);
-            metrics.kernel_entries.store(s.entries() as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics.kernel_writes.fetch_add(
+                (stats.written + stats.removed) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            metrics
+                .kernel_write_failures
+                .fetch_add(stats.failed as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics
+                .kernel_entries
+                .store(s.entries() as u64, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(?stats, "kernel maps updated");
         }
-        if let Some(seen) = seen {
-            if model.read().expect("zone lock").is_synced() {
+        if let Some(seen) = seen
+            && model.read().expect("zone lock").is_synced() {
                 metrics.programming_latency.observe(seen.elapsed());
             }
-        }
     }
 }

@@ -109,7 +109,10 @@ pub struct ConfigError {
 }
 
 fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { flag, problem: problem.into() }
+    ConfigError {
+        flag,
+        problem: problem.into(),
+    }
 }
 
 /// Largest TTL DNS allows (RFC 2181 §8).
@@ -126,7 +129,10 @@ pub struct RunConfig {
 
 impl RunArgs {
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
-        let domain = self.cluster_domain.trim_end_matches('.').to_ascii_lowercase();
+        let domain = self
+            .cluster_domain
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         let labels_ok = !domain.is_empty()
             && domain.len() <= 253
             && domain.split('.').all(|l| {
@@ -139,20 +145,32 @@ impl RunArgs {
         if !labels_ok {
             return Err(refuse(
                 "cluster-domain",
-                format!("{:?} is not a domain name (e.g. cluster.local)", self.cluster_domain),
+                format!(
+                    "{:?} is not a domain name (e.g. cluster.local)",
+                    self.cluster_domain
+                ),
             ));
         }
         if self.ttl > MAX_TTL {
-            return Err(refuse("ttl", format!("{} is above the largest TTL, {MAX_TTL}", self.ttl)));
+            return Err(refuse(
+                "ttl",
+                format!("{} is above the largest TTL, {MAX_TTL}", self.ttl),
+            ));
         }
         if self.negative_ttl > MAX_TTL {
-            return Err(refuse("negative-ttl", format!("{} is above the largest TTL, {MAX_TTL}", self.negative_ttl)));
+            return Err(refuse(
+                "negative-ttl",
+                format!("{} is above the largest TTL, {MAX_TTL}", self.negative_ttl),
+            ));
         }
         if self.listen.is_empty() {
             return Err(refuse("listen", "at least one listen address is needed"));
         }
         if self.kernel_capacity < 1024 {
-            return Err(refuse("kernel-capacity", format!("{} is too small; at least 1024", self.kernel_capacity)));
+            return Err(refuse(
+                "kernel-capacity",
+                format!("{} is too small; at least 1024", self.kernel_capacity),
+            ));
         }
         if self.zone_file.is_none() {
             return Err(refuse(
@@ -161,25 +179,41 @@ impl RunArgs {
             ));
         }
         if !self.interfaces.is_empty() && self.no_kernel {
-            return Err(refuse("interface", "--no-kernel serves from userspace only; drop --interface or --no-kernel"));
+            return Err(refuse(
+                "interface",
+                "--no-kernel serves from userspace only; drop --interface or --no-kernel",
+            ));
         }
         let upstreams = if self.upstreams.is_empty() {
-            resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
-                .map_err(|e| refuse("upstream", format!("none given and /etc/resolv.conf unusable: {e}")))?
+            resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf")).map_err(|e| {
+                refuse(
+                    "upstream",
+                    format!("none given and /etc/resolv.conf unusable: {e}"),
+                )
+            })?
         } else {
             self.upstreams
                 .iter()
                 .map(|u| parse_upstream(u).map_err(|e| refuse("upstream", e)))
                 .collect::<Result<_, _>>()?
         };
-        if let Some(u) = upstreams.iter().find(|u| self.listen.contains(&u.ip()) && u.port() == 53) {
+        if let Some(u) = upstreams
+            .iter()
+            .find(|u| self.listen.contains(&u.ip()) && u.port() == 53)
+        {
             return Err(refuse(
                 "upstream",
                 format!("{u} is one of this agent's own listen addresses: queries would loop"),
             ));
         }
-        let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr).map_err(|e| refuse("metrics-addr", e))?;
-        Ok(RunConfig { cluster_domain: domain, upstreams, metrics_addr, args: self })
+        let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
+            .map_err(|e| refuse("metrics-addr", e))?;
+        Ok(RunConfig {
+            cluster_domain: domain,
+            upstreams,
+            metrics_addr,
+            args: self,
+        })
     }
 }
 
@@ -199,7 +233,9 @@ pub fn resolv_conf_nameservers(path: &std::path::Path) -> Result<Vec<SocketAddr>
         .lines()
         .filter_map(|l| {
             let mut words = l.split_whitespace();
-            (words.next() == Some("nameserver")).then(|| words.next()).flatten()
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
         })
         // A scope suffix (fe80::1%eth0) cannot be used from another interface's namespace.
         .filter_map(|a| a.parse::<IpAddr>().ok())
@@ -216,7 +252,14 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec!["dns-agent", "run", "--zone-file", "z.yaml", "--upstream", "192.0.2.53"];
+        let mut argv = vec![
+            "dns-agent",
+            "run",
+            "--zone-file",
+            "z.yaml",
+            "--upstream",
+            "192.0.2.53",
+        ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(a) => a,
@@ -226,12 +269,19 @@ mod tests {
 
     #[test]
     fn refuses_with_flag_and_fix() {
-        let e = args(&["--cluster-domain", "bad_domain..local"]).validate().unwrap_err();
+        let e = args(&["--cluster-domain", "bad_domain..local"])
+            .validate()
+            .unwrap_err();
         assert_eq!(e.flag, "cluster-domain");
-        let e = args(&["--upstream", "169.254.20.10"]).validate().unwrap_err();
+        let e = args(&["--upstream", "169.254.20.10"])
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("loop"), "{e}");
         let e = args(&["--upstream", "nope"]).validate().unwrap_err();
-        assert_eq!(e.to_string(), "--upstream: \"nope\" is not ADDR, ADDR:PORT or [IPv6]:PORT");
+        assert_eq!(
+            e.to_string(),
+            "--upstream: \"nope\" is not ADDR, ADDR:PORT or [IPv6]:PORT"
+        );
         let e = args(&["--ttl", "4294967295"]).validate().unwrap_err();
         assert_eq!(e.flag, "ttl");
     }
@@ -240,15 +290,30 @@ mod tests {
     fn defaults() {
         let c = args(&[]).validate().unwrap();
         assert_eq!(c.cluster_domain, "cluster.local");
-        assert_eq!(c.args.listen, vec!["169.254.20.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.args.listen,
+            vec!["169.254.20.10".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(c.upstreams, vec![parse_upstream("192.0.2.53").unwrap()]);
     }
 
     #[test]
     fn upstream_forms() {
-        assert_eq!(parse_upstream("192.0.2.1").unwrap().to_string(), "192.0.2.1:53");
-        assert_eq!(parse_upstream("192.0.2.1:5353").unwrap().to_string(), "192.0.2.1:5353");
-        assert_eq!(parse_upstream("[2001:db8::1]:53").unwrap().to_string(), "[2001:db8::1]:53");
-        assert_eq!(parse_upstream("2001:db8::1").unwrap().to_string(), "[2001:db8::1]:53");
+        assert_eq!(
+            parse_upstream("192.0.2.1").unwrap().to_string(),
+            "192.0.2.1:53"
+        );
+        assert_eq!(
+            parse_upstream("192.0.2.1:5353").unwrap().to_string(),
+            "192.0.2.1:5353"
+        );
+        assert_eq!(
+            parse_upstream("[2001:db8::1]:53").unwrap().to_string(),
+            "[2001:db8::1]:53"
+        );
+        assert_eq!(
+            parse_upstream("2001:db8::1").unwrap().to_string(),
+            "[2001:db8::1]:53"
+        );
     }
 }

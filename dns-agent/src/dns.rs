@@ -48,7 +48,12 @@ pub enum Reject {
     /// Not worth a reply: too short to carry an ID, or a response (never answer those).
     Drop,
     /// Reply with this RCODE (and the question, when it could be read).
-    Error { id: u16, flags: u16, rcode: u16, question: Option<(usize, usize)> },
+    Error {
+        id: u16,
+        flags: u16,
+        rcode: u16,
+        question: Option<(usize, usize)>,
+    },
 }
 
 /// Reads a name starting at `off` without following pointers in the question;
@@ -109,7 +114,12 @@ pub fn parse_query(msg: &[u8]) -> Result<Query<'_>, Reject> {
     if flags & FLAG_QR != 0 {
         return Err(Reject::Drop);
     }
-    let error = |rcode, question| Reject::Error { id, flags, rcode, question };
+    let error = |rcode, question| Reject::Error {
+        id,
+        flags,
+        rcode,
+        question,
+    };
     if flags & OPCODE_MASK != 0 {
         return Err(error(RCODE_NOTIMP, None));
     }
@@ -134,7 +144,9 @@ pub fn parse_query(msg: &[u8]) -> Result<Query<'_>, Reject> {
         off = skip_name(msg, off).ok_or(error(RCODE_FORMERR, question))?;
         let rtype = be16(msg, off).ok_or(error(RCODE_FORMERR, question))?;
         let rclass = be16(msg, off + 2).ok_or(error(RCODE_FORMERR, question))?;
-        let ttl = msg.get(off + 4..off + 8).ok_or(error(RCODE_FORMERR, question))?;
+        let ttl = msg
+            .get(off + 4..off + 8)
+            .ok_or(error(RCODE_FORMERR, question))?;
         let rdlen = be16(msg, off + 8).ok_or(error(RCODE_FORMERR, question))? as usize;
         let rdata_end = off + 10 + rdlen;
         if rdata_end > msg.len() {
@@ -157,7 +169,15 @@ pub fn parse_query(msg: &[u8]) -> Result<Query<'_>, Reject> {
     if off != msg.len() {
         return Err(error(RCODE_FORMERR, question));
     }
-    Ok(Query { id, flags, question: &msg[12..q_end], qname, qtype, qclass, edns })
+    Ok(Query {
+        id,
+        flags,
+        question: &msg[12..q_end],
+        qname,
+        qtype,
+        qclass,
+        edns,
+    })
 }
 
 impl Query<'_> {
@@ -174,7 +194,19 @@ impl Query<'_> {
 /// The OPT record of a reply: our UDP size, the extended RCODE bits, version 0, DO echoed.
 pub fn opt_record(ext_rcode: u8, dnssec_ok: bool) -> [u8; OPT_RECORD_LEN] {
     let size = EDNS_UDP_SIZE.to_be_bytes();
-    [0, 0, TYPE_OPT as u8, size[0], size[1], ext_rcode, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]
+    [
+        0,
+        0,
+        TYPE_OPT as u8,
+        size[0],
+        size[1],
+        ext_rcode,
+        0,
+        if dnssec_ok { 0x80 } else { 0 },
+        0,
+        0,
+        0,
+    ]
 }
 
 /// Sections to put after the question.
@@ -192,11 +224,31 @@ pub struct Body<'a> {
 
 impl Body<'_> {
     pub const fn empty(flags: u16) -> Body<'static> {
-        Body { flags, ext_rcode: 0, ancount: 0, nscount: 0, arcount: 0, data: &[] }
+        Body {
+            flags,
+            ext_rcode: 0,
+            ancount: 0,
+            nscount: 0,
+            arcount: 0,
+            data: &[],
+        }
     }
 
-    pub const fn sections(flags: u16, ancount: u16, nscount: u16, arcount: u16, data: &[u8]) -> Body<'_> {
-        Body { flags, ext_rcode: 0, ancount, nscount, arcount, data }
+    pub const fn sections(
+        flags: u16,
+        ancount: u16,
+        nscount: u16,
+        arcount: u16,
+        data: &[u8],
+    ) -> Body<'_> {
+        Body {
+            flags,
+            ext_rcode: 0,
+            ancount,
+            nscount,
+            arcount,
+            data,
+        }
     }
 }
 
@@ -204,10 +256,20 @@ impl Body<'_> {
 /// had one. With `limit`, a reply that would exceed it is cut to header, question and OPT with
 /// TC set (RFC 2181 §9: the client retries over TCP).
 pub fn build_reply(query: &Query<'_>, body: Body<'_>, limit: Option<usize>) -> Vec<u8> {
-    let opt_len = if query.edns.is_some() { OPT_RECORD_LEN } else { 0 };
+    let opt_len = if query.edns.is_some() {
+        OPT_RECORD_LEN
+    } else {
+        0
+    };
     let full = 12 + query.question.len() + body.data.len() + opt_len;
     let (body, tc) = match limit {
-        Some(l) if full > l => (Body { ext_rcode: body.ext_rcode, ..Body::empty(body.flags) }, FLAG_TC),
+        Some(l) if full > l => (
+            Body {
+                ext_rcode: body.ext_rcode,
+                ..Body::empty(body.flags)
+            },
+            FLAG_TC,
+        ),
         _ => (body, 0),
     };
     let own = !(FLAG_QR | FLAG_TC | FLAG_RD | FLAG_CD | OPCODE_MASK);
@@ -228,7 +290,13 @@ pub fn build_reply(query: &Query<'_>, body: Body<'_>, limit: Option<usize>) -> V
 }
 
 /// An error reply for a message that did not parse as a query we answer.
-pub fn build_error(msg: &[u8], id: u16, flags: u16, rcode: u16, question: Option<(usize, usize)>) -> Vec<u8> {
+pub fn build_error(
+    msg: &[u8],
+    id: u16,
+    flags: u16,
+    rcode: u16,
+    question: Option<(usize, usize)>,
+) -> Vec<u8> {
     let out_flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | rcode;
     let mut out = Vec::with_capacity(12 + question.map_or(0, |(a, b)| b - a));
     out.extend_from_slice(&id.to_be_bytes());
@@ -246,7 +314,20 @@ mod tests {
     use super::*;
 
     fn query_bytes(name: &str, qtype: u16, edns: Option<(u16, u8)>) -> Vec<u8> {
-        let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, edns.is_some() as u8];
+        let mut m = vec![
+            0x12,
+            0x34,
+            0x01,
+            0x00,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            edns.is_some() as u8,
+        ];
         m.extend(crate::zone::name::wire_from_labels(&name.split('.').collect::<Vec<_>>()).iter());
         // keep the client's case in the question
         let start = 12;
@@ -273,7 +354,14 @@ mod tests {
         assert_eq!(q.qtype, 1);
         assert_eq!(&q.qname[..4], b"\x03web");
         assert_eq!(&q.question[..4], b"\x03Web");
-        assert_eq!(q.edns, Some(Edns { udp_size: 4096, version: 0, dnssec_ok: true }));
+        assert_eq!(
+            q.edns,
+            Some(Edns {
+                udp_size: 4096,
+                version: 0,
+                dnssec_ok: true
+            })
+        );
         assert_eq!(q.udp_limit(), MAX_UDP_REPLY);
     }
 
@@ -285,13 +373,31 @@ mod tests {
         assert_eq!(parse_query(&resp), Err(Reject::Drop));
         let mut notify = query_bytes("a.b", 1, None);
         notify[2] |= 4 << 3;
-        assert!(matches!(parse_query(&notify), Err(Reject::Error { rcode: RCODE_NOTIMP, .. })));
+        assert!(matches!(
+            parse_query(&notify),
+            Err(Reject::Error {
+                rcode: RCODE_NOTIMP,
+                ..
+            })
+        ));
         let mut trailing = query_bytes("a.b", 1, None);
         trailing.push(0);
-        assert!(matches!(parse_query(&trailing), Err(Reject::Error { rcode: RCODE_FORMERR, .. })));
+        assert!(matches!(
+            parse_query(&trailing),
+            Err(Reject::Error {
+                rcode: RCODE_FORMERR,
+                ..
+            })
+        ));
         let mut two_q = query_bytes("a.b", 1, None);
         two_q[5] = 2;
-        assert!(matches!(parse_query(&two_q), Err(Reject::Error { rcode: RCODE_FORMERR, .. })));
+        assert!(matches!(
+            parse_query(&two_q),
+            Err(Reject::Error {
+                rcode: RCODE_FORMERR,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -312,7 +418,14 @@ mod tests {
     fn badvers_sets_extended_rcode() {
         let m = query_bytes("a.b", 1, Some((1232, 1)));
         let q = parse_query(&m).unwrap();
-        let r = build_reply(&q, Body { ext_rcode: EXT_RCODE_BADVERS, ..Body::empty(0) }, None);
+        let r = build_reply(
+            &q,
+            Body {
+                ext_rcode: EXT_RCODE_BADVERS,
+                ..Body::empty(0)
+            },
+            None,
+        );
         let opt = &r[r.len() - OPT_RECORD_LEN..];
         assert_eq!(opt[5], 1, "extended RCODE 16 is 1 in the OPT");
         assert_eq!(u16::from_be_bytes([r[2], r[3]]) & 0xf, 0);

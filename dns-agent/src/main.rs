@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -44,7 +46,10 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
                 println!("  {path:<20} {v}");
             }
         }
-        Err(e) => println!("userspace counters unavailable from {}: {e}", args.metrics_addr),
+        Err(e) => println!(
+            "userspace counters unavailable from {}: {e}",
+            args.metrics_addr
+        ),
     }
     Ok(())
 }
@@ -58,5 +63,8 @@ fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
 }

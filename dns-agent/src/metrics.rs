@@ -68,18 +68,34 @@ impl Histogram {
             return None;
         }
         let want = (q * n as f64).ceil() as u64;
-        self.buckets.iter().zip(self.bounds).find(|(b, _)| b.load(Relaxed) >= want).map(|(_, bound)| *bound)
+        self.buckets
+            .iter()
+            .zip(self.bounds)
+            .find(|(b, _)| b.load(Relaxed) >= want)
+            .map(|(_, bound)| *bound)
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         for (b, bound) in self.buckets.iter().zip(self.bounds) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}", b.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                b.load(Relaxed)
+            );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
@@ -204,59 +220,155 @@ impl Metrics {
             .as_ref()
             .and_then(|p| crate::kernel::read_pinned_counters(p).ok())
             .unwrap_or_default();
-        let kernel_answered: u64 =
-            kernel.iter().filter(|(n, _)| n.starts_with("answered")).map(|(_, v)| v).sum();
+        let kernel_answered: u64 = kernel
+            .iter()
+            .filter(|(n, _)| n.starts_with("answered"))
+            .map(|(_, v)| v)
+            .sum();
 
-        let _ = writeln!(o, "# HELP xdns_queries_total Queries answered, by the path that answered them.");
+        let _ = writeln!(
+            o,
+            "# HELP xdns_queries_total Queries answered, by the path that answered them."
+        );
         let _ = writeln!(o, "# TYPE xdns_queries_total counter");
         let _ = writeln!(o, "xdns_queries_total{{path=\"kernel\"}} {kernel_answered}");
-        let _ = writeln!(o, "xdns_queries_total{{path=\"userspace\"}} {}", self.userspace.load(Relaxed));
-        let _ = writeln!(o, "xdns_queries_total{{path=\"forwarded\"}} {}", self.forwarded.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "xdns_queries_total{{path=\"userspace\"}} {}",
+            self.userspace.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "xdns_queries_total{{path=\"forwarded\"}} {}",
+            self.forwarded.load(Relaxed)
+        );
 
-        let _ = writeln!(o, "# HELP xdns_kernel_packets_total Packets seen by the XDP program, by outcome.");
+        let _ = writeln!(
+            o,
+            "# HELP xdns_kernel_packets_total Packets seen by the XDP program, by outcome."
+        );
         let _ = writeln!(o, "# TYPE xdns_kernel_packets_total counter");
         for (name, v) in &kernel {
             let _ = writeln!(o, "xdns_kernel_packets_total{{result=\"{name}\"}} {v}");
         }
 
-        let _ = writeln!(o, "# HELP coredns_dns_requests_total Requests that reached the userspace server.");
+        let _ = writeln!(
+            o,
+            "# HELP coredns_dns_requests_total Requests that reached the userspace server."
+        );
         let _ = writeln!(o, "# TYPE coredns_dns_requests_total counter");
-        let _ = writeln!(o, "coredns_dns_requests_total{{proto=\"udp\"}} {}", self.requests_udp.load(Relaxed));
-        let _ = writeln!(o, "coredns_dns_requests_total{{proto=\"tcp\"}} {}", self.requests_tcp.load(Relaxed));
-        let _ = writeln!(o, "# HELP coredns_dns_responses_total Responses of the userspace server, by rcode.");
+        let _ = writeln!(
+            o,
+            "coredns_dns_requests_total{{proto=\"udp\"}} {}",
+            self.requests_udp.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "coredns_dns_requests_total{{proto=\"tcp\"}} {}",
+            self.requests_tcp.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP coredns_dns_responses_total Responses of the userspace server, by rcode."
+        );
         let _ = writeln!(o, "# TYPE coredns_dns_responses_total counter");
         for (i, rcode) in RCODES.iter().enumerate() {
-            let _ = writeln!(o, "coredns_dns_responses_total{{rcode=\"{rcode}\"}} {}", self.responses[i].load(Relaxed));
+            let _ = writeln!(
+                o,
+                "coredns_dns_responses_total{{rcode=\"{rcode}\"}} {}",
+                self.responses[i].load(Relaxed)
+            );
         }
-        let _ = writeln!(o, "# HELP xdns_dropped_messages_total Messages not worth a reply (responses, runts).");
+        let _ = writeln!(
+            o,
+            "# HELP xdns_dropped_messages_total Messages not worth a reply (responses, runts)."
+        );
         let _ = writeln!(o, "# TYPE xdns_dropped_messages_total counter");
-        let _ = writeln!(o, "xdns_dropped_messages_total {}", self.dropped.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "xdns_dropped_messages_total {}",
+            self.dropped.load(Relaxed)
+        );
 
-        let _ = writeln!(o, "# HELP xdns_forward_failures_total Forwarded queries no upstream answered (SERVFAIL).");
+        let _ = writeln!(
+            o,
+            "# HELP xdns_forward_failures_total Forwarded queries no upstream answered (SERVFAIL)."
+        );
         let _ = writeln!(o, "# TYPE xdns_forward_failures_total counter");
-        let _ = writeln!(o, "xdns_forward_failures_total {}", self.forward_failures.load(Relaxed));
-        let _ = writeln!(o, "# HELP coredns_forward_request_duration_seconds Upstream round trips.");
-        let _ = writeln!(o, "# TYPE coredns_forward_request_duration_seconds histogram");
-        self.upstream_latency.render(&mut o, "coredns_forward_request_duration_seconds", "");
+        let _ = writeln!(
+            o,
+            "xdns_forward_failures_total {}",
+            self.forward_failures.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP coredns_forward_request_duration_seconds Upstream round trips."
+        );
+        let _ = writeln!(
+            o,
+            "# TYPE coredns_forward_request_duration_seconds histogram"
+        );
+        self.upstream_latency
+            .render(&mut o, "coredns_forward_request_duration_seconds", "");
 
-        let _ = writeln!(o, "# HELP xdns_programming_latency_seconds From an object change reaching the agent to the kernel answering it.");
+        let _ = writeln!(
+            o,
+            "# HELP xdns_programming_latency_seconds From an object change reaching the agent to the kernel answering it."
+        );
         let _ = writeln!(o, "# TYPE xdns_programming_latency_seconds histogram");
-        self.programming_latency.render(&mut o, "xdns_programming_latency_seconds", "");
+        self.programming_latency
+            .render(&mut o, "xdns_programming_latency_seconds", "");
 
         let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} gauge");
             let _ = writeln!(o, "{name} {v}");
         };
-        gauge(&mut o, "xdns_zone_synced", "1 once the whole zone has been loaded.", self.synced.load(Relaxed) as u64);
-        gauge(&mut o, "xdns_api_connected", "1 while the Kubernetes API watch is healthy.", self.api_connected.load(Relaxed) as u64);
-        gauge(&mut o, "xdns_zone_services", "Services in the zone.", self.zone_services.load(Relaxed));
-        gauge(&mut o, "xdns_zone_endpoints", "Endpoints in the zone.", self.zone_endpoints.load(Relaxed));
-        gauge(&mut o, "xdns_kernel_entries", "Entries in the kernel answer maps.", self.kernel_entries.load(Relaxed));
-        let _ = writeln!(o, "# HELP xdns_kernel_map_writes_total Kernel map entries written.");
+        gauge(
+            &mut o,
+            "xdns_zone_synced",
+            "1 once the whole zone has been loaded.",
+            self.synced.load(Relaxed) as u64,
+        );
+        gauge(
+            &mut o,
+            "xdns_api_connected",
+            "1 while the Kubernetes API watch is healthy.",
+            self.api_connected.load(Relaxed) as u64,
+        );
+        gauge(
+            &mut o,
+            "xdns_zone_services",
+            "Services in the zone.",
+            self.zone_services.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "xdns_zone_endpoints",
+            "Endpoints in the zone.",
+            self.zone_endpoints.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "xdns_kernel_entries",
+            "Entries in the kernel answer maps.",
+            self.kernel_entries.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP xdns_kernel_map_writes_total Kernel map entries written."
+        );
         let _ = writeln!(o, "# TYPE xdns_kernel_map_writes_total counter");
-        let _ = writeln!(o, "xdns_kernel_map_writes_total {}", self.kernel_writes.load(Relaxed));
-        let _ = writeln!(o, "xdns_kernel_map_write_failures_total {}", self.kernel_write_failures.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "xdns_kernel_map_writes_total {}",
+            self.kernel_writes.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "xdns_kernel_map_write_failures_total {}",
+            self.kernel_write_failures.load(Relaxed)
+        );
         o
     }
 }
@@ -293,7 +405,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Res
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                 "/health" => ("200 OK", "text/plain", "OK\n".to_string()),
                 "/ready" if metrics.is_synced() => ("200 OK", "text/plain", "OK\n".to_string()),
-                "/ready" => ("503 Service Unavailable", "text/plain", "zone not loaded yet\n".to_string()),
+                "/ready" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "zone not loaded yet\n".to_string(),
+                ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let resp = format!(
@@ -307,6 +423,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Res
 
 /// Parses `--metrics-addr`: `:9253` means every address.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let s = if let Some(port) = s.strip_prefix(':') { format!("0.0.0.0:{port}") } else { s.to_string() };
-    s.parse().map_err(|_| format!("{s:?} is not ADDR:PORT or :PORT"))
+    let s = if let Some(port) = s.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else {
+        s.to_string()
+    };
+    s.parse()
+        .map_err(|_| format!("{s:?} is not ADDR:PORT or :PORT"))
 }

@@ -54,7 +54,8 @@ fn key(name: &[u8], qtype: u16) -> Key {
     } else {
         let mut k = LongKey::zeroed();
         k.qtype = qtype;
-        k.name[..name.len().min(LONG_NAME_LEN)].copy_from_slice(&name[..name.len().min(LONG_NAME_LEN)]);
+        k.name[..name.len().min(LONG_NAME_LEN)]
+            .copy_from_slice(&name[..name.len().min(LONG_NAME_LEN)]);
         Key::Long(k)
     }
 }
@@ -118,13 +119,21 @@ impl KernelMaps {
                 if sections.data.len() <= INLINE_DATA_LEN {
                     v.data[..sections.data.len()].copy_from_slice(&sections.data);
                 } else {
-                    assert!(sections.data.len() <= BLOB_DATA_LEN, "the zone passes bigger answers");
+                    assert!(
+                        sections.data.len() <= BLOB_DATA_LEN,
+                        "the zone passes bigger answers"
+                    );
                     let id = blobs.allocate();
-                    let mut blob = AnswerBlob { data: [0; BLOB_DATA_LEN] };
+                    let mut blob = AnswerBlob {
+                        data: [0; BLOB_DATA_LEN],
+                    };
                     blob.data[..sections.data.len()].copy_from_slice(&sections.data);
                     if let Err(source) = self.blobs.insert(id, blob, 0) {
                         blobs.release(id);
-                        return Err(WriteError { what: format!("blob {id}"), source });
+                        return Err(WriteError {
+                            what: format!("blob {id}"),
+                            source,
+                        });
                     }
                     v.blob = id;
                     new_blob = Some(id);
@@ -142,7 +151,10 @@ impl KernelMaps {
                 let _ = self.blobs.remove(&id);
                 blobs.release(id);
             }
-            return Err(WriteError { what: format!("{} type {qtype}", crate::zone::name::to_text(name)), source });
+            return Err(WriteError {
+                what: format!("{} type {qtype}", crate::zone::name::to_text(name)),
+                source,
+            });
         }
         let slot = (name.to_vec(), qtype);
         let old = match new_blob {
@@ -185,9 +197,10 @@ impl KernelMaps {
         c.soa_csum = data_csum(soa_template);
         c.nodata_flags = nodata_flags;
         c.nxdomain_flags = nxdomain_flags;
-        self.config
-            .set(0, c, 0)
-            .map_err(|source| KernelError::Map { name: dns_common::MAP_CONFIG, source })
+        self.config.set(0, c, 0).map_err(|source| KernelError::Map {
+            name: dns_common::MAP_CONFIG,
+            source,
+        })
     }
 
     /// The program answers queries to these addresses only.
@@ -195,12 +208,18 @@ impl KernelMaps {
         for a in v4 {
             self.listen_v4
                 .insert(u32::from_ne_bytes(*a), 1, 0)
-                .map_err(|source| KernelError::Map { name: dns_common::MAP_LISTEN_V4, source })?;
+                .map_err(|source| KernelError::Map {
+                    name: dns_common::MAP_LISTEN_V4,
+                    source,
+                })?;
         }
         for a in v6 {
             self.listen_v6
                 .insert(*a, 1, 0)
-                .map_err(|source| KernelError::Map { name: dns_common::MAP_LISTEN_V6, source })?;
+                .map_err(|source| KernelError::Map {
+                    name: dns_common::MAP_LISTEN_V6,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -212,16 +231,23 @@ impl KernelMaps {
 
     /// Entries in the answer maps (walks the maps: for tests and benchmarks, not hot paths).
     pub fn entry_counts(&self) -> (usize, usize, usize) {
-        (self.short.keys().count(), self.long.keys().count(), self.blobs.keys().count())
+        (
+            self.short.keys().count(),
+            self.long.keys().count(),
+            self.blobs.keys().count(),
+        )
     }
 }
 
-pub(super) fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>, KernelError> {
+pub(super) fn sum_counters(
+    map: &PerCpuArray<MapData, u64>,
+) -> Result<Vec<(&'static str, u64)>, KernelError> {
     (0..counter::COUNT)
         .map(|i| {
-            let values = map
-                .get(&i, 0)
-                .map_err(|source| KernelError::Map { name: dns_common::MAP_COUNTERS, source })?;
+            let values = map.get(&i, 0).map_err(|source| KernelError::Map {
+                name: dns_common::MAP_COUNTERS,
+                source,
+            })?;
             Ok((counter::NAMES[i as usize], values.iter().sum()))
         })
         .collect()

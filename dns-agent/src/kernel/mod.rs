@@ -59,6 +59,8 @@ pub enum KernelError {
     },
     #[error("{0}")]
     Bpffs(String),
+    #[error("BPF_PROG_TEST_RUN failed: {0}")]
+    TestRun(#[source] aya::programs::ProgramError),
     #[error("pinning map {name}: {source}")]
     PinMap {
         name: &'static str,
@@ -118,6 +120,16 @@ pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// What one `BPF_PROG_TEST_RUN` gave.
+#[derive(Debug)]
+pub struct TestRunOutcome {
+    /// `XDP_*` verdict.
+    pub action: u32,
+    pub frame: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
 /// The loaded program with its maps and attachments. Dropping it detaches the program.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -148,18 +160,40 @@ impl Kernel {
         if pin_dir.exists() {
             let _ = fs::remove_dir_all(&pin_dir);
         }
-        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin { path: pin_dir.clone(), source })?;
+        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin {
+            path: pin_dir.clone(),
+            source,
+        })?;
 
         let maps = KernelMaps {
-            short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(&mut ebpf, MAP_ANSWERS_SHORT, &pin_dir)?,
-            long: take_map::<HashMap<MapData, LongKey, AnswerValue>>(&mut ebpf, MAP_ANSWERS_LONG, &pin_dir)?,
+            short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(
+                &mut ebpf,
+                MAP_ANSWERS_SHORT,
+                &pin_dir,
+            )?,
+            long: take_map::<HashMap<MapData, LongKey, AnswerValue>>(
+                &mut ebpf,
+                MAP_ANSWERS_LONG,
+                &pin_dir,
+            )?,
             blobs: take_map::<HashMap<MapData, u32, AnswerBlob>>(&mut ebpf, MAP_BLOBS, &pin_dir)?,
             listen_v4: take_map::<HashMap<MapData, u32, u32>>(&mut ebpf, MAP_LISTEN_V4, &pin_dir)?,
-            listen_v6: take_map::<HashMap<MapData, [u8; 16], u32>>(&mut ebpf, MAP_LISTEN_V6, &pin_dir)?,
+            listen_v6: take_map::<HashMap<MapData, [u8; 16], u32>>(
+                &mut ebpf,
+                MAP_LISTEN_V6,
+                &pin_dir,
+            )?,
             config: take_map::<Array<MapData, ZoneConfig>>(&mut ebpf, MAP_CONFIG, &pin_dir)?,
             counters: take_map::<PerCpuArray<MapData, u64>>(&mut ebpf, MAP_COUNTERS, &pin_dir)?,
         };
-        Ok((Self { ebpf, links: Vec::new(), pin_dir }, maps))
+        Ok((
+            Self {
+                ebpf,
+                links: Vec::new(),
+                pin_dir,
+            },
+            maps,
+        ))
     }
 
     /// Attaches the program to `interface`.
@@ -170,17 +204,47 @@ impl Kernel {
             .expect("checked at load")
             .try_into()
             .expect("checked at load");
-        let id = program.attach(interface, mode.into()).map_err(|source| KernelError::Attach {
-            interface: interface.to_string(),
-            mode,
-            source,
-        })?;
+        let id = program
+            .attach(interface, mode.into())
+            .map_err(|source| KernelError::Attach {
+                interface: interface.to_string(),
+                mode,
+                source,
+            })?;
         self.links.push((interface.to_string(), id));
         Ok(())
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.links.iter().map(|(i, _)| i.as_str())
+    }
+
+    /// Runs the program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
+    /// the verdict, the frame as the program left it, and the kernel's mean run time over
+    /// `repeat` runs.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, KernelError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load");
+        let mut out = vec![0u8; 4096];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(KernelError::TestRun)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
     }
 
     /// Detaches from every interface and removes the pins.
@@ -212,7 +276,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs fills the zeroed struct; `c` is a valid C string.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
@@ -238,7 +304,15 @@ fn ensure_bpffs(pin_path: &Path) -> Result<(), KernelError> {
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: constant, valid C strings.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                c"mode=0700".as_ptr().cast(),
+            )
+        };
         if rc == 0 {
             tracing::info!("mounted a BPF filesystem at /sys/fs/bpf");
             return Ok(());
@@ -262,10 +336,13 @@ where
     let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
     let data_pin = |m: &aya::maps::Map| -> Result<(), KernelError> {
         let data: &MapData = match m {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) => d,
+            aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d) => d,
             _ => return Ok(()),
         };
-        data.pin(pin_dir.join(name)).map_err(|source| KernelError::PinMap { name, source })
+        data.pin(pin_dir.join(name))
+            .map_err(|source| KernelError::PinMap { name, source })
     };
     data_pin(&map)?;
     M::try_from(map).map_err(|source| KernelError::Map { name, source })
@@ -274,9 +351,16 @@ where
 /// Kernel counters of a running agent, read from its pinned map and summed over CPUs.
 pub fn read_pinned_counters(pin_path: &Path) -> Result<Vec<(&'static str, u64)>, KernelError> {
     let path = pin_dir(pin_path).join(MAP_COUNTERS);
-    let data = MapData::from_pin(&path).map_err(|source| KernelError::Map { name: MAP_COUNTERS, source })?;
-    let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))
-        .map_err(|source| KernelError::Map { name: MAP_COUNTERS, source })?;
+    let data = MapData::from_pin(&path).map_err(|source| KernelError::Map {
+        name: MAP_COUNTERS,
+        source,
+    })?;
+    let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data)).map_err(
+        |source| KernelError::Map {
+            name: MAP_COUNTERS,
+            source,
+        },
+    )?;
     maps::sum_counters(&map)
 }
 

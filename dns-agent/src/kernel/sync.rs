@@ -15,8 +15,14 @@ use crate::zone::{KernelAnswer, NXDOMAIN_FLAGS, ZONE_FLAGS, ZoneModel, name::Wir
 pub type NameEntries = Vec<(WireName, Vec<(u16, KernelAnswer)>)>;
 
 /// Reads the kernel entries of `names` from the model.
-pub fn entries_of<'a>(model: &ZoneModel, names: impl IntoIterator<Item = &'a WireName>) -> NameEntries {
-    names.into_iter().map(|n| (n.clone(), model.kernel_entries(n))).collect()
+pub fn entries_of<'a>(
+    model: &ZoneModel,
+    names: impl IntoIterator<Item = &'a WireName>,
+) -> NameEntries {
+    names
+        .into_iter()
+        .map(|n| (n.clone(), model.kernel_entries(n)))
+        .collect()
 }
 
 /// What one sync wrote.
@@ -41,7 +47,14 @@ pub struct KernelSync {
 
 impl KernelSync {
     pub fn new(maps: KernelMaps) -> Self {
-        Self { maps, blobs: BlobIds::default(), complete: true, synced: false, entries: 0, zone: None }
+        Self {
+            maps,
+            blobs: BlobIds::default(),
+            complete: true,
+            synced: false,
+            entries: 0,
+            zone: None,
+        }
     }
 
     pub fn maps(&self) -> &KernelMaps {
@@ -149,7 +162,10 @@ impl KernelSync {
     }
 
     fn write_flags(&mut self) -> Result<(), KernelError> {
-        let Some((zone, soa)) = self.zone.clone() else { return Ok(()) };
-        self.maps.write_config(&zone, &soa, self.flags(), ZONE_FLAGS, NXDOMAIN_FLAGS)
+        let Some((zone, soa)) = self.zone.clone() else {
+            return Ok(());
+        };
+        self.maps
+            .write_config(&zone, &soa, self.flags(), ZONE_FLAGS, NXDOMAIN_FLAGS)
     }
 }

@@ -32,7 +32,10 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { attempt: Duration::from_millis(1000), total: Duration::from_millis(1900) }
+        Self {
+            attempt: Duration::from_millis(1000),
+            total: Duration::from_millis(1900),
+        }
     }
 }
 
@@ -53,7 +56,10 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(upstreams: Vec<SocketAddr>, timeouts: Timeouts) -> Self {
-        Self { upstreams, timeouts }
+        Self {
+            upstreams,
+            timeouts,
+        }
     }
 
     pub fn upstreams(&self) -> &[SocketAddr] {
@@ -121,7 +127,11 @@ async fn exchange(upstream: SocketAddr, q: &Question) -> anyhow::Result<Message>
     Ok(reply)
 }
 
-async fn exchange_udp(upstream: SocketAddr, query: &Message, bytes: &[u8]) -> anyhow::Result<Message> {
+async fn exchange_udp(
+    upstream: SocketAddr,
+    query: &Message,
+    bytes: &[u8],
+) -> anyhow::Result<Message> {
     // A fresh socket per query: a random source port from the kernel, on top of the random ID.
     let local: SocketAddr = match upstream.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -135,15 +145,18 @@ async fn exchange_udp(upstream: SocketAddr, query: &Message, bytes: &[u8]) -> an
         let n = sock.recv(&mut buf).await?;
         // Replies that do not match are ignored, not fatal: a spoofer must not be able to
         // cut the real answer short.
-        if let Ok(reply) = Message::from_vec(&buf[..n]) {
-            if matches(query, &reply) {
+        if let Ok(reply) = Message::from_vec(&buf[..n])
+            && matches(query, &reply) {
                 return Ok(reply);
             }
-        }
     }
 }
 
-async fn exchange_tcp(upstream: SocketAddr, query: &Message, bytes: &[u8]) -> anyhow::Result<Message> {
+async fn exchange_tcp(
+    upstream: SocketAddr,
+    query: &Message,
+    bytes: &[u8],
+) -> anyhow::Result<Message> {
     let mut stream = TcpStream::connect(upstream).await?;
     let mut framed = Vec::with_capacity(bytes.len() + 2);
     framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());

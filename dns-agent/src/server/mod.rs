@@ -17,7 +17,11 @@ use self::forward::{Forwarder, Question};
 use crate::{
     dns::{self, Body, EXT_RCODE_BADVERS, Query, Reject},
     metrics::{Metrics, Path},
-    zone::{NXDOMAIN_FLAGS, Resolution, ZONE_FLAGS, ZoneModel, encode::encode_sections, name::to_name},
+    zone::{
+        NXDOMAIN_FLAGS, Resolution, ZONE_FLAGS, ZoneModel,
+        encode::encode_sections,
+        name::{WireName, to_name},
+    },
 };
 
 /// The transport a query came over: UDP replies are limited in size, TCP ones are not.
@@ -43,7 +47,12 @@ impl Handler {
                 self.metrics.dropped();
                 return None;
             }
-            Err(Reject::Error { id, flags, rcode, question }) => {
+            Err(Reject::Error {
+                id,
+                flags,
+                rcode,
+                question,
+            }) => {
                 self.metrics.response(rcode);
                 return Some(dns::build_error(msg, id, flags, rcode, question));
             }
@@ -53,72 +62,29 @@ impl Handler {
             Transport::Tcp => None,
         };
         let reply = self.answer(&q, limit).await;
-        self.metrics.response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
+        self.metrics
+            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
         Some(reply)
     }
 
     async fn answer(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
-        if let Some(e) = q.edns {
-            if e.version > 0 {
-                return dns::build_reply(q, Body { ext_rcode: EXT_RCODE_BADVERS, ..Body::empty(FLAG_RA) }, limit);
-            }
-        }
-        if q.qclass != dns::CLASS_IN {
-            return dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit);
-        }
-        // Everything that needs the zone is answered under one read lock; what needs the
-        // network (forwarding, chasing a CNAME out of the zone) after it.
-        let resolution = {
+        let from_zone = {
             let zone = self.zone.read().expect("zone lock poisoned");
-            match zone.resolve(&q.qname, q.qtype) {
-                Resolution::Answer { flags, sections } => {
-                    self.metrics.path(Path::Userspace);
-                    let body = Body::sections(flags, sections.ancount, sections.nscount, sections.arcount, &sections.data);
-                    return dns::build_reply(q, body, limit);
-                }
-                negative @ (Resolution::Nodata | Resolution::Nxdomain) => {
-                    self.metrics.path(Path::Userspace);
-                    let soa = zone.negative_soa(&q.qname);
-                    let flags =
-                        if negative == Resolution::Nodata { ZONE_FLAGS } else { NXDOMAIN_FLAGS };
-                    return dns::build_reply(q, Body::sections(flags, 0, 1, 0, &soa), limit);
-                }
-                Resolution::NotReady => {
-                    self.metrics.path(Path::Userspace);
-                    return dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_SERVFAIL), limit);
-                }
-                Resolution::Refused => {
-                    self.metrics.path(Path::Userspace);
-                    return dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit);
-                }
-                Resolution::Cname { cname, target } => {
-                    match zone.answer_records(&target, q.qtype) {
-                        // The target is in the zone: chase it here.
-                        Ok(records) => {
-                            self.metrics.path(Path::Userspace);
-                            let mut answers = vec![cname];
-                            answers.extend(records);
-                            let s = encode_sections(&q.qname, q.qtype, answers, vec![], vec![]);
-                            let body = Body::sections(ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data);
-                            return dns::build_reply(q, body, limit);
-                        }
-                        Err(Resolution::Forward) => Resolution::Cname { cname, target },
-                        Err(_) => {
-                            // Target in the zone without data of this type: the alias alone.
-                            self.metrics.path(Path::Userspace);
-                            let s = encode_sections(&q.qname, q.qtype, vec![cname], vec![], vec![]);
-                            let body = Body::sections(ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data);
-                            return dns::build_reply(q, body, limit);
-                        }
-                    }
-                }
-                Resolution::Forward => Resolution::Forward,
-            }
+            answer_from_zone(&zone, q, limit)
         };
-        self.metrics.path(Path::Forwarded);
-        match resolution {
-            Resolution::Cname { cname, target } => self.chase_upstream(q, cname, &target, limit).await,
-            _ => self.forward(q, limit).await,
+        match from_zone {
+            ZoneReply::Reply(r) => {
+                self.metrics.path(Path::Userspace);
+                r
+            }
+            ZoneReply::Forward => {
+                self.metrics.path(Path::Forwarded);
+                self.forward(q, limit).await
+            }
+            ZoneReply::Chase { cname, target } => {
+                self.metrics.path(Path::Forwarded);
+                self.chase_upstream(q, *cname, &target, limit).await
+            }
         }
     }
 
@@ -145,8 +111,18 @@ impl Handler {
         }
     }
 
-    async fn chase_upstream(&self, q: &Query<'_>, cname: Record, target: &[u8], limit: Option<usize>) -> Vec<u8> {
-        match self.forwarder.resolve(&Self::question_of(q, to_name(target))).await {
+    async fn chase_upstream(
+        &self,
+        q: &Query<'_>,
+        cname: Record,
+        target: &[u8],
+        limit: Option<usize>,
+    ) -> Vec<u8> {
+        match self
+            .forwarder
+            .resolve(&Self::question_of(q, to_name(target)))
+            .await
+        {
             Ok(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),
             Err(e) => {
                 tracing::debug!(error = %e, "chasing an ExternalName target failed");
@@ -157,9 +133,85 @@ impl Handler {
     }
 }
 
+/// What the zone makes of a query.
+#[derive(Debug)]
+pub enum ZoneReply {
+    /// The reply, complete.
+    Reply(Vec<u8>),
+    /// Not the cluster's: ask upstream.
+    Forward,
+    /// An alias whose target is outside the cluster: ask upstream for the target.
+    Chase {
+        cname: Box<Record>,
+        target: WireName,
+    },
+}
+
+/// Answers `q` from the zone alone: everything but forwarding. This is the userspace twin of
+/// the XDP program, and for every query the kernel answers it gives the same bytes.
+pub fn answer_from_zone(zone: &ZoneModel, q: &Query<'_>, limit: Option<usize>) -> ZoneReply {
+    let reply = |body| ZoneReply::Reply(dns::build_reply(q, body, limit));
+    if let Some(e) = q.edns
+        && e.version > 0
+    {
+        return reply(Body {
+            ext_rcode: EXT_RCODE_BADVERS,
+            ..Body::empty(FLAG_RA)
+        });
+    }
+    if q.qclass != dns::CLASS_IN {
+        return reply(Body::empty(FLAG_RA | dns::RCODE_REFUSED));
+    }
+    match zone.resolve(&q.qname, q.qtype) {
+        Resolution::Answer { flags, sections } => reply(Body::sections(
+            flags,
+            sections.ancount,
+            sections.nscount,
+            sections.arcount,
+            &sections.data,
+        )),
+        negative @ (Resolution::Nodata | Resolution::Nxdomain) => {
+            let soa = zone.negative_soa(&q.qname);
+            let flags = if negative == Resolution::Nodata {
+                ZONE_FLAGS
+            } else {
+                NXDOMAIN_FLAGS
+            };
+            reply(Body::sections(flags, 0, 1, 0, &soa))
+        }
+        Resolution::NotReady => reply(Body::empty(FLAG_RA | dns::RCODE_SERVFAIL)),
+        Resolution::Refused => reply(Body::empty(FLAG_RA | dns::RCODE_REFUSED)),
+        Resolution::Forward => ZoneReply::Forward,
+        Resolution::Cname { cname, target } => match zone.answer_records(&target, q.qtype) {
+            // The target is in the zone: chase it here.
+            Ok(records) => {
+                let mut answers = vec![*cname];
+                answers.extend(records);
+                let s = encode_sections(&q.qname, q.qtype, answers, vec![], vec![]);
+                reply(Body::sections(
+                    ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data,
+                ))
+            }
+            Err(Resolution::Forward) => ZoneReply::Chase { cname, target },
+            // The target is in the zone but has no data of this type: the alias alone.
+            Err(_) => {
+                let s = encode_sections(&q.qname, q.qtype, vec![*cname], vec![], vec![]);
+                reply(Body::sections(
+                    ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data,
+                ))
+            }
+        },
+    }
+}
+
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the
 /// upstream's sections (its OPT replaced by ours), `prefix` records first in the answer.
-fn reply_from_upstream(q: &Query<'_>, upstream: &Message, prefix: Vec<Record>, limit: Option<usize>) -> Vec<u8> {
+fn reply_from_upstream(
+    q: &Query<'_>,
+    upstream: &Message,
+    prefix: Vec<Record>,
+    limit: Option<usize>,
+) -> Vec<u8> {
     let mut m = Message::new(q.id, MessageType::Response, OpCode::Query);
     m.metadata.recursion_desired = q.flags & dns_common::FLAG_RD != 0;
     m.metadata.checking_disabled = q.flags & dns_common::FLAG_CD != 0;

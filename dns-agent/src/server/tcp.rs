@@ -37,7 +37,9 @@ async fn connection(mut stream: TcpStream, handler: Arc<Handler>) -> io::Result<
         tokio::time::timeout(IDLE, stream.read_exact(&mut msg))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "message not completed"))??;
-        let Some(reply) = handler.handle(&msg, Transport::Tcp).await else { continue };
+        let Some(reply) = handler.handle(&msg, Transport::Tcp).await else {
+            continue;
+        };
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
         framed.extend_from_slice(&reply);

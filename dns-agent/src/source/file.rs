@@ -33,13 +33,20 @@ pub enum ZoneFileError {
         source: serde_yaml::Error,
     },
     #[error("{path}: document {doc}{item}: {problem}")]
-    Object { path: PathBuf, doc: usize, item: String, problem: String },
+    Object {
+        path: PathBuf,
+        doc: usize,
+        item: String,
+        problem: String,
+    },
 }
 
 /// Reads and checks a zone file.
 pub fn load(path: &Path) -> Result<Vec<ClusterObject>, ZoneFileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ZoneFileError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ZoneFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse(path, &text)
 }
 
@@ -47,14 +54,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileErro
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = i + 1;
-        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|source| ZoneFileError::Yaml { path: path.to_path_buf(), doc: doc_no, source })?;
+        let value =
+            <serde_yaml::Value as serde::Deserialize>::deserialize(doc).map_err(|source| {
+                ZoneFileError::Yaml {
+                    path: path.to_path_buf(),
+                    doc: doc_no,
+                    source,
+                }
+            })?;
         if value.is_null() {
             continue;
         }
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         if kind == "List" {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {
                 object(path, doc_no, &format!(" items[{j}]"), item, &mut out)?;
             }
@@ -72,9 +89,16 @@ fn object(
     value: serde_yaml::Value,
     out: &mut Vec<ClusterObject>,
 ) -> Result<(), ZoneFileError> {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
     let meta = |v: &serde_yaml::Value, key: &str| {
-        v.get("metadata").and_then(|m| m.get(key)).and_then(|n| n.as_str()).map(str::to_string)
+        v.get("metadata")
+            .and_then(|m| m.get(key))
+            .and_then(|n| n.as_str())
+            .map(str::to_string)
     };
     let label = match (meta(&value, "namespace"), meta(&value, "name")) {
         (Some(ns), Some(n)) => format!("{ns}/{n}"),
@@ -91,9 +115,15 @@ fn object(
         serde_yaml::from_value(v).map_err(|e| format!("does not match the Kubernetes schema: {e}"))
     }
     let projected = match kind.as_str() {
-        "Namespace" => Some(objects::project_namespace(&typed::<Namespace>(value).map_err(&fail)?)),
-        "Service" => Some(objects::project_service(&typed::<Service>(value).map_err(&fail)?)),
-        "EndpointSlice" => objects::project_slice(&typed::<EndpointSlice>(value).map_err(&fail)?).transpose(),
+        "Namespace" => Some(objects::project_namespace(
+            &typed::<Namespace>(value).map_err(&fail)?,
+        )),
+        "Service" => Some(objects::project_service(
+            &typed::<Service>(value).map_err(&fail)?,
+        )),
+        "EndpointSlice" => {
+            objects::project_slice(&typed::<EndpointSlice>(value).map_err(&fail)?).transpose()
+        }
         "" => return Err(fail("no `kind`".to_string())),
         other => {
             return Err(fail(format!(
@@ -104,7 +134,9 @@ fn object(
     match projected {
         Some(Ok(o)) => out.push(o),
         Some(Err(e)) => return Err(fail(e.to_string())),
-        None => tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, or no service label)"),
+        None => {
+            tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, or no service label)")
+        }
     }
     Ok(())
 }
@@ -112,7 +144,12 @@ fn object(
 /// Sends the file's objects as one relist per kind, then `Synced`; afterwards polls the file
 /// and sends a relist whenever its contents change. A broken edit is reported and skipped:
 /// the zone keeps the last good contents.
-pub async fn run(path: PathBuf, initial: Vec<ClusterObject>, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
+pub async fn run(
+    path: PathBuf,
+    initial: Vec<ClusterObject>,
+    tx: mpsc::Sender<SourceEvent>,
+    poll: Duration,
+) {
     let mut last = fingerprint(&path);
     if send_relists(&tx, initial).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
         return;
@@ -131,15 +168,23 @@ pub async fn run(path: PathBuf, initial: Vec<ClusterObject>, tx: mpsc::Sender<So
                     return;
                 }
             }
-            Err(e) => tracing::error!(error = %e, "zone file changed but cannot be used; keeping the last good zone"),
+            Err(e) => {
+                tracing::error!(error = %e, "zone file changed but cannot be used; keeping the last good zone")
+            }
         }
     }
 }
 
-async fn send_relists(tx: &mpsc::Sender<SourceEvent>, objects: Vec<ClusterObject>) -> Result<(), ()> {
+async fn send_relists(
+    tx: &mpsc::Sender<SourceEvent>,
+    objects: Vec<ClusterObject>,
+) -> Result<(), ()> {
     let seen = Instant::now();
-    let mut by_kind: [(Kind, Vec<ClusterObject>); 3] =
-        [(Kind::Namespace, vec![]), (Kind::Service, vec![]), (Kind::EndpointSlice, vec![])];
+    let mut by_kind: [(Kind, Vec<ClusterObject>); 3] = [
+        (Kind::Namespace, vec![]),
+        (Kind::Service, vec![]),
+        (Kind::EndpointSlice, vec![]),
+    ];
     for o in objects {
         let i = match o {
             ClusterObject::Namespace(_) => 0,
@@ -149,7 +194,13 @@ async fn send_relists(tx: &mpsc::Sender<SourceEvent>, objects: Vec<ClusterObject
         by_kind[i].1.push(o);
     }
     for (kind, objects) in by_kind {
-        tx.send(SourceEvent::Relist { kind, objects, seen }).await.map_err(|_| ())?;
+        tx.send(SourceEvent::Relist {
+            kind,
+            objects,
+            seen,
+        })
+        .await
+        .map_err(|_| ())?;
     }
     Ok(())
 }
@@ -209,11 +260,22 @@ spec: {clusterIP: 10.96.1.300}
             err,
             "z.yaml: document 2 (Service shop/web): spec.clusterIP: \"10.96.1.300\" is not an IP address"
         );
-        let err = parse(Path::new("z.yaml"), "kind: Pod\nmetadata: {name: p}\n").unwrap_err().to_string();
-        assert!(err.contains("kind \"Pod\" is not one a zone file holds"), "{err}");
-        let err = parse(Path::new("z.yaml"), "kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n")
+        let err = parse(Path::new("z.yaml"), "kind: Pod\nmetadata: {name: p}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("does not match the Kubernetes schema"), "{err}");
+        assert!(
+            err.contains("kind \"Pod\" is not one a zone file holds"),
+            "{err}"
+        );
+        let err = parse(
+            Path::new("z.yaml"),
+            "kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("does not match the Kubernetes schema"),
+            "{err}"
+        );
     }
 }

@@ -11,12 +11,26 @@ use crate::zone::objects::{ClusterObject, Kind, ObjectKey};
 #[derive(Debug)]
 pub enum SourceEvent {
     /// Every object of a kind, as listed now: what is not here is gone.
-    Relist { kind: Kind, objects: Vec<ClusterObject>, seen: Instant },
+    Relist {
+        kind: Kind,
+        objects: Vec<ClusterObject>,
+        seen: Instant,
+    },
     /// One object added or changed.
-    Upsert { object: ClusterObject, seen: Instant },
+    Upsert {
+        object: ClusterObject,
+        seen: Instant,
+    },
     /// One object deleted.
-    Delete { kind: Kind, key: ObjectKey, seen: Instant },
-    DeleteNamespace { name: Arc<str>, seen: Instant },
+    Delete {
+        kind: Kind,
+        key: ObjectKey,
+        seen: Instant,
+    },
+    DeleteNamespace {
+        name: Arc<str>,
+        seen: Instant,
+    },
     /// Every kind has been listed: the zone is complete and may answer.
     Synced,
     /// The source lost (false) or regained (true) its connection.

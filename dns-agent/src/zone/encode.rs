@@ -31,14 +31,24 @@ pub fn encode_sections(
 ) -> Sections {
     let mut msg = Message::new(0, MessageType::Response, OpCode::Query);
     msg.add_query(Query::query(to_name(qname), RecordType::from(qtype)));
-    let (ancount, nscount, arcount) =
-        (answers.len() as u16, authorities.len() as u16, additionals.len() as u16);
+    let (ancount, nscount, arcount) = (
+        answers.len() as u16,
+        authorities.len() as u16,
+        additionals.len() as u16,
+    );
     msg.insert_answers(answers);
     msg.insert_authorities(authorities);
     msg.insert_additionals(additionals);
-    let bytes = msg.to_vec().expect("records built by the zone model encode");
+    let bytes = msg
+        .to_vec()
+        .expect("records built by the zone model encode");
     let question_end = 12 + qname.len() + 4;
-    Sections { data: bytes[question_end..].to_vec(), ancount, nscount, arcount }
+    Sections {
+        data: bytes[question_end..].to_vec(),
+        ancount,
+        nscount,
+        arcount,
+    }
 }
 
 /// The zone's SOA record for negative answers, with its three compression pointers (owner,
@@ -105,11 +115,19 @@ mod tests {
                 5,
             )),
         );
-        for q in ["cluster.local", "web.default.svc.cluster.local", "a.b.c.d.e.f.g.cluster.local"] {
+        for q in [
+            "cluster.local",
+            "web.default.svc.cluster.local",
+            "a.b.c.d.e.f.g.cluster.local",
+        ] {
             let qname = wire_from_dotted(q);
             let sections = encode_sections(&qname, 1, vec![], vec![soa.clone()], vec![]);
             let zone_offset = qname.len() - wire_from_dotted("cluster.local").len();
-            assert_eq!(sections.data, soa_record(&soa_template(5, 1234), zone_offset), "{q}");
+            assert_eq!(
+                sections.data,
+                soa_record(&soa_template(5, 1234), zone_offset),
+                "{q}"
+            );
         }
     }
 
@@ -123,6 +141,9 @@ mod tests {
         );
         let s = encode_sections(&qname, 1, vec![a], vec![], vec![]);
         assert_eq!(s.ancount, 1);
-        assert_eq!(s.data, [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 96, 0, 10]);
+        assert_eq!(
+            s.data,
+            [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 96, 0, 10]
+        );
     }
 }

@@ -26,8 +26,14 @@ use hickory_proto::rr::{
 pub use self::encode::Sections;
 use self::{
     encode::{encode_sections, soa_record, soa_template},
-    name::{QueryName, WireName, ZoneName, classify, reverse_name, to_name, wire_from_dotted, wire_from_labels},
-    objects::{ClusterObject, EndpointInfo, Kind, ObjectKey, ServiceInfo, ServiceKind, SliceInfo, endpoint_label},
+    name::{
+        QueryName, WireName, ZoneName, classify, reverse_name, to_name, wire_from_dotted,
+        wire_from_labels,
+    },
+    objects::{
+        ClusterObject, EndpointInfo, Kind, ObjectKey, ServiceInfo, ServiceKind, SliceInfo,
+        endpoint_label,
+    },
 };
 
 /// The Kubernetes DNS schema version served at `dns-version.<zone>`.
@@ -79,7 +85,10 @@ pub enum Resolution {
     /// The name does not exist: NXDOMAIN with the zone SOA.
     Nxdomain,
     /// The name is an alias: the CNAME record, and its target to chase for the query type.
-    Cname { cname: Record, target: WireName },
+    Cname {
+        cname: Box<Record>,
+        target: WireName,
+    },
     /// Not the cluster's to answer: forward upstream.
     Forward,
     /// The zone has not been loaded yet: SERVFAIL.
@@ -379,7 +388,10 @@ impl ZoneModel {
     }
 
     fn index_service(&mut self, key: &ObjectKey, info: &ServiceInfo, add: bool) {
-        let count = self.services_in_ns.entry(key.namespace.clone()).or_default();
+        let count = self
+            .services_in_ns
+            .entry(key.namespace.clone())
+            .or_default();
         if add {
             *count += 1;
         } else {
@@ -404,9 +416,15 @@ impl ZoneModel {
     }
 
     fn index_slice(&mut self, key: &ObjectKey, info: &SliceInfo, add: bool) {
-        let service = ObjectKey { namespace: key.namespace.clone(), name: info.service.clone() };
+        let service = ObjectKey {
+            namespace: key.namespace.clone(),
+            name: info.service.clone(),
+        };
         if add {
-            self.slices_of.entry(service.clone()).or_default().insert(key.name.clone());
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(key.name.clone());
         } else if let Some(set) = self.slices_of.get_mut(&service) {
             set.remove(&key.name);
             if set.is_empty() {
@@ -460,7 +478,10 @@ impl ZoneModel {
             out.extend(ips.iter().map(|ip| reverse_name(*ip)));
         }
         for slice in self.slices_of.get(key).into_iter().flatten() {
-            let skey = ObjectKey { namespace: key.namespace.clone(), name: slice.clone() };
+            let skey = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: slice.clone(),
+            };
             if let Some(s) = self.slices.get(&skey) {
                 self.slice_names(ns, s, out);
             }
@@ -491,7 +512,13 @@ impl ZoneModel {
     /// Every name the kernel should hold, for a full load.
     pub fn all_names(&self) -> BTreeSet<WireName> {
         let mut out = BTreeSet::new();
-        for rel in [&[][..], &["svc"], &["pod"], &["dns-version"], &["ns", "dns"]] {
+        for rel in [
+            &[][..],
+            &["svc"],
+            &["pod"],
+            &["dns-version"],
+            &["ns", "dns"],
+        ] {
             out.insert(self.zone_name(rel));
         }
         for ns in &self.namespaces {
@@ -530,7 +557,10 @@ impl ZoneModel {
             .into_iter()
             .flatten()
             .filter_map(|name| {
-                self.slices.get(&ObjectKey { namespace: key.namespace.clone(), name: name.clone() })
+                self.slices.get(&ObjectKey {
+                    namespace: key.namespace.clone(),
+                    name: name.clone(),
+                })
             })
             .collect();
         slices
@@ -546,7 +576,10 @@ impl ZoneModel {
                 if ptr.is_empty() {
                     Node::Forward
                 } else {
-                    Node::Reverse(RecordSets { ptr, ..Default::default() })
+                    Node::Reverse(RecordSets {
+                        ptr,
+                        ..Default::default()
+                    })
                 }
             }
             QueryName::Zone(z) => self.zone_node(z),
@@ -554,7 +587,9 @@ impl ZoneModel {
     }
 
     fn ptr_targets(&self, ip: IpAddr) -> BTreeSet<WireName> {
-        let Some(owners) = self.reverse.get(&ip) else { return BTreeSet::new() };
+        let Some(owners) = self.reverse.get(&ip) else {
+            return BTreeSet::new();
+        };
         // A cluster IP names its Service; otherwise every ready endpoint with the address
         // names itself (CoreDNS does the same).
         if let Some(svc) = owners.services.iter().next() {
@@ -570,11 +605,16 @@ impl ZoneModel {
     fn zone_node(&self, z: ZoneName<'_>) -> Node {
         let exists = |rr: RecordSets| Node::Data(rr);
         match z {
-            ZoneName::Apex => exists(RecordSets { soa: true, ns: true, ..Default::default() }),
+            ZoneName::Apex => exists(RecordSets {
+                soa: true,
+                ns: true,
+                ..Default::default()
+            }),
             ZoneName::SvcApex | ZoneName::PodApex => exists(RecordSets::default()),
-            ZoneName::DnsVersion => {
-                exists(RecordSets { txt: Some(SCHEMA_VERSION), ..Default::default() })
-            }
+            ZoneName::DnsVersion => exists(RecordSets {
+                txt: Some(SCHEMA_VERSION),
+                ..Default::default()
+            }),
             ZoneName::NsDns => exists(RecordSets {
                 addrs: self.settings.ns_addrs.iter().copied().collect(),
                 ..Default::default()
@@ -588,26 +628,39 @@ impl ZoneModel {
             }
             ZoneName::Pod { ns, ip } => {
                 if self.namespace_exists(ns) {
-                    exists(RecordSets { addrs: BTreeSet::from([ip]), ..Default::default() })
+                    exists(RecordSets {
+                        addrs: BTreeSet::from([ip]),
+                        ..Default::default()
+                    })
                 } else {
                     Node::Missing
                 }
             }
             ZoneName::Service { ns, svc } => self.service_node(ns, svc),
             ZoneName::Endpoint { ns, svc, endpoint } => self.endpoint_node(ns, svc, endpoint),
-            ZoneName::PortProto { ns, svc, port, proto } => self.port_node(ns, svc, port, proto),
+            ZoneName::PortProto {
+                ns,
+                svc,
+                port,
+                proto,
+            } => self.port_node(ns, svc, port, proto),
             ZoneName::Invalid => Node::Missing,
         }
     }
 
     fn service_node(&self, ns: &str, svc: &str) -> Node {
-        let Some((key, info)) = self.service(ns, svc) else { return Node::Missing };
+        let Some((key, info)) = self.service(ns, svc) else {
+            return Node::Missing;
+        };
         let own = self.zone_name(&[svc, ns, "svc"]);
         match &info.kind {
             ServiceKind::ExternalName(target) => Node::Cname(wire_from_dotted(target)),
             ServiceKind::ClusterIp(ips) => {
                 let addrs: BTreeSet<IpAddr> = ips.iter().copied().collect();
-                let mut rr = RecordSets { addrs: addrs.clone(), ..Default::default() };
+                let mut rr = RecordSets {
+                    addrs: addrs.clone(),
+                    ..Default::default()
+                };
                 for p in &info.ports {
                     rr.srv.insert((p.port, own.clone()), addrs.clone());
                 }
@@ -625,17 +678,26 @@ impl ZoneModel {
                             "svc",
                         ]);
                         for p in &slice.ports {
-                            rr.srv.entry((p.port, target.clone())).or_default().insert(*ip);
+                            rr.srv
+                                .entry((p.port, target.clone()))
+                                .or_default()
+                                .insert(*ip);
                         }
                     }
                 }
-                if rr.addrs.is_empty() { Node::Missing } else { Node::Data(rr) }
+                if rr.addrs.is_empty() {
+                    Node::Missing
+                } else {
+                    Node::Data(rr)
+                }
             }
         }
     }
 
     fn endpoint_node(&self, ns: &str, svc: &str, endpoint: &str) -> Node {
-        let Some((key, info)) = self.service(ns, svc) else { return Node::Missing };
+        let Some((key, info)) = self.service(ns, svc) else {
+            return Node::Missing;
+        };
         if matches!(info.kind, ServiceKind::ExternalName(_)) {
             return Node::Missing;
         }
@@ -651,14 +713,19 @@ impl ZoneModel {
                 }
             }
         }
-        if rr.addrs.is_empty() { Node::Missing } else { Node::Data(rr) }
+        if rr.addrs.is_empty() {
+            Node::Missing
+        } else {
+            Node::Data(rr)
+        }
     }
 
     fn port_node(&self, ns: &str, svc: &str, port: &str, proto: &str) -> Node {
-        let Some((key, info)) = self.service(ns, svc) else { return Node::Missing };
-        let matches = |p: &objects::Port| {
-            p.name.as_deref() == Some(port) && p.protocol.label() == proto
+        let Some((key, info)) = self.service(ns, svc) else {
+            return Node::Missing;
         };
+        let matches =
+            |p: &objects::Port| p.name.as_deref() == Some(port) && p.protocol.label() == proto;
         let mut rr = RecordSets::default();
         match &info.kind {
             ServiceKind::ExternalName(_) => return Node::Missing,
@@ -666,7 +733,8 @@ impl ZoneModel {
                 let own = self.zone_name(&[svc, ns, "svc"]);
                 for p in info.ports.iter().filter(|p| matches(p)) {
                     rr.addrs.extend(ips.iter().copied());
-                    rr.srv.insert((p.port, own.clone()), ips.iter().copied().collect());
+                    rr.srv
+                        .insert((p.port, own.clone()), ips.iter().copied().collect());
                 }
             }
             ServiceKind::Headless => {
@@ -686,7 +754,11 @@ impl ZoneModel {
                 }
             }
         }
-        if rr.srv.is_empty() { Node::Missing } else { Node::Data(rr) }
+        if rr.srv.is_empty() {
+            Node::Missing
+        } else {
+            Node::Data(rr)
+        }
     }
 
     // --- records ------------------------------------------------------------------------------
@@ -725,7 +797,10 @@ impl ZoneModel {
                 let mut extra: BTreeMap<WireName, BTreeSet<IpAddr>> = BTreeMap::new();
                 for ((port, target), addrs) in &rr.srv {
                     answers.push(rec(RData::SRV(SRV::new(0, weight, *port, to_name(target)))));
-                    extra.entry(target.clone()).or_default().extend(addrs.iter().copied());
+                    extra
+                        .entry(target.clone())
+                        .or_default()
+                        .extend(addrs.iter().copied());
                 }
                 for (target, addrs) in extra {
                     let name = to_name(&target);
@@ -740,13 +815,16 @@ impl ZoneModel {
                     answers.push(rec(RData::TXT(TXT::new(vec![t.to_string()]))));
                 }
             }
-            T_SOA => {
-                if rr.soa {
-                    answers.push(Record::from_rdata(owner.clone(), self.settings.negative_ttl, self.soa_rdata()));
+            T_SOA
+                if rr.soa => {
+                    answers.push(Record::from_rdata(
+                        owner.clone(),
+                        self.settings.negative_ttl,
+                        self.soa_rdata(),
+                    ));
                 }
-            }
-            T_NS => {
-                if rr.ns {
+            T_NS
+                if rr.ns => {
                     let ns = self.zone_name(&["ns", "dns"]);
                     answers.push(rec(RData::NS(NS(to_name(&ns)))));
                     let name = to_name(&ns);
@@ -754,14 +832,17 @@ impl ZoneModel {
                         additionals.push(Record::from_rdata(name.clone(), ttl, address_rdata(*ip)));
                     }
                 }
-            }
             _ => {}
         }
         (answers, additionals)
     }
 
     fn cname_record(&self, qname: &[u8], target: &[u8]) -> Record {
-        Record::from_rdata(to_name(qname), self.settings.ttl, RData::CNAME(CNAME(to_name(target))))
+        Record::from_rdata(
+            to_name(qname),
+            self.settings.ttl,
+            RData::CNAME(CNAME(to_name(target))),
+        )
     }
 
     /// The answer records for `(qname, qtype)` when the name has data of that type: used to
@@ -795,16 +876,34 @@ impl ZoneModel {
                 let cname = self.cname_record(qname, &target);
                 if qtype == T_CNAME {
                     let sections = encode_sections(qname, qtype, vec![cname], vec![], vec![]);
-                    (Resolution::Answer { flags: ZONE_FLAGS, sections }, None)
+                    (
+                        Resolution::Answer {
+                            flags: ZONE_FLAGS,
+                            sections,
+                        },
+                        None,
+                    )
                 } else {
-                    (Resolution::Cname { cname, target }, None)
+                    (
+                        Resolution::Cname {
+                            cname: Box::new(cname),
+                            target,
+                        },
+                        None,
+                    )
                 }
             }
             Node::Reverse(rr) => {
                 if qtype == T_PTR {
                     let (answers, _) = self.records(qname, qtype, &rr);
                     let sections = encode_sections(qname, qtype, answers, vec![], vec![]);
-                    (Resolution::Answer { flags: ZONE_FLAGS, sections }, Some(rr))
+                    (
+                        Resolution::Answer {
+                            flags: ZONE_FLAGS,
+                            sections,
+                        },
+                        Some(rr),
+                    )
                 } else {
                     (Resolution::Forward, None)
                 }
@@ -816,7 +915,13 @@ impl ZoneModel {
                 }
                 let (answers, additionals) = self.records(qname, qtype, &rr);
                 let sections = encode_sections(qname, qtype, answers, vec![], additionals);
-                (Resolution::Answer { flags: ZONE_FLAGS, sections }, Some(rr))
+                (
+                    Resolution::Answer {
+                        flags: ZONE_FLAGS,
+                        sections,
+                    },
+                    Some(rr),
+                )
             }
         }
     }
@@ -837,7 +942,10 @@ impl ZoneModel {
             Node::Cname(target) => {
                 let cname = self.cname_record(name, &target);
                 let sections = encode_sections(name, T_CNAME, vec![cname], vec![], vec![]);
-                vec![(T_CNAME, fits(sections, ZONE_FLAGS)), (QTYPE_OTHER, KernelAnswer::Pass)]
+                vec![
+                    (T_CNAME, fits(sections, ZONE_FLAGS)),
+                    (QTYPE_OTHER, KernelAnswer::Pass),
+                ]
             }
             Node::Reverse(rr) => {
                 let (answers, _) = self.records(name, T_PTR, &rr);

@@ -26,7 +26,8 @@ pub fn labels(wire: &[u8]) -> Option<Vec<&[u8]>> {
 
 /// Builds a wire-format name from labels (lowercasing them).
 pub fn wire_from_labels<L: AsRef<[u8]>>(labels: &[L]) -> WireName {
-    let mut out = Vec::with_capacity(labels.iter().map(|l| l.as_ref().len() + 1).sum::<usize>() + 1);
+    let mut out =
+        Vec::with_capacity(labels.iter().map(|l| l.as_ref().len() + 1).sum::<usize>() + 1);
     for l in labels {
         let l = l.as_ref();
         out.push(l.len() as u8);
@@ -56,7 +57,11 @@ pub fn to_text(wire: &[u8]) -> String {
     match labels(wire) {
         Some(l) if l.is_empty() => ".".to_string(),
         Some(l) => {
-            let mut s = l.iter().map(|l| String::from_utf8_lossy(l)).collect::<Vec<_>>().join(".");
+            let mut s = l
+                .iter()
+                .map(|l| String::from_utf8_lossy(l))
+                .collect::<Vec<_>>()
+                .join(".");
             s.push('.');
             s
         }
@@ -111,15 +116,30 @@ pub enum ZoneName<'a> {
     /// `<ns>.svc.<zone>`
     SvcNamespace(&'a str),
     /// `<svc>.<ns>.svc.<zone>`
-    Service { ns: &'a str, svc: &'a str },
+    Service {
+        ns: &'a str,
+        svc: &'a str,
+    },
     /// `<endpoint>.<svc>.<ns>.svc.<zone>`
-    Endpoint { ns: &'a str, svc: &'a str, endpoint: &'a str },
+    Endpoint {
+        ns: &'a str,
+        svc: &'a str,
+        endpoint: &'a str,
+    },
     /// `_<port>._<proto>.<svc>.<ns>.svc.<zone>`
-    PortProto { ns: &'a str, svc: &'a str, port: &'a str, proto: &'a str },
+    PortProto {
+        ns: &'a str,
+        svc: &'a str,
+        port: &'a str,
+        proto: &'a str,
+    },
     /// `<ns>.pod.<zone>`
     PodNamespace(&'a str),
     /// `<a-b-c-d>.<ns>.pod.<zone>`
-    Pod { ns: &'a str, ip: IpAddr },
+    Pod {
+        ns: &'a str,
+        ip: IpAddr,
+    },
     /// Not a name the schema has (too many labels, unknown form): NXDOMAIN.
     Invalid,
 }
@@ -130,7 +150,9 @@ fn text(label: &[u8]) -> Option<&str> {
 
 /// Places `qname` (lowercased wire format) relative to `zone` (wire format).
 pub fn classify<'a>(qname: &'a [u8], zone: &[u8]) -> QueryName<'a> {
-    let Some(qlabels) = labels(qname) else { return QueryName::Outside };
+    let Some(qlabels) = labels(qname) else {
+        return QueryName::Outside;
+    };
     let zlabels = labels(zone).unwrap_or_default();
     if qlabels.len() >= zlabels.len() && qlabels[qlabels.len() - zlabels.len()..] == zlabels[..] {
         let rel = &qlabels[..qlabels.len() - zlabels.len()];
@@ -150,7 +172,11 @@ pub fn classify<'a>(qname: &'a [u8], zone: &[u8]) -> QueryName<'a> {
 
 fn classify_zone<'a>(rel: &[&'a [u8]]) -> ZoneName<'a> {
     use ZoneName::*;
-    let Some(strs) = rel.iter().map(|l| text(l)).collect::<Option<Vec<&'a str>>>() else {
+    let Some(strs) = rel
+        .iter()
+        .map(|l| text(l))
+        .collect::<Option<Vec<&'a str>>>()
+    else {
         return Invalid;
     };
     match strs.as_slice() {
@@ -163,9 +189,12 @@ fn classify_zone<'a>(rel: &[&'a [u8]]) -> ZoneName<'a> {
         [svc, ns, "svc"] => Service { ns, svc },
         [endpoint, svc, ns, "svc"] => Endpoint { ns, svc, endpoint },
         [port, proto, svc, ns, "svc"] => match (port.strip_prefix('_'), proto.strip_prefix('_')) {
-            (Some(port), Some(proto)) if !port.is_empty() && !proto.is_empty() => {
-                PortProto { ns, svc, port, proto }
-            }
+            (Some(port), Some(proto)) if !port.is_empty() && !proto.is_empty() => PortProto {
+                ns,
+                svc,
+                port,
+                proto,
+            },
             _ => Invalid,
         },
         [ns, "pod"] => PodNamespace(ns),
@@ -181,9 +210,17 @@ fn classify_zone<'a>(rel: &[&'a [u8]]) -> ZoneName<'a> {
 /// IPv6 address otherwise.
 fn pod_ip(label: &str) -> Option<IpAddr> {
     if label.matches('-').count() == 3 && !label.contains("--") {
-        label.replace('-', ".").parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+        label
+            .replace('-', ".")
+            .parse::<Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4)
     } else {
-        label.replace('-', ":").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+        label
+            .replace('-', ":")
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6)
     }
 }
 
@@ -241,7 +278,10 @@ mod tests {
         assert_eq!(classify_text("cluster.local"), "Zone(Apex)");
         assert_eq!(classify_text("CLUSTER.local."), "Zone(Apex)");
         assert_eq!(classify_text("svc.cluster.local"), "Zone(SvcApex)");
-        assert_eq!(classify_text("default.svc.cluster.local"), "Zone(SvcNamespace(\"default\"))");
+        assert_eq!(
+            classify_text("default.svc.cluster.local"),
+            "Zone(SvcNamespace(\"default\"))"
+        );
         assert_eq!(
             classify_text("kubernetes.default.svc.cluster.local"),
             "Zone(Service { ns: \"default\", svc: \"kubernetes\" })"
@@ -255,8 +295,14 @@ mod tests {
             "Zone(PortProto { ns: \"shop\", svc: \"web\", port: \"http\", proto: \"tcp\" })"
         );
         // Search-path expansions have too many labels, or no underscore where SRV needs one.
-        assert_eq!(classify_text("www.example.com.default.svc.cluster.local"), "Zone(Invalid)");
-        assert_eq!(classify_text("a.b.c.d.e.f.svc.cluster.local"), "Zone(Invalid)");
+        assert_eq!(
+            classify_text("www.example.com.default.svc.cluster.local"),
+            "Zone(Invalid)"
+        );
+        assert_eq!(
+            classify_text("a.b.c.d.e.f.svc.cluster.local"),
+            "Zone(Invalid)"
+        );
         assert_eq!(
             classify_text("10-1-2-3.default.pod.cluster.local"),
             "Zone(Pod { ns: \"default\", ip: 10.1.2.3 })"
@@ -265,7 +311,10 @@ mod tests {
             classify_text("2001-db8--5.default.pod.cluster.local"),
             "Zone(Pod { ns: \"default\", ip: 2001:db8::5 })"
         );
-        assert_eq!(classify_text("300-1-2-3.default.pod.cluster.local"), "Zone(Invalid)");
+        assert_eq!(
+            classify_text("300-1-2-3.default.pod.cluster.local"),
+            "Zone(Invalid)"
+        );
         assert_eq!(classify_text("example.com"), "Outside");
         assert_eq!(classify_text("local"), "Outside");
     }
@@ -275,9 +324,15 @@ mod tests {
         for ip in ["10.96.0.1", "192.0.2.255", "2001:db8::1", "fd00:96::20"] {
             let ip: IpAddr = ip.parse().unwrap();
             let wire = reverse_name(ip);
-            assert_eq!(classify(&wire, &wire_from_dotted("cluster.local")), QueryName::Reverse(Some(ip)));
+            assert_eq!(
+                classify(&wire, &wire_from_dotted("cluster.local")),
+                QueryName::Reverse(Some(ip))
+            );
         }
-        assert_eq!(to_text(&reverse_name("10.96.0.1".parse().unwrap())), "1.0.96.10.in-addr.arpa.");
+        assert_eq!(
+            to_text(&reverse_name("10.96.0.1".parse().unwrap())),
+            "1.0.96.10.in-addr.arpa."
+        );
         let zone = wire_from_dotted("cluster.local");
         let partial = wire_from_dotted("96.10.in-addr.arpa");
         assert_eq!(classify(&partial, &zone), QueryName::Reverse(None));

@@ -23,7 +23,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -128,7 +131,10 @@ pub struct FieldError {
 }
 
 fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), problem: problem.into() }
+    FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// Is `s` a DNS-1123 label (what Kubernetes requires of namespaces, Service names,
@@ -137,7 +143,8 @@ pub fn is_dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -148,7 +155,8 @@ fn is_port_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 15
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.iter().any(|c| c.is_ascii_lowercase())
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
@@ -163,13 +171,19 @@ fn parse_external_name(s: &str) -> Option<Box<str>> {
         && s.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                && l.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         });
     ok.then(|| s.into_boxed_str())
 }
 
-fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<&str, FieldError> {
-    let name = meta.name.as_deref().ok_or_else(|| field_error("metadata.name", "missing"))?;
+fn object_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<&str, FieldError> {
+    let name = meta
+        .name
+        .as_deref()
+        .ok_or_else(|| field_error("metadata.name", "missing"))?;
     Ok(name)
 }
 
@@ -178,7 +192,10 @@ fn object_namespace(
 ) -> Result<&str, FieldError> {
     let ns = meta.namespace.as_deref().unwrap_or("default");
     if !is_dns1123_label(ns) {
-        return Err(field_error("metadata.namespace", format!("{ns:?} is not a DNS-1123 label")));
+        return Err(field_error(
+            "metadata.namespace",
+            format!("{ns:?} is not a DNS-1123 label"),
+        ));
     }
     Ok(ns)
 }
@@ -193,7 +210,12 @@ fn parse_ports<'a>(
         let port = u16::try_from(port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| field_error(format!("{field}[{i}].port"), format!("{port} is not a port number")))?;
+            .ok_or_else(|| {
+                field_error(
+                    format!("{field}[{i}].port"),
+                    format!("{port} is not a port number"),
+                )
+            })?;
         let protocol = protocol
             .unwrap_or("TCP")
             .parse()
@@ -204,11 +226,17 @@ fn parse_ports<'a>(
             Some(n) => {
                 return Err(field_error(
                     format!("{field}[{i}].name"),
-                    format!("{n:?} is not a valid port name (lowercase letters, digits, '-', at most 15)"),
+                    format!(
+                        "{n:?} is not a valid port name (lowercase letters, digits, '-', at most 15)"
+                    ),
                 ));
             }
         };
-        out.push(Port { name, port, protocol });
+        out.push(Port {
+            name,
+            port,
+            protocol,
+        });
     }
     out.sort();
     out.dedup();
@@ -218,7 +246,10 @@ fn parse_ports<'a>(
 pub fn project_namespace(ns: &Namespace) -> Result<ClusterObject, FieldError> {
     let name = object_name(&ns.metadata)?;
     if !is_dns1123_label(name) {
-        return Err(field_error("metadata.name", format!("{name:?} is not a DNS-1123 label")));
+        return Err(field_error(
+            "metadata.name",
+            format!("{name:?} is not a DNS-1123 label"),
+        ));
     }
     Ok(ClusterObject::Namespace(name.into()))
 }
@@ -226,12 +257,21 @@ pub fn project_namespace(ns: &Namespace) -> Result<ClusterObject, FieldError> {
 pub fn project_service(svc: &Service) -> Result<ClusterObject, FieldError> {
     let name = object_name(&svc.metadata)?;
     if !is_dns1123_label(name) {
-        return Err(field_error("metadata.name", format!("{name:?} is not a DNS-1123 label")));
+        return Err(field_error(
+            "metadata.name",
+            format!("{name:?} is not a DNS-1123 label"),
+        ));
     }
     let namespace = object_namespace(&svc.metadata)?;
-    let spec = svc.spec.as_ref().ok_or_else(|| field_error("spec", "missing"))?;
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| field_error("spec", "missing"))?;
     let ports = parse_ports(
-        spec.ports.iter().flatten().map(|p| (p.name.as_deref(), Some(p.port), p.protocol.as_deref())),
+        spec.ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), Some(p.port), p.protocol.as_deref())),
         "spec.ports",
     )?;
     let kind = if spec.type_.as_deref() == Some("ExternalName") {
@@ -253,7 +293,11 @@ pub fn project_service(svc: &Service) -> Result<ClusterObject, FieldError> {
                 .enumerate()
                 .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.as_str()))
                 .collect(),
-            _ => spec.cluster_ip.iter().map(|s| ("spec.clusterIP".to_string(), s.as_str())).collect(),
+            _ => spec
+                .cluster_ip
+                .iter()
+                .map(|s| ("spec.clusterIP".to_string(), s.as_str()))
+                .collect(),
         };
         for (field, text) in listed {
             if text == "None" {
@@ -272,7 +316,10 @@ pub fn project_service(svc: &Service) -> Result<ClusterObject, FieldError> {
         }
         ServiceKind::ClusterIp(ips)
     };
-    Ok(ClusterObject::Service(ObjectKey::new(namespace, name), ServiceInfo { kind, ports }))
+    Ok(ClusterObject::Service(
+        ObjectKey::new(namespace, name),
+        ServiceInfo { kind, ports },
+    ))
 }
 
 /// `Ok(None)`: a slice DNS has no use for (FQDN address type, or no Service label).
@@ -284,10 +331,17 @@ pub fn project_slice(slice: &EndpointSlice) -> Result<Option<ClusterObject>, Fie
         "IPv6" => true,
         "FQDN" => return Ok(None),
         other => {
-            return Err(field_error("addressType", format!("{other:?} is not IPv4, IPv6 or FQDN")));
+            return Err(field_error(
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ));
         }
     };
-    let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
     else {
         return Ok(None);
     };
@@ -302,8 +356,9 @@ pub fn project_slice(slice: &EndpointSlice) -> Result<Option<ClusterObject>, Fie
         let mut addresses = Vec::with_capacity(ep.addresses.len());
         for (j, a) in ep.addresses.iter().enumerate() {
             let field = format!("endpoints[{i}].addresses[{j}]");
-            let ip: IpAddr =
-                a.parse().map_err(|_| field_error(&field, format!("{a:?} is not an IP address")))?;
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| field_error(&field, format!("{a:?} is not an IP address")))?;
             if ip.is_ipv6() != family_v6 {
                 return Err(field_error(
                     field,
@@ -323,15 +378,27 @@ pub fn project_slice(slice: &EndpointSlice) -> Result<Option<ClusterObject>, Fie
             }
         };
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        endpoints.push(EndpointInfo { addresses, hostname, ready });
+        endpoints.push(EndpointInfo {
+            addresses,
+            hostname,
+            ready,
+        });
     }
     let ports = parse_ports(
-        slice.ports.iter().flatten().map(|p| (p.name.as_deref(), p.port, p.protocol.as_deref())),
+        slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.port, p.protocol.as_deref())),
         "ports",
     )?;
     Ok(Some(ClusterObject::Slice(
         ObjectKey::new(namespace, name),
-        SliceInfo { service: service.as_str().into(), endpoints, ports },
+        SliceInfo {
+            service: service.as_str().into(),
+            endpoints,
+            ports,
+        },
     )))
 }
 
@@ -362,11 +429,16 @@ mod tests {
              spec:\n  clusterIP: 10.96.0.20\n  clusterIPs: [10.96.0.20, 'fd00:96::20']\n  \
              ports: [{name: http, port: 80}, {port: 9090, protocol: UDP}]\n",
         );
-        let ClusterObject::Service(key, info) = project_service(&svc).unwrap() else { panic!() };
+        let ClusterObject::Service(key, info) = project_service(&svc).unwrap() else {
+            panic!()
+        };
         assert_eq!(key.to_string(), "shop/web");
         assert_eq!(
             info.kind,
-            ServiceKind::ClusterIp(vec!["10.96.0.20".parse().unwrap(), "fd00:96::20".parse().unwrap()])
+            ServiceKind::ClusterIp(vec![
+                "10.96.0.20".parse().unwrap(),
+                "fd00:96::20".parse().unwrap()
+            ])
         );
         assert_eq!(info.ports.len(), 2);
         assert_eq!(info.ports[0].name.as_deref(), None);
@@ -385,12 +457,18 @@ mod tests {
         assert_eq!(project_service(&svc).unwrap_err().field, "metadata.name");
 
         let svc = service_yaml("metadata: {name: ext}\nspec: {type: ExternalName}\n");
-        assert_eq!(project_service(&svc).unwrap_err().field, "spec.externalName");
+        assert_eq!(
+            project_service(&svc).unwrap_err().field,
+            "spec.externalName"
+        );
 
         let svc = service_yaml(
             "metadata: {name: web}\nspec: {clusterIP: 10.96.0.3, ports: [{name: HTTP, port: 80}]}\n",
         );
-        assert_eq!(project_service(&svc).unwrap_err().field, "spec.ports[0].name");
+        assert_eq!(
+            project_service(&svc).unwrap_err().field,
+            "spec.ports[0].name"
+        );
     }
 
     #[test]
@@ -403,7 +481,9 @@ mod tests {
              ports: [{name: http, port: 8080, protocol: TCP}]\n",
         )
         .unwrap();
-        let Some(ClusterObject::Slice(_, info)) = project_slice(&slice).unwrap() else { panic!() };
+        let Some(ClusterObject::Slice(_, info)) = project_slice(&slice).unwrap() else {
+            panic!()
+        };
         assert_eq!(&*info.service, "web");
         assert!(info.endpoints[0].ready && !info.endpoints[1].ready);
         assert_eq!(info.endpoints[0].hostname.as_deref(), Some("web-0"));
@@ -413,13 +493,25 @@ mod tests {
              endpoints: [{addresses: [10.0.0.1]}]\n",
         )
         .unwrap();
-        assert_eq!(project_slice(&bad).unwrap_err().field, "endpoints[0].addresses[0]");
+        assert_eq!(
+            project_slice(&bad).unwrap_err().field,
+            "endpoints[0].addresses[0]"
+        );
     }
 
     #[test]
     fn endpoint_labels_follow_coredns() {
-        assert_eq!(endpoint_label(None, "10.1.2.3".parse().unwrap()), "10-1-2-3");
-        assert_eq!(endpoint_label(None, "2001:db8::1".parse().unwrap()), "2001-db8--1");
-        assert_eq!(endpoint_label(Some("web-0"), "10.1.2.3".parse().unwrap()), "web-0");
+        assert_eq!(
+            endpoint_label(None, "10.1.2.3".parse().unwrap()),
+            "10-1-2-3"
+        );
+        assert_eq!(
+            endpoint_label(None, "2001:db8::1".parse().unwrap()),
+            "2001-db8--1"
+        );
+        assert_eq!(
+            endpoint_label(Some("web-0"), "10.1.2.3".parse().unwrap()),
+            "web-0"
+        );
     }
 }
