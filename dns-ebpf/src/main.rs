@@ -695,6 +695,8 @@ fn parse_name(scratch: &mut Scratch, load: usize) -> Result<ParsedName, u32> {
 }
 
 #[inline(always)]
+// Passing the 260-byte key by value would copy it onto the 512-byte BPF stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn lookup(scratch: &Scratch, name_len: usize) -> Option<*const AnswerValue> {
     if name_len <= SHORT_NAME_LEN {
         // SAFETY: LongKey starts with a ShortKey's layout (asserted in dns-common), and the

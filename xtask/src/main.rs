@@ -1,1 +1,42 @@
-fn main() {}
+//! Developer commands for xdns. `cargo xtask --help` lists them.
+
+mod build_ebpf;
+mod demo;
+mod netns;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "xdns developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (Debian 12): LLVM 22, nightly rust-src,
+    /// bpf-linker, DNS and network tools. Skips what is already there.
+    Setup,
+    /// Build the XDP object alone, to target/bpfel-unknown-none/release/dns-ebpf.
+    BuildEbpf,
+    /// Run xdns on the built-in example cluster in network namespaces and query it.
+    Demo,
+    /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests.
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::setup(),
+        Command::BuildEbpf => {
+            setup::setup()?;
+            build_ebpf::build_ebpf().map(|_| ())
+        }
+        Command::Demo => demo::demo(),
+        Command::Test => test::test(),
+    }
+}

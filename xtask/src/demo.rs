@@ -1,0 +1,216 @@
+//! `cargo xtask demo`: xdns on the example cluster, no Kubernetes needed.
+//!
+//! A node namespace and a pod namespace joined by a veth pair, as a CNI makes them; the agent
+//! in the node namespace with its XDP program on the host side of the veth, serving
+//! deploy/examples/cluster.yaml; dnsmasq as the upstream for names outside the cluster (there
+//! is no internet here). Queries go from the pod's namespace; each answer is shown with the
+//! path that answered it and its latency.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, PerCpuArray};
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query},
+    rr::{Name, RecordType},
+};
+
+use crate::{
+    netns::{self, Netns},
+    util::{cmd, require_root, root, run},
+};
+
+const LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
+const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9253);
+
+/// The demo's queries: name, type, what it shows.
+const QUERIES: &[(&str, RecordType, &str)] = &[
+    ("kubernetes.default.svc.cluster.local", RecordType::A, "ClusterIP Service"),
+    ("web.shop.svc.cluster.local", RecordType::A, "dual-stack Service, IPv4"),
+    ("web.shop.svc.cluster.local", RecordType::AAAA, "dual-stack Service, IPv6"),
+    ("_http._tcp.web.shop.svc.cluster.local", RecordType::SRV, "named port"),
+    ("postgres.shop.svc.cluster.local", RecordType::A, "headless: ready endpoints"),
+    ("postgres-0.postgres.shop.svc.cluster.local", RecordType::A, "StatefulSet pod"),
+    ("10.0.96.10.in-addr.arpa", RecordType::PTR, "reverse of a ClusterIP"),
+    ("kube-dns.kube-system.svc.cluster.local", RecordType::TXT, "name exists, type does not"),
+    ("example.org.shop.svc.cluster.local", RecordType::A, "search-path expansion"),
+    ("10-244-1-21.shop.pod.cluster.local", RecordType::A, "pod record"),
+    ("payments.shop.svc.cluster.local", RecordType::A, "ExternalName, chased upstream"),
+    ("www.example.org", RecordType::A, "outside the cluster"),
+    ("wEb.sHoP.svc.cluster.local", RecordType::A, "mixed case, echoed"),
+];
+
+pub fn demo() -> anyhow::Result<()> {
+    crate::setup::setup()?;
+    require_root("the demo")?;
+    let root = root();
+    run(cmd("cargo").current_dir(&root).args(["build", "--release", "-p", "dns-agent"]))?;
+    let agent_bin = root.join("target/release/dns-agent");
+    netns::cleanup_on_ctrl_c();
+    let result = run_demo(&root, &agent_bin);
+    netns::cleanup();
+    result
+}
+
+fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
+    let id = std::process::id() % 100_000;
+    let node = Netns::new(format!("xdns-demo-node-{id}"))?;
+    let pod = Netns::new(format!("xdns-demo-pod-{id}"))?;
+    let (host_if, pod_if) = (format!("xdemo{id}h"), format!("xdemo{id}p"));
+    netns::veth(&node, &host_if, &pod, &pod_if)?;
+    node.ip(&["addr", "add", &format!("{LISTEN}/32"), "dev", "lo"])?;
+    node.ip(&["addr", "add", &format!("{UPSTREAM}/32"), "dev", "lo"])?;
+    node.ip(&["addr", "add", "192.0.2.1/24", "dev", &host_if])?;
+    node.ip(&["link", "set", &host_if, "up"])?;
+    pod.ip(&["addr", "add", "192.0.2.2/24", "dev", &pod_if])?;
+    pod.ip(&["link", "set", &pod_if, "up"])?;
+    pod.ip(&["route", "add", &format!("{LISTEN}/32"), "via", "192.0.2.1"])?;
+
+    // The upstream: dnsmasq with local data only.
+    node.spawn(
+        node.command("dnsmasq")
+            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .arg(format!("--listen-address={UPSTREAM}"))
+            .args(["--address=/example.org/203.0.113.80", "--address=/payments.example/203.0.113.81"])
+            .args(["--pid-file=", "--log-facility=-"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .context("starting dnsmasq (`cargo xtask setup` installs it)")?;
+
+    let pin = format!("/sys/fs/bpf/xdns-demo-{id}");
+    netns::remove_on_exit(pin.clone().into());
+    let log_path = std::env::temp_dir().join(format!("xdns-demo-{id}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let mut agent = node.spawn(
+        node.command(agent_bin)
+            .arg("run")
+            .arg("--zone-file")
+            .arg(root.join("deploy/examples/cluster.yaml"))
+            .args(["--interface", &host_if, "--listen", &LISTEN.to_string()])
+            .args(["--upstream", &UPSTREAM.to_string(), "--pin-path", &pin])
+            .args(["--metrics-addr", &METRICS.to_string()])
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = agent.try_wait()? {
+            bail!("dns-agent exited ({status}):\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        if matches!(node.http_get(METRICS, "/ready"), Ok((200, _))) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("dns-agent not ready:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    println!();
+    println!("xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}", node.name, pod.name);
+    println!("zone: deploy/examples/cluster.yaml   upstream: dnsmasq at {UPSTREAM}   listen: {LISTEN}");
+    println!();
+    println!("{:<44} {:<5} {:<9} {:<34} {:<11} {:>9}", "QUERY", "TYPE", "RCODE", "ANSWER", "ANSWERED BY", "LATENCY");
+    let sock = pod.enter(|| UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let counters_path = Path::new(&pin).join(format!("v{}", dns_common::LAYOUT_VERSION)).join(dns_common::MAP_COUNTERS);
+    for (name, qtype, what) in QUERIES {
+        let kernel_before = kernel_answered(&counters_path)?;
+        let (user_before, fwd_before) = userspace(&node)?;
+        let (reply, latency) = query(&sock, name, *qtype)?;
+        let kernel = kernel_answered(&counters_path)? - kernel_before;
+        let (user, fwd) = userspace(&node)?;
+        let by = if kernel > 0 {
+            "kernel"
+        } else if fwd > fwd_before {
+            "upstream"
+        } else if user > user_before {
+            "userspace"
+        } else {
+            "?"
+        };
+        let answer = summarize(&reply);
+        println!(
+            "{:<44} {:<5} {:<9} {:<34} {:<11} {:>7.0} µs   {what}",
+            name,
+            qtype.to_string(),
+            rcode_name(reply.metadata.response_code.low()),
+            answer,
+            by,
+            latency.as_secs_f64() * 1e6,
+        );
+    }
+    println!();
+    println!("kernel counters (dns-agent stats):");
+    let out = node.command(agent_bin).args(["stats", "--pin-path", &pin, "--metrics-addr", &METRICS.to_string()]).output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+fn query(sock: &UdpSocket, name: &str, qtype: RecordType) -> anyhow::Result<(Message, Duration)> {
+    let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(format!("{name}."))?, qtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    m.set_edns(edns);
+    let bytes = m.to_vec()?;
+    let server = SocketAddr::new(IpAddr::V4(LISTEN), 53);
+    let mut buf = vec![0u8; 65535];
+    let start = Instant::now();
+    sock.send_to(&bytes, server)?;
+    let (n, _) = sock.recv_from(&mut buf).with_context(|| format!("no answer to {name} {qtype}"))?;
+    let latency = start.elapsed();
+    Ok((Message::from_vec(&buf[..n])?, latency))
+}
+
+fn rcode_name(rcode: u8) -> &'static str {
+    match rcode {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        _ => "other",
+    }
+}
+
+fn summarize(m: &Message) -> String {
+    let mut parts: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+    if parts.is_empty() && !m.authorities.is_empty() {
+        parts.push("(SOA in authority)".into());
+    }
+    let s = parts.join(", ");
+    if s.chars().count() > 34 { format!("{}…", s.chars().take(33).collect::<String>()) } else { s }
+}
+
+fn kernel_answered(path: &Path) -> anyhow::Result<u64> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let mut total = 0;
+    for i in [dns_common::counter::ANSWERED, dns_common::counter::ANSWERED_NODATA, dns_common::counter::ANSWERED_NXDOMAIN] {
+        total += map.get(&i, 0)?.iter().sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// (answered by userspace from the zone, forwarded upstream), from the agent's metrics.
+fn userspace(node: &Netns) -> anyhow::Result<(u64, u64)> {
+    let (_, body) = node.http_get(METRICS, "/metrics")?;
+    let get = |series: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((get("xdns_queries_total{path=\"userspace\"}"), get("xdns_queries_total{path=\"forwarded\"}")))
+}
