@@ -80,6 +80,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let (v4, v6) = crate::kernel::split_listen(&args.listen);
         s.maps_mut().set_listen(&v4, &v6)?;
         s.write_config(&model)?;
+        let fixed = model.fixed_names();
+        s.apply(Vec::new(), crate::kernel::sync::entries_of(&model, &fixed));
         for iface in &args.interfaces {
             k.attach(iface, args.attach_mode)?;
             tracing::info!(interface = %iface, mode = %args.attach_mode, "XDP program attached");
@@ -174,9 +176,10 @@ async fn zone_task(
                     drop(m);
                     model.write().expect("zone lock").set_synced();
                     if let Some(s) = sync.as_mut()
-                        && let Err(e) = s.set_synced() {
-                            tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
-                        }
+                        && let Err(e) = s.set_synced()
+                    {
+                        tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
+                    }
                     metrics.set_synced(true);
                     let m = model.read().expect("zone lock");
                     tracing::info!(
@@ -232,8 +235,9 @@ async fn zone_task(
             tracing::debug!(?stats, "kernel maps updated");
         }
         if let Some(seen) = seen
-            && model.read().expect("zone lock").is_synced() {
-                metrics.programming_latency.observe(seen.elapsed());
-            }
+            && model.read().expect("zone lock").is_synced()
+        {
+            metrics.programming_latency.observe(seen.elapsed());
+        }
     }
 }

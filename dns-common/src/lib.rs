@@ -244,8 +244,10 @@ pub mod counter {
     pub const PASS_NOT_SYNCED: u32 = 9;
     /// The entry has expired.
     pub const PASS_EXPIRED: u32 = 10;
-    /// Resizing the packet failed; passed up unchanged.
-    pub const ERROR_RESIZE: u32 = 11;
+    /// The frame has no room to grow into the reply: passed up unchanged, userspace answers.
+    /// Generic XDP on a veth leaves a few hundred bytes of tailroom, so large answers (many
+    /// SRV records with their addresses, big headless Services) take this path there.
+    pub const PASS_NO_ROOM: u32 = 11;
     /// Writing the reply failed after the packet was resized: dropped, the client retries.
     pub const ERROR_WRITE: u32 = 12;
 
@@ -264,7 +266,7 @@ pub mod counter {
         "pass_malformed",
         "pass_not_synced",
         "pass_expired",
-        "error_resize",
+        "pass_no_room",
         "error_write",
     ];
 }

@@ -563,7 +563,7 @@ fn answer(ctx: &XdpContext, layers: &Layers) -> Result<Outcome, Outcome> {
     if delta != 0 {
         // SAFETY: the helper validates the new size against the frame.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-            return Err(pass(counter::ERROR_RESIZE));
+            return Err(pass(counter::PASS_NO_ROOM));
         }
     }
     // From here on a failure leaves a half-written packet: drop it.

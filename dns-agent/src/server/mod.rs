@@ -182,26 +182,67 @@ pub fn answer_from_zone(zone: &ZoneModel, q: &Query<'_>, limit: Option<usize>) -
         Resolution::NotReady => reply(Body::empty(FLAG_RA | dns::RCODE_SERVFAIL)),
         Resolution::Refused => reply(Body::empty(FLAG_RA | dns::RCODE_REFUSED)),
         Resolution::Forward => ZoneReply::Forward,
-        Resolution::Cname { cname, target } => match zone.answer_records(&target, q.qtype) {
-            // The target is in the zone: chase it here.
-            Ok(records) => {
-                let mut answers = vec![*cname];
-                answers.extend(records);
-                let s = encode_sections(&q.qname, q.qtype, answers, vec![], vec![]);
-                reply(Body::sections(
-                    ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data,
-                ))
-            }
-            Err(Resolution::Forward) => ZoneReply::Chase { cname, target },
-            // The target is in the zone but has no data of this type: the alias alone.
-            Err(_) => {
-                let s = encode_sections(&q.qname, q.qtype, vec![*cname], vec![], vec![]);
-                reply(Body::sections(
-                    ZONE_FLAGS, s.ancount, s.nscount, s.arcount, &s.data,
-                ))
-            }
-        },
+        Resolution::Cname { cname, target } => chase_in_zone(zone, q, *cname, target, limit),
     }
+}
+
+/// How many aliases in a row the zone follows before giving up (a loop of ExternalNames).
+const MAX_CHAIN: usize = 8;
+
+/// Follows an alias through the zone: the target's answer if it is there, its negative answer
+/// if it is the zone's and has none (RFC 6604: the RCODE is the last name's), or the upstream
+/// when the chain leaves the zone.
+fn chase_in_zone(
+    zone: &ZoneModel,
+    q: &Query<'_>,
+    cname: Record,
+    mut target: WireName,
+    limit: Option<usize>,
+) -> ZoneReply {
+    let mut answers = vec![cname];
+    for _ in 0..MAX_CHAIN {
+        let (flags, soa) = match zone.answer_records(&target, q.qtype) {
+            Ok(records) => {
+                answers.extend(records);
+                (ZONE_FLAGS, false)
+            }
+            Err(Resolution::Cname {
+                cname,
+                target: next,
+            }) => {
+                answers.push(*cname);
+                target = next;
+                continue;
+            }
+            Err(Resolution::Forward) => {
+                let cname = answers.remove(0);
+                if answers.is_empty() {
+                    return ZoneReply::Chase {
+                        cname: Box::new(cname),
+                        target,
+                    };
+                }
+                // A chain that leaves the zone after several aliases: answer with the
+                // aliases; the client's resolver follows the last one.
+                answers.insert(0, cname);
+                (ZONE_FLAGS, false)
+            }
+            Err(Resolution::Nxdomain) => (NXDOMAIN_FLAGS, true),
+            Err(_) => (ZONE_FLAGS, true),
+        };
+        let s = encode_sections(&q.qname, q.qtype, answers, vec![], vec![]);
+        let mut data = s.data;
+        if soa {
+            data.extend_from_slice(&zone.negative_soa(&q.qname));
+        }
+        let body = Body::sections(flags, s.ancount, soa as u16, 0, &data);
+        return ZoneReply::Reply(dns::build_reply(q, body, limit));
+    }
+    ZoneReply::Reply(dns::build_reply(
+        q,
+        Body::empty(FLAG_RA | dns::RCODE_SERVFAIL),
+        limit,
+    ))
 }
 
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the

@@ -509,18 +509,25 @@ impl ZoneModel {
         self.zone_name(&[&format!("_{port}"), &format!("_{proto}"), svc, ns, "svc"])
     }
 
-    /// Every name the kernel should hold, for a full load.
-    pub fn all_names(&self) -> BTreeSet<WireName> {
-        let mut out = BTreeSet::new();
-        for rel in [
+    /// The names every zone has, whatever the cluster holds: the apex, `svc`, `pod`,
+    /// `dns-version`, `ns.dns`. No object change touches them: they are written once, at
+    /// start.
+    pub fn fixed_names(&self) -> BTreeSet<WireName> {
+        [
             &[][..],
             &["svc"],
             &["pod"],
             &["dns-version"],
             &["ns", "dns"],
-        ] {
-            out.insert(self.zone_name(rel));
-        }
+        ]
+        .into_iter()
+        .map(|rel| self.zone_name(rel))
+        .collect()
+    }
+
+    /// Every name the kernel should hold, for a full load.
+    pub fn all_names(&self) -> BTreeSet<WireName> {
+        let mut out = self.fixed_names();
         for ns in &self.namespaces {
             self.namespace_names(ns, &mut out);
         }
@@ -815,23 +822,21 @@ impl ZoneModel {
                     answers.push(rec(RData::TXT(TXT::new(vec![t.to_string()]))));
                 }
             }
-            T_SOA
-                if rr.soa => {
-                    answers.push(Record::from_rdata(
-                        owner.clone(),
-                        self.settings.negative_ttl,
-                        self.soa_rdata(),
-                    ));
+            T_SOA if rr.soa => {
+                answers.push(Record::from_rdata(
+                    owner.clone(),
+                    self.settings.negative_ttl,
+                    self.soa_rdata(),
+                ));
+            }
+            T_NS if rr.ns => {
+                let ns = self.zone_name(&["ns", "dns"]);
+                answers.push(rec(RData::NS(NS(to_name(&ns)))));
+                let name = to_name(&ns);
+                for ip in &self.settings.ns_addrs {
+                    additionals.push(Record::from_rdata(name.clone(), ttl, address_rdata(*ip)));
                 }
-            T_NS
-                if rr.ns => {
-                    let ns = self.zone_name(&["ns", "dns"]);
-                    answers.push(rec(RData::NS(NS(to_name(&ns)))));
-                    let name = to_name(&ns);
-                    for ip in &self.settings.ns_addrs {
-                        additionals.push(Record::from_rdata(name.clone(), ttl, address_rdata(*ip)));
-                    }
-                }
+            }
             _ => {}
         }
         (answers, additionals)
