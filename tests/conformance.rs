@@ -251,9 +251,11 @@ fn a_generated_cluster_answers_as_the_schema_says() {
         "the generated cluster implies {} names",
         names.len()
     );
+    // Per query, the kernel answered exactly what it should (checked above); overall that is
+    // a large share, or the suite is not exercising the kernel at all.
     assert!(
-        by_kernel * 2 > queries,
-        "most queries are the kernel's: {by_kernel} of {queries}"
+        by_kernel * 3 > queries,
+        "the kernel answered {by_kernel} of {queries}"
     );
     assert!(
         failures.is_empty(),

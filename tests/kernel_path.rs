@@ -150,3 +150,85 @@ fn sigterm_detaches_and_exits_cleanly() {
     assert!(!text.contains("xdp"), "XDP still attached: {text}");
     assert!(!agent.pin_path.join("v1").exists(), "pins removed");
 }
+
+/// Raw query bytes: header flags and counts as given, one question for `name`/`qtype`.
+fn raw_query(id: u16, flags: u16, name: &str, qtype: u16, extra: &[u8], arcount: u16) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&[0, 1, 0, 0, 0, 0]);
+    m.extend_from_slice(&arcount.to_be_bytes());
+    for l in name.split('.').filter(|l| !l.is_empty()) {
+        m.push(l.len() as u8);
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.extend_from_slice(extra);
+    m
+}
+
+fn rcode_of(reply: &[u8]) -> u16 {
+    u16::from_be_bytes([reply[2], reply[3]]) & 0xf
+}
+
+#[test]
+fn userspace_answers_what_the_kernel_passes_as_the_rfcs_say() {
+    let topo = Topology::new();
+    let agent = Agent::start(&topo, &support::example_cluster(), &[]);
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    let name = "web.shop.svc.cluster.local";
+
+    // NOTIMP: opcode 4 (NOTIFY). The reply keeps the ID and the opcode.
+    let r = client
+        .exchange_raw(&raw_query(0x1111, 0x2100, name, 1, &[], 0))
+        .expect("NOTIMP reply");
+    assert_eq!(
+        (u16::from_be_bytes([r[0], r[1]]), rcode_of(&r), r[2] & 0x78),
+        (0x1111, 4, 0x20)
+    );
+
+    // FORMERR: trailing garbage; a label running past the end.
+    let r = client
+        .exchange_raw(&raw_query(2, 0x0100, name, 1, &[0xde, 0xad], 0))
+        .expect("FORMERR reply");
+    assert_eq!(rcode_of(&r), 1);
+    let mut cut = raw_query(3, 0x0100, name, 1, &[], 0);
+    cut.truncate(20);
+    let r = client.exchange_raw(&cut).expect("FORMERR reply");
+    assert_eq!(rcode_of(&r), 1);
+
+    // REFUSED: zone transfers, over UDP and TCP.
+    let axfr = raw_query(4, 0, "cluster.local", 252, &[], 0);
+    assert_eq!(rcode_of(&client.exchange_raw(&axfr).unwrap()), 5);
+    assert_eq!(rcode_of(&client.query_tcp(&axfr)), 5);
+
+    // BADVERS: EDNS version 1 gets extended RCODE 16 (1 in the OPT) and an OPT of version 0.
+    let opt_v1 = [0, 0, 41, 4, 0, 0, 1, 0, 0, 0, 0];
+    let r = client
+        .exchange_raw(&raw_query(5, 0x0100, name, 1, &opt_v1, 1))
+        .expect("BADVERS reply");
+    assert_eq!(rcode_of(&r), 0);
+    let opt = &r[r.len() - 11..];
+    assert_eq!(
+        (opt[2], opt[5], opt[6]),
+        (41, 1, 0),
+        "OPT with extended RCODE 1 (BADVERS), version 0"
+    );
+
+    // A response is never answered (no reflection loops).
+    assert!(
+        client
+            .exchange_raw(&raw_query(6, 0x8180, name, 1, &[], 0))
+            .is_none()
+    );
+
+    // None of it was answered in the kernel; it passed each up for the reason it should.
+    let c = agent.kernel_counters();
+    assert_eq!(agent.kernel_answered(), 0, "{c:?}");
+    assert_eq!(
+        c["pass_unsupported"], 4,
+        "opcode, AXFR over UDP, EDNS version, QR: {c:?}"
+    );
+    assert_eq!(c["pass_malformed"], 2, "trailing bytes, cut label: {c:?}");
+}

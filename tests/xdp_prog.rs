@@ -603,3 +603,80 @@ fn answers_change_with_the_zone() {
     let r = f.answered(CLIENT_V4, SERVER_V4, &q, "answered_nxdomain");
     assert_eq!(rcode(&r), 3);
 }
+
+#[test]
+fn an_update_of_one_service_rewrites_only_its_own_entries() {
+    use dns_agent::zone::{
+        Change,
+        name::{reverse_name, to_text},
+        objects::{ClusterObject, ObjectKey, ServiceInfo, ServiceKind},
+    };
+    let mut f = fixture();
+    let before = f.sync.maps().snapshot();
+    // web gets a new IPv4 cluster IP.
+    let key = ObjectKey::new("shop", "web");
+    let old: IpAddr = "10.96.10.20".parse().unwrap();
+    let new: IpAddr = "10.96.10.99".parse().unwrap();
+    let mut info = ServiceInfo {
+        kind: ServiceKind::ClusterIp(vec![new, "fd00:96::a14".parse().unwrap()]),
+        ports: Vec::new(),
+    };
+    let dns_agent::zone::objects::ClusterObject::Service(_, current) = support::example_objects()
+        .into_iter()
+        .find(|o| matches!(o, ClusterObject::Service(k, _) if *k == key))
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    info.ports = current.ports;
+    let changes = vec![Change::Upsert(ClusterObject::Service(key, info))];
+    let names = f.zone.touched(&changes);
+    let entries_before = entries_of(&f.zone, &names);
+    f.zone.apply(changes);
+    let stats = f.sync.apply(entries_before, entries_of(&f.zone, &names));
+    let after = f.sync.maps().snapshot();
+
+    let changed: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|(name, qtype)| format!("{} {qtype}", to_text(name)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let own = |entry: &String| {
+        entry.contains("web.shop.svc.cluster.local.")
+            || entry.starts_with(&to_text(&reverse_name(old)))
+            || entry.starts_with(&to_text(&reverse_name(new)))
+    };
+    assert!(
+        changed.iter().all(own),
+        "entries of other names changed: {changed:?}"
+    );
+    assert_eq!(
+        changed.len(),
+        stats.written + stats.removed,
+        "{stats:?} {changed:?}"
+    );
+    // A, SRV at the name and at both named ports (their additional A), the A records at the
+    // port names, the old PTR removed and the new one added.
+    assert!(
+        changed.contains(&"web.shop.svc.cluster.local. 1".to_string()),
+        "{changed:?}"
+    );
+    assert!(
+        changed.contains(&format!("{} 12", to_text(&reverse_name(new)))),
+        "{changed:?}"
+    );
+    assert!(
+        !changed.contains(&"web.shop.svc.cluster.local. 28".to_string()),
+        "AAAA did not change"
+    );
+    let r = f.answered(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "web.shop.svc.cluster.local", A, None),
+        "answered",
+    );
+    assert_eq!(&r[r.len() - 4..], &[10, 96, 10, 99]);
+}

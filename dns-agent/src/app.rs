@@ -70,11 +70,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut kernel = None;
     let mut sync = None;
     if !args.no_kernel {
-        let capacity = Capacity {
-            short: args.kernel_capacity,
-            long: (args.kernel_capacity / 4).max(1024),
-            blobs: (args.kernel_capacity / 8).max(1024),
-        };
+        let capacity = Capacity::scaled(args.kernel_capacity);
         let (mut k, maps) = Kernel::load(capacity, &args.pin_path)?;
         let mut s = KernelSync::new(maps);
         let (v4, v6) = crate::kernel::split_listen(&args.listen);

@@ -78,9 +78,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = ":9253")]
     pub metrics_addr: String,
 
-    /// Capacity of the kernel answer map for names of up to 62 bytes, in entries (longer
-    /// names get a quarter of it, answers over 96 bytes an eighth). Memory is used per entry
-    /// present, not per entry of capacity.
+    /// Capacity of the kernel answer map for names of up to 62 bytes, in entries; the other
+    /// maps are sized in proportion. Memory is used per entry present (about 256 bytes), plus
+    /// 16 bytes per entry of capacity. A zone that does not fit is still answered, by
+    /// userspace, and the agent says so.
     #[arg(long, value_name = "ENTRIES", default_value_t = dns_common::DEFAULT_ANSWERS_SHORT_MAX)]
     pub kernel_capacity: u32,
 

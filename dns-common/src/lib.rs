@@ -39,8 +39,11 @@ pub const PROGRAM_NAME: &str = "xdns_xdp";
 pub const MAP_ANSWERS_SHORT: &str = "XDNS_ANS_SHORT";
 /// `HashMap<LongKey, AnswerValue>`: answers for longer names (IPv6 reverse names, deep names).
 pub const MAP_ANSWERS_LONG: &str = "XDNS_ANS_LONG";
-/// `HashMap<u32, AnswerBlob>`: section bytes too long for [`AnswerValue::data`].
-pub const MAP_BLOBS: &str = "XDNS_BLOBS";
+/// `HashMap<u32, BlobS>`, `HashMap<u32, BlobM>`, `HashMap<u32, BlobL>`: section bytes too
+/// long for [`AnswerValue::data`], by size class (see [`BLOB_CLASS_SHIFT`]).
+pub const MAP_BLOBS_S: &str = "XDNS_BLOBS_S";
+pub const MAP_BLOBS_M: &str = "XDNS_BLOBS_M";
+pub const MAP_BLOBS_L: &str = "XDNS_BLOBS_L";
 /// `HashMap<u32, u32>`: IPv4 listen addresses (key: the address bytes in network order).
 pub const MAP_LISTEN_V4: &str = "XDNS_LISTEN4";
 /// `HashMap<[u8; 16], u32>`: IPv6 listen addresses.
@@ -51,10 +54,12 @@ pub const MAP_CONFIG: &str = "XDNS_CONFIG";
 pub const MAP_COUNTERS: &str = "XDNS_COUNTERS";
 
 /// Every map the program has, for pinning and reopening.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_ANSWERS_SHORT,
     MAP_ANSWERS_LONG,
-    MAP_BLOBS,
+    MAP_BLOBS_S,
+    MAP_BLOBS_M,
+    MAP_BLOBS_L,
     MAP_LISTEN_V4,
     MAP_LISTEN_V6,
     MAP_CONFIG,
@@ -74,8 +79,18 @@ pub const SHORT_NAME_LEN: usize = 62;
 pub const LONG_NAME_LEN: usize = 256;
 /// Section bytes held inline in an [`AnswerValue`].
 pub const INLINE_DATA_LEN: usize = 96;
-/// Section bytes of an [`AnswerBlob`].
+/// Section bytes of the three blob classes. Hash map elements are allocated from power-of-
+/// two size buckets (element header 48 bytes, key 8, list node 8), so the classes are sized to
+/// fill 256-, 512- and 2048-byte buckets: most big answers (SRV sets, a few endpoints) cost a
+/// quarter of what one size for all would.
+pub const BLOB_S_LEN: usize = 192;
+pub const BLOB_M_LEN: usize = 448;
 pub const BLOB_DATA_LEN: usize = 1216;
+/// A blob id carries its class in its top two bits: 1 small, 2 medium, 3 large.
+pub const BLOB_CLASS_SHIFT: u32 = 30;
+pub const BLOB_CLASS_S: u32 = 1;
+pub const BLOB_CLASS_M: u32 = 2;
+pub const BLOB_CLASS_L: u32 = 3;
 /// The largest DNS message the kernel sends, and the largest UDP answer userspace sends:
 /// 1232 bytes fit in any IPv6 path without fragmentation (DNS Flag Day 2020).
 pub const MAX_UDP_REPLY: usize = 1232;
@@ -89,9 +104,11 @@ pub const OPT_RECORD_LEN: usize = 11;
 pub const MAX_KERNEL_QUERY: usize = MAX_UDP_REPLY;
 
 /// Default capacities; `dns-agent run` can change them at load time.
-pub const DEFAULT_ANSWERS_SHORT_MAX: u32 = 1 << 19;
-pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 17;
-pub const DEFAULT_BLOBS_MAX: u32 = 1 << 16;
+pub const DEFAULT_ANSWERS_SHORT_MAX: u32 = 1 << 18;
+pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 16;
+pub const DEFAULT_BLOBS_S_MAX: u32 = 1 << 17;
+pub const DEFAULT_BLOBS_M_MAX: u32 = 1 << 14;
+pub const DEFAULT_BLOBS_L_MAX: u32 = 1 << 12;
 pub const LISTEN_MAX: u32 = 64;
 
 // ---------------------------------------------------------------------------------------------
@@ -162,7 +179,8 @@ pub struct AnswerValue {
     /// they started at an even offset. The kernel byte-swaps it when they start at an odd one.
     pub data_csum: u16,
     pub _pad1: u16,
-    /// 0: the section bytes are [`AnswerValue::data`]; otherwise the key of an [`AnswerBlob`].
+    /// 0: the section bytes are [`AnswerValue::data`]; otherwise the key of a blob, its class
+    /// in the top two bits.
     /// A blob is never rewritten in place: a changed answer gets a new blob id.
     pub blob: u32,
     pub _pad2: u32,
@@ -171,11 +189,26 @@ pub struct AnswerValue {
     pub data: [u8; INLINE_DATA_LEN],
 }
 
-/// Value of [`MAP_BLOBS`].
+/// Value of the blob maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct AnswerBlob {
-    pub data: [u8; BLOB_DATA_LEN],
+pub struct Blob<const N: usize> {
+    pub data: [u8; N],
+}
+
+pub type BlobS = Blob<BLOB_S_LEN>;
+pub type BlobM = Blob<BLOB_M_LEN>;
+pub type BlobL = Blob<BLOB_DATA_LEN>;
+
+/// The smallest blob class that holds `len` bytes.
+pub const fn blob_class(len: usize) -> u32 {
+    if len <= BLOB_S_LEN {
+        BLOB_CLASS_S
+    } else if len <= BLOB_M_LEN {
+        BLOB_CLASS_M
+    } else {
+        BLOB_CLASS_L
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,7 +314,7 @@ const _: () =
 const _: () = assert!(core::mem::size_of::<AnswerValue>() == 128);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
-const _: () = assert!(core::mem::size_of::<AnswerBlob>() == BLOB_DATA_LEN);
+const _: () = assert!(core::mem::size_of::<BlobL>() == BLOB_DATA_LEN);
 const _: () =
     assert!(core::mem::size_of::<ZoneConfig>() == 12 + LONG_NAME_LEN + SOA_RECORD_LEN + 2);
 const _: () = assert!(BLOB_DATA_LEN + 12 + 5 + OPT_RECORD_LEN >= MAX_UDP_REPLY);
@@ -295,7 +328,7 @@ mod user {
     unsafe impl aya::Pod for ShortKey {}
     unsafe impl aya::Pod for LongKey {}
     unsafe impl aya::Pod for AnswerValue {}
-    unsafe impl aya::Pod for AnswerBlob {}
+    unsafe impl<const N: usize> aya::Pod for Blob<N> {}
     unsafe impl aya::Pod for ZoneConfig {}
 }
 

@@ -26,12 +26,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dns_common::{
-    ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerBlob, AnswerValue, BLOB_DATA_LEN,
-    CLASSIC_UDP_LIMIT, CONFIG_NXDOMAIN, CONFIG_SYNCED, DEFAULT_ANSWERS_LONG_MAX,
-    DEFAULT_ANSWERS_SHORT_MAX, DEFAULT_BLOBS_MAX, EDNS_UDP_SIZE, FLAG_CD, FLAG_QR, FLAG_RD,
-    FLAG_TC, INLINE_DATA_LEN, LISTEN_MAX, LONG_NAME_LEN, LongKey, MAX_KERNEL_QUERY, MAX_LABEL_LEN,
-    MAX_NAME_LEN, MAX_UDP_REPLY, OPCODE_MASK, OPT_RECORD_LEN, QTYPE_OTHER, SHORT_NAME_LEN,
-    SOA_PTR_OFFSETS, SOA_RECORD_LEN, ShortKey, ZoneConfig, counter,
+    ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
+    BLOB_CLASS_SHIFT, Blob, BlobL, BlobM, BlobS, CLASSIC_UDP_LIMIT, CONFIG_NXDOMAIN, CONFIG_SYNCED,
+    DEFAULT_ANSWERS_LONG_MAX, DEFAULT_ANSWERS_SHORT_MAX, DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX,
+    DEFAULT_BLOBS_S_MAX, EDNS_UDP_SIZE, FLAG_CD, FLAG_QR, FLAG_RD, FLAG_TC, INLINE_DATA_LEN,
+    LISTEN_MAX, LONG_NAME_LEN, LongKey, MAX_KERNEL_QUERY, MAX_LABEL_LEN, MAX_NAME_LEN,
+    MAX_UDP_REPLY, OPCODE_MASK, OPT_RECORD_LEN, QTYPE_OTHER, SHORT_NAME_LEN, SOA_PTR_OFFSETS,
+    SOA_RECORD_LEN, ShortKey, ZoneConfig, counter,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -47,9 +48,17 @@ static ANSWERS_SHORT: HashMap<ShortKey, AnswerValue> =
 static ANSWERS_LONG: HashMap<LongKey, AnswerValue> =
     HashMap::with_max_entries(DEFAULT_ANSWERS_LONG_MAX, BPF_F_NO_PREALLOC);
 
-#[map(name = "XDNS_BLOBS")]
-static BLOBS: HashMap<u32, AnswerBlob> =
-    HashMap::with_max_entries(DEFAULT_BLOBS_MAX, BPF_F_NO_PREALLOC);
+#[map(name = "XDNS_BLOBS_S")]
+static BLOBS_S: HashMap<u32, BlobS> =
+    HashMap::with_max_entries(DEFAULT_BLOBS_S_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "XDNS_BLOBS_M")]
+static BLOBS_M: HashMap<u32, BlobM> =
+    HashMap::with_max_entries(DEFAULT_BLOBS_M_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "XDNS_BLOBS_L")]
+static BLOBS_L: HashMap<u32, BlobL> =
+    HashMap::with_max_entries(DEFAULT_BLOBS_L_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "XDNS_LISTEN4")]
 static LISTEN_V4: HashMap<u32, u32> = HashMap::with_max_entries(LISTEN_MAX, 0);
@@ -815,22 +824,29 @@ fn store_data(ctx: &XdpContext, v: &AnswerValue, off: u32, len: usize) -> bool {
     if len == 0 {
         return true;
     }
-    if v.blob == 0 {
-        if len > INLINE_DATA_LEN {
-            return false;
-        }
-        store(ctx, off, v.data.as_ptr(), len)
-    } else {
-        let Some(blob) = BLOBS.get_ptr(v.blob) else {
-            return false;
-        };
-        // SAFETY: map values stay valid for the duration of the program run.
-        let blob = unsafe { &*blob };
-        if len > BLOB_DATA_LEN {
-            return false;
-        }
-        store(ctx, off, blob.data.as_ptr(), len)
+    // Each class its own copy, so the verifier sees a constant bound for each.
+    match v.blob >> BLOB_CLASS_SHIFT {
+        0 => len <= INLINE_DATA_LEN && store(ctx, off, v.data.as_ptr(), len),
+        BLOB_CLASS_S => store_blob(&BLOBS_S, ctx, v.blob, off, len),
+        BLOB_CLASS_M => store_blob(&BLOBS_M, ctx, v.blob, off, len),
+        _ => store_blob(&BLOBS_L, ctx, v.blob, off, len),
     }
+}
+
+#[inline(always)]
+fn store_blob<const N: usize>(
+    map: &HashMap<u32, Blob<N>>,
+    ctx: &XdpContext,
+    id: u32,
+    off: u32,
+    len: usize,
+) -> bool {
+    let Some(blob) = map.get_ptr(id) else {
+        return false;
+    };
+    // SAFETY: map values stay valid for the duration of the program run.
+    let blob = unsafe { &*blob };
+    len <= N && store(ctx, off, blob.data.as_ptr(), len)
 }
 
 /// Turns the query's headers into the reply's: swap addresses and ports, set lengths, TTL and

@@ -492,11 +492,23 @@ impl Cluster {
             }
             Node::Data(_) | Node::Missing => {
                 let mut e = zone_answer(&node);
+                // Per-endpoint names of ClusterIP Services are answered by userspace (the
+                // kernel holds a marker for them).
+                let cluster_ip_endpoint = matches!(node, Node::Data(_))
+                    && {
+                        let rel: Vec<&str> = qname
+                            .trim_end_matches(&format!(".{ZONE}."))
+                            .split('.')
+                            .collect();
+                        matches!(rel.as_slice(), [_, svc, ns, "svc"]
+                        if self.service(ns, svc).is_some_and(|s| matches!(s.kind, Kind::ClusterIp(_))))
+                    };
                 // Names below pod.<zone> that do not exist are userspace's too: the kernel's
                 // NXDOMAIN rule leaves that subtree alone.
                 let under_pod =
                     qname.ends_with(&format!(".pod.{ZONE}.")) && qname.split('.').count() > 4;
-                e.kernel = !meta && !(under_pod && matches!(node, Node::Missing));
+                e.kernel =
+                    !meta && !cluster_ip_endpoint && !(under_pod && matches!(node, Node::Missing));
                 e
             }
         }

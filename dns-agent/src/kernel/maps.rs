@@ -1,13 +1,17 @@
 //! Typed access to the XDP program's maps: answers, blobs, listen addresses, zone config,
 //! counters.
 
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use dns_common::{
-    ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerBlob, AnswerValue, BLOB_DATA_LEN,
+    ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
+    BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_S_LEN, Blob, BlobL, BlobM, BlobS,
     INLINE_DATA_LEN, LONG_NAME_LEN, LongKey, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig,
-    counter, csum,
+    blob_class, counter, csum,
 };
 
 use super::KernelError;
@@ -17,7 +21,9 @@ use crate::zone::{KernelAnswer, name::WireName};
 pub struct KernelMaps {
     pub(super) short: HashMap<MapData, ShortKey, AnswerValue>,
     pub(super) long: HashMap<MapData, LongKey, AnswerValue>,
-    pub(super) blobs: HashMap<MapData, u32, AnswerBlob>,
+    pub(super) blobs_s: HashMap<MapData, u32, BlobS>,
+    pub(super) blobs_m: HashMap<MapData, u32, BlobM>,
+    pub(super) blobs_l: HashMap<MapData, u32, BlobL>,
     pub(super) listen_v4: HashMap<MapData, u32, u32>,
     pub(super) listen_v6: HashMap<MapData, [u8; 16], u32>,
     pub(super) config: Array<MapData, ZoneConfig>,
@@ -65,23 +71,26 @@ pub fn data_csum(data: &[u8]) -> u16 {
     csum::fold(csum::add_bytes(0, data))
 }
 
-/// Blob ids: never reused while in use, and handed out in a cycle of 2^32, so an id freed
-/// now is not reused for a very long time (a reader that looked up the old id either finds
-/// the old blob or nothing, never another answer's bytes).
+/// Blob ids: never reused while in use, and handed out in a cycle of 2^30 per class, so an
+/// id freed now is not reused for a very long time (a reader that looked up the old id either
+/// finds the old blob or nothing, never another answer's bytes).
 #[derive(Default)]
 pub struct BlobIds {
-    next: u32,
+    next: [u32; 4],
     live: StdHashMap<(WireName, u16), u32>,
     used: std::collections::HashSet<u32>,
 }
 
 impl BlobIds {
-    fn allocate(&mut self) -> u32 {
+    fn allocate(&mut self, class: u32) -> u32 {
+        let mask = (1u32 << BLOB_CLASS_SHIFT) - 1;
         loop {
-            self.next = self.next.wrapping_add(1);
-            if self.next != 0 && !self.used.contains(&self.next) {
-                self.used.insert(self.next);
-                return self.next;
+            let n = &mut self.next[class as usize];
+            *n = (*n + 1) & mask;
+            let id = (class << BLOB_CLASS_SHIFT) | *n;
+            if *n != 0 && !self.used.contains(&id) {
+                self.used.insert(id);
+                return id;
             }
         }
     }
@@ -123,12 +132,9 @@ impl KernelMaps {
                         sections.data.len() <= BLOB_DATA_LEN,
                         "the zone passes bigger answers"
                     );
-                    let id = blobs.allocate();
-                    let mut blob = AnswerBlob {
-                        data: [0; BLOB_DATA_LEN],
-                    };
-                    blob.data[..sections.data.len()].copy_from_slice(&sections.data);
-                    if let Err(source) = self.blobs.insert(id, blob, 0) {
+                    let class = blob_class(sections.data.len());
+                    let id = blobs.allocate(class);
+                    if let Err(source) = self.insert_blob(id, &sections.data) {
                         blobs.release(id);
                         return Err(WriteError {
                             what: format!("blob {id}"),
@@ -148,7 +154,7 @@ impl KernelMaps {
         };
         if let Err(source) = res {
             if let Some(id) = new_blob {
-                let _ = self.blobs.remove(&id);
+                self.remove_blob(id);
                 blobs.release(id);
             }
             return Err(WriteError {
@@ -162,10 +168,53 @@ impl KernelMaps {
             None => blobs.live.remove(&slot),
         };
         if let Some(old) = old {
-            let _ = self.blobs.remove(&old);
+            self.remove_blob(old);
             blobs.release(old);
         }
         Ok(())
+    }
+
+    fn insert_blob(&mut self, id: u32, data: &[u8]) -> Result<(), MapError> {
+        fn put<const N: usize>(
+            map: &mut HashMap<MapData, u32, Blob<N>>,
+            id: u32,
+            data: &[u8],
+        ) -> Result<(), MapError> {
+            let mut blob = Blob { data: [0; N] };
+            blob.data[..data.len()].copy_from_slice(data);
+            map.insert(id, blob, 0)
+        }
+        match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => put(&mut self.blobs_s, id, data),
+            BLOB_CLASS_M => put(&mut self.blobs_m, id, data),
+            _ => put(&mut self.blobs_l, id, data),
+        }
+    }
+
+    fn remove_blob(&mut self, id: u32) {
+        let _ = match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => self.blobs_s.remove(&id),
+            BLOB_CLASS_M => self.blobs_m.remove(&id),
+            _ => self.blobs_l.remove(&id),
+        };
+    }
+
+    fn blob_data(&self, id: u32, len: usize) -> Vec<u8> {
+        match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => self
+                .blobs_s
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_S_LEN)].to_vec()),
+            BLOB_CLASS_M => self
+                .blobs_m
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_M_LEN)].to_vec()),
+            _ => self
+                .blobs_l
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_DATA_LEN)].to_vec()),
+        }
+        .unwrap_or_default()
     }
 
     /// Removes one entry (and its blob).
@@ -175,7 +224,7 @@ impl KernelMaps {
             Key::Long(k) => self.long.remove(&k),
         };
         if let Some(old) = blobs.live.remove(&(name.to_vec(), qtype)) {
-            let _ = self.blobs.remove(&old);
+            self.remove_blob(old);
             blobs.release(old);
         }
     }
@@ -234,9 +283,73 @@ impl KernelMaps {
         (
             self.short.keys().count(),
             self.long.keys().count(),
-            self.blobs.keys().count(),
+            self.blobs_s.keys().count() + self.blobs_m.keys().count() + self.blobs_l.keys().count(),
         )
     }
+
+    /// Every answer entry: (name, qtype) → (action, flags, counts, section bytes). Walks the
+    /// maps: for tests and benchmarks.
+    pub fn snapshot(&self) -> BTreeMap<(WireName, u16), SnapshotEntry> {
+        let mut out = BTreeMap::new();
+        let mut put = |raw_name: &[u8], qtype: u16, v: AnswerValue| {
+            let name = raw_name[..crate::zone::name::labels_end(raw_name)].to_vec();
+            let len = v.data_len as usize;
+            let data = if v.blob == 0 {
+                v.data[..len.min(INLINE_DATA_LEN)].to_vec()
+            } else {
+                self.blob_data(v.blob, len)
+            };
+            out.insert(
+                (name, qtype),
+                SnapshotEntry {
+                    action: v.action,
+                    flags: v.flags,
+                    counts: [v.ancount, v.nscount, v.arcount],
+                    data,
+                },
+            );
+        };
+        for (k, v) in self.short.iter().flatten() {
+            put(&k.name, k.qtype, v);
+        }
+        for (k, v) in self.long.iter().flatten() {
+            put(&k.name, k.qtype, v);
+        }
+        out
+    }
+
+    /// Kernel memory of the answer maps (`memlock` of each map's fdinfo, which for hash maps
+    /// without preallocation counts the elements present).
+    pub fn memory(&self) -> Vec<(&'static str, u64)> {
+        let memlock = |m: &MapData| -> u64 {
+            let fd = m.fd().as_fd().as_raw_fd();
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        l.strip_prefix("memlock:")
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                })
+                .unwrap_or(0)
+        };
+        vec![
+            (dns_common::MAP_ANSWERS_SHORT, memlock(self.short.map())),
+            (dns_common::MAP_ANSWERS_LONG, memlock(self.long.map())),
+            (dns_common::MAP_BLOBS_S, memlock(self.blobs_s.map())),
+            (dns_common::MAP_BLOBS_M, memlock(self.blobs_m.map())),
+            (dns_common::MAP_BLOBS_L, memlock(self.blobs_l.map())),
+        ]
+    }
+}
+
+/// One entry of [`KernelMaps::snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub action: u8,
+    pub flags: u16,
+    pub counts: [u16; 3],
+    pub data: Vec<u8>,
 }
 
 pub(super) fn sum_counters(

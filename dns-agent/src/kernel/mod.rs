@@ -15,9 +15,9 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use dns_common::{
-    AnswerBlob, AnswerValue, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
-    MAP_BLOBS, MAP_CONFIG, MAP_COUNTERS, MAP_LISTEN_V4, MAP_LISTEN_V6, PROGRAM_NAME, ShortKey,
-    ZoneConfig, counter,
+    AnswerValue, BlobL, BlobM, BlobS, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
+    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, MAP_LISTEN_V4, MAP_LISTEN_V6,
+    PROGRAM_NAME, ShortKey, ZoneConfig, counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -97,21 +97,34 @@ impl From<AttachMode> for XdpMode {
     }
 }
 
-/// Capacities of the answer maps (entries).
+/// Capacities of the answer maps (entries). Memory follows the entries present; only each
+/// map's bucket array (16 bytes per entry of capacity) is allocated up front.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
     pub short: u32,
     pub long: u32,
-    pub blobs: u32,
+    pub blobs_s: u32,
+    pub blobs_m: u32,
+    pub blobs_l: u32,
+}
+
+impl Capacity {
+    /// All capacities scaled from the short-name map's: the proportions of a real zone (a
+    /// quarter of the names are long, half the answers need a small blob, few a big one).
+    pub fn scaled(short: u32) -> Self {
+        Self {
+            short,
+            long: (short / 4).max(1024),
+            blobs_s: (short / 2).max(1024),
+            blobs_m: (short / 16).max(256),
+            blobs_l: (short / 64).max(256),
+        }
+    }
 }
 
 impl Default for Capacity {
     fn default() -> Self {
-        Self {
-            short: dns_common::DEFAULT_ANSWERS_SHORT_MAX,
-            long: dns_common::DEFAULT_ANSWERS_LONG_MAX,
-            blobs: dns_common::DEFAULT_BLOBS_MAX,
-        }
+        Self::scaled(dns_common::DEFAULT_ANSWERS_SHORT_MAX)
     }
 }
 
@@ -144,7 +157,9 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_ANSWERS_SHORT, capacity.short)
             .map_max_entries(MAP_ANSWERS_LONG, capacity.long)
-            .map_max_entries(MAP_BLOBS, capacity.blobs)
+            .map_max_entries(MAP_BLOBS_S, capacity.blobs_s)
+            .map_max_entries(MAP_BLOBS_M, capacity.blobs_m)
+            .map_max_entries(MAP_BLOBS_L, capacity.blobs_l)
             .load(PROGRAM)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -176,7 +191,9 @@ impl Kernel {
                 MAP_ANSWERS_LONG,
                 &pin_dir,
             )?,
-            blobs: take_map::<HashMap<MapData, u32, AnswerBlob>>(&mut ebpf, MAP_BLOBS, &pin_dir)?,
+            blobs_s: take_map::<HashMap<MapData, u32, BlobS>>(&mut ebpf, MAP_BLOBS_S, &pin_dir)?,
+            blobs_m: take_map::<HashMap<MapData, u32, BlobM>>(&mut ebpf, MAP_BLOBS_M, &pin_dir)?,
+            blobs_l: take_map::<HashMap<MapData, u32, BlobL>>(&mut ebpf, MAP_BLOBS_L, &pin_dir)?,
             listen_v4: take_map::<HashMap<MapData, u32, u32>>(&mut ebpf, MAP_LISTEN_V4, &pin_dir)?,
             listen_v6: take_map::<HashMap<MapData, [u8; 16], u32>>(
                 &mut ebpf,

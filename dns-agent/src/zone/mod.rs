@@ -161,12 +161,55 @@ enum Node {
     Reverse(RecordSets),
 }
 
+/// Who owns an address, for its PTR records. Almost always one owner: small sorted vectors,
+/// not trees (a B-tree node would cost hundreds of bytes for every pod address).
 #[derive(Debug, Default)]
 struct ReverseOwners {
-    /// Services with this cluster IP.
-    services: BTreeSet<ObjectKey>,
-    /// Ready endpoints with this address: (service, endpoint label) → how many slices list it.
-    endpoints: BTreeMap<(ObjectKey, Box<str>), u32>,
+    /// Services with this cluster IP, sorted.
+    services: Vec<ObjectKey>,
+    /// Ready endpoints with this address, sorted: (service, endpoint label, how many slices
+    /// list it).
+    endpoints: Vec<(ObjectKey, Box<str>, u32)>,
+}
+
+impl ReverseOwners {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.endpoints.is_empty()
+    }
+
+    fn add_service(&mut self, key: &ObjectKey) {
+        if let Err(at) = self.services.binary_search(key) {
+            self.services.insert(at, key.clone());
+        }
+    }
+
+    fn remove_service(&mut self, key: &ObjectKey) {
+        if let Ok(at) = self.services.binary_search(key) {
+            self.services.remove(at);
+        }
+    }
+
+    fn add_endpoint(&mut self, service: &ObjectKey, label: Box<str>) {
+        match self
+            .endpoints
+            .binary_search_by(|(s, l, _)| (s, &**l).cmp(&(service, &*label)))
+        {
+            Ok(at) => self.endpoints[at].2 += 1,
+            Err(at) => self.endpoints.insert(at, (service.clone(), label, 1)),
+        }
+    }
+
+    fn remove_endpoint(&mut self, service: &ObjectKey, label: &str) {
+        if let Ok(at) = self
+            .endpoints
+            .binary_search_by(|(s, l, _)| (s, &**l).cmp(&(service, label)))
+        {
+            self.endpoints[at].2 -= 1;
+            if self.endpoints[at].2 == 0 {
+                self.endpoints.remove(at);
+            }
+        }
+    }
 }
 
 /// The cluster zone.
@@ -181,7 +224,7 @@ pub struct ZoneModel {
     services: HashMap<ObjectKey, ServiceInfo>,
     slices: HashMap<ObjectKey, SliceInfo>,
     /// Service → names of its slices.
-    slices_of: HashMap<ObjectKey, BTreeSet<Arc<str>>>,
+    slices_of: HashMap<ObjectKey, Vec<Arc<str>>>,
     reverse: HashMap<IpAddr, ReverseOwners>,
 }
 
@@ -404,10 +447,10 @@ impl ZoneModel {
             for ip in ips {
                 let owners = self.reverse.entry(*ip).or_default();
                 if add {
-                    owners.services.insert(key.clone());
+                    owners.add_service(key);
                 } else {
-                    owners.services.remove(key);
-                    if owners.services.is_empty() && owners.endpoints.is_empty() {
+                    owners.remove_service(key);
+                    if owners.is_empty() {
                         self.reverse.remove(ip);
                     }
                 }
@@ -421,13 +464,15 @@ impl ZoneModel {
             name: info.service.clone(),
         };
         if add {
-            self.slices_of
-                .entry(service.clone())
-                .or_default()
-                .insert(key.name.clone());
-        } else if let Some(set) = self.slices_of.get_mut(&service) {
-            set.remove(&key.name);
-            if set.is_empty() {
+            let names = self.slices_of.entry(service.clone()).or_default();
+            if let Err(at) = names.binary_search(&key.name) {
+                names.insert(at, key.name.clone());
+            }
+        } else if let Some(names) = self.slices_of.get_mut(&service) {
+            if let Ok(at) = names.binary_search(&key.name) {
+                names.remove(at);
+            }
+            if names.is_empty() {
                 self.slices_of.remove(&service);
             }
         }
@@ -435,15 +480,11 @@ impl ZoneModel {
             for ip in &ep.addresses {
                 let label: Box<str> = endpoint_label(ep.hostname.as_deref(), *ip).into();
                 let owners = self.reverse.entry(*ip).or_default();
-                let k = (service.clone(), label);
                 if add {
-                    *owners.endpoints.entry(k).or_default() += 1;
-                } else if let Some(n) = owners.endpoints.get_mut(&k) {
-                    *n -= 1;
-                    if *n == 0 {
-                        owners.endpoints.remove(&k);
-                    }
-                    if owners.services.is_empty() && owners.endpoints.is_empty() {
+                    owners.add_endpoint(&service, label);
+                } else {
+                    owners.remove_endpoint(&service, &label);
+                    if owners.is_empty() {
                         self.reverse.remove(ip);
                     }
                 }
@@ -599,13 +640,13 @@ impl ZoneModel {
         };
         // A cluster IP names its Service; otherwise every ready endpoint with the address
         // names itself (CoreDNS does the same).
-        if let Some(svc) = owners.services.iter().next() {
+        if let Some(svc) = owners.services.first() {
             return BTreeSet::from([self.zone_name(&[&svc.name, &svc.namespace, "svc"])]);
         }
         owners
             .endpoints
-            .keys()
-            .map(|(svc, label)| self.zone_name(&[label, &svc.name, &svc.namespace, "svc"]))
+            .iter()
+            .map(|(svc, label, _)| self.zone_name(&[label, &svc.name, &svc.namespace, "svc"]))
             .collect()
     }
 
@@ -850,6 +891,16 @@ impl ZoneModel {
         )
     }
 
+    /// Is `name` `<endpoint>.<svc>.<ns>.svc.<zone>` of a Service that is not headless?
+    fn is_cluster_ip_endpoint_name(&self, name: &[u8]) -> bool {
+        match classify(name, &self.zone) {
+            QueryName::Zone(ZoneName::Endpoint { ns, svc, .. }) => self
+                .service(ns, svc)
+                .is_some_and(|(_, info)| matches!(info.kind, ServiceKind::ClusterIp(_))),
+            _ => false,
+        }
+    }
+
     /// The answer records for `(qname, qtype)` when the name has data of that type: used to
     /// chase a CNAME whose target is in the zone. `Err` carries the negative outcome.
     pub fn answer_records(&self, qname: &[u8], qtype: u16) -> Result<Vec<Record>, Resolution> {
@@ -942,7 +993,14 @@ impl ZoneModel {
                 KernelAnswer::Pass
             }
         };
-        match self.node(name) {
+        let node = self.node(name);
+        if matches!(node, Node::Data(_)) && self.is_cluster_ip_endpoint_name(name) {
+            // Per-endpoint names of ClusterIP Services exist (CoreDNS answers them), but
+            // clients hardly ever ask: one marker keeps the kernel's NXDOMAIN rule right, and
+            // userspace answers them, instead of three entries and a blob per endpoint.
+            return vec![(QTYPE_OTHER, KernelAnswer::Pass)];
+        }
+        match node {
             Node::Missing | Node::Forward => Vec::new(),
             Node::Cname(target) => {
                 let cname = self.cname_record(name, &target);

@@ -24,6 +24,19 @@ pub fn labels(wire: &[u8]) -> Option<Vec<&[u8]>> {
     }
 }
 
+/// Length of the wire-format name at the start of `raw` (root label included), for names
+/// followed by padding.
+pub fn labels_end(raw: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(&len) = raw.get(i) {
+        if len == 0 {
+            return i + 1;
+        }
+        i += 1 + len as usize;
+    }
+    raw.len()
+}
+
 /// Builds a wire-format name from labels (lowercasing them).
 pub fn wire_from_labels<L: AsRef<[u8]>>(labels: &[L]) -> WireName {
     let mut out =
