@@ -415,6 +415,38 @@ mod tests {
     }
 
     #[test]
+    fn garbage_never_panics_and_never_parses_wrong() {
+        // Mutations of a valid query and random bytes: parsing either fails cleanly or gives
+        // a query whose question is exactly the bytes after the header.
+        let base = query_bytes("web.shop.svc.cluster.local", 1, Some((1232, 0)));
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..20_000 {
+            let msg: Vec<u8> = if i % 2 == 0 {
+                let mut m = base.clone();
+                for _ in 0..(1 + next() % 3) {
+                    let at = (next() as usize) % m.len();
+                    m[at] = next() as u8;
+                }
+                m
+            } else {
+                (0..(next() % 64)).map(|_| next() as u8).collect()
+            };
+            if let Ok(q) = parse_query(&msg) {
+                assert_eq!(&msg[12..12 + q.question.len()], q.question);
+                assert_eq!(q.question.len(), q.qname.len() + 4);
+                let reply = build_reply(&q, Body::empty(0), Some(q.udp_limit()));
+                assert!(reply.len() <= q.udp_limit().max(12 + q.question.len() + OPT_RECORD_LEN));
+            }
+        }
+    }
+
+    #[test]
     fn badvers_sets_extended_rcode() {
         let m = query_bytes("a.b", 1, Some((1232, 1)));
         let q = parse_query(&m).unwrap();
