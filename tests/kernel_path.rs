@@ -232,3 +232,92 @@ fn userspace_answers_what_the_kernel_passes_as_the_rfcs_say() {
     );
     assert_eq!(c["pass_malformed"], 2, "trailing bytes, cut label: {c:?}");
 }
+
+#[test]
+fn an_agent_replaced_by_another_drops_no_query() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let topo = Topology::new();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-h"));
+    let zone = support::example_cluster();
+    let mut old = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9253);
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+
+    // Queries every millisecond, a kernel name and a userspace one, for the whole handover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, sent, lost) = (stop.clone(), sent.clone(), lost.clone());
+        std::thread::spawn(move || {
+            let names = [
+                "web.shop.svc.cluster.local.",
+                "10-1-2-3.shop.pod.cluster.local.",
+            ];
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let q = support::query_message(names[i % 2], RecordType::A, false)
+                    .to_vec()
+                    .unwrap();
+                sent.fetch_add(1, Ordering::Relaxed);
+                match client
+                    .exchange_raw(&q)
+                    .map(|r| hickory_proto::op::Message::from_vec(&r).unwrap())
+                {
+                    Some(m)
+                        if m.metadata.response_code == ResponseCode::NoError
+                            && m.answers.len() == 1 => {}
+                    _ => {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The new agent starts beside the old one, loads the zone, then takes the XDP link over.
+    let new = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9254);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !new.log().contains("TookOver") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no takeover:\n{}",
+            new.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let status = old.stop();
+    assert!(status.success());
+    assert!(old.log().contains("handed over"), "{}", old.log());
+    let kernel_before = new.kernel_answered();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+
+    let (sent, lost) = (sent.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
+    assert!(sent > 300, "only {sent} queries sent");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {sent} queries went unanswered across the handover"
+    );
+    assert!(
+        new.kernel_answered() > kernel_before,
+        "the new agent's program answers"
+    );
+    let out = topo
+        .node
+        .command("ip")
+        .args(["link", "show", &topo.host_if])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("xdp"),
+        "still attached"
+    );
+}

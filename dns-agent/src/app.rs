@@ -17,6 +17,7 @@ use crate::{
     config::RunConfig,
     kernel::{Capacity, Kernel, sync::KernelSync},
     metrics::Metrics,
+    server::handover,
     server::{
         Handler,
         forward::{Forwarder, Timeouts},
@@ -50,6 +51,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // should stop us before anything touches the kernel.
     let mut udp_sockets = Vec::new();
     let mut tcp_listeners = Vec::new();
+    let mut steering = Vec::new();
     for ip in &args.listen {
         let addr = SocketAddr::new(*ip, 53);
         let hint = || {
@@ -59,8 +61,29 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if ip.is_ipv4() { 32 } else { 128 }
             )
         };
-        udp_sockets.push(Arc::new(UdpSocket::bind(addr).await.with_context(hint)?));
-        tcp_listeners.push(TcpListener::bind(addr).await.with_context(hint)?);
+        // An agent being replaced may hold these already (SO_REUSEPORT): everything stays
+        // with it until this one has loaded the zone (see server::handover).
+        let (udp_index, tcp_index) = (
+            handover::bound_before(addr, false),
+            handover::bound_before(addr, true),
+        );
+        let udp = Arc::new(bind_udp(addr).with_context(hint)?);
+        let tcp = bind_tcp(addr).with_context(hint)?;
+        handover::steer_to(&*udp, 0).context("steering the UDP reuseport group")?;
+        handover::steer_to(&tcp, 0).context("steering the TCP reuseport group")?;
+        steering.push((udp.clone(), udp_index as u32, tcp_index as u32));
+        udp_sockets.push(udp);
+        tcp_listeners.push(tcp);
+        if udp_index > 0 {
+            tracing::info!(%addr, "another agent serves {addr}: taking over once the zone is loaded");
+        }
+    }
+    for iface in &args.interfaces {
+        let c = std::ffi::CString::new(iface.as_str()).context("interface name")?;
+        // SAFETY: a valid C string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            bail!("--interface {iface}: no such interface in this network namespace");
+        }
     }
     let metrics_listener = TcpListener::bind(config.metrics_addr)
         .await
@@ -71,17 +94,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sync = None;
     if !args.no_kernel {
         let capacity = Capacity::scaled(args.kernel_capacity);
-        let (mut k, maps) = Kernel::load(capacity, &args.pin_path)?;
+        let (k, maps) = Kernel::load(capacity, &args.pin_path)?;
         let mut s = KernelSync::new(maps);
         let (v4, v6) = crate::kernel::split_listen(&args.listen);
         s.maps_mut().set_listen(&v4, &v6)?;
         s.write_config(&model)?;
         let fixed = model.fixed_names();
         s.apply(Vec::new(), crate::kernel::sync::entries_of(&model, &fixed));
-        for iface in &args.interfaces {
-            k.attach(iface, args.attach_mode)?;
-            tracing::info!(interface = %iface, mode = %args.attach_mode, "XDP program attached");
-        }
         metrics.set_kernel_pin_path(args.pin_path.clone());
         kernel = Some(k);
         sync = Some(s);
@@ -92,10 +111,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         zone: model.clone(),
         forwarder: Forwarder::new(config.upstreams.clone(), Timeouts::default()),
         metrics: metrics.clone(),
+        in_flight: Default::default(),
     });
 
     let mut tasks = JoinSet::new();
     let (tx, rx) = mpsc::channel(1024);
+    let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
     if let Some(path) = args.zone_file.clone() {
         tasks.spawn(async move {
             source::file::run(path, initial, tx, Duration::from_secs(1)).await;
@@ -106,14 +127,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let model = model.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
-            zone_task(rx, model, sync, metrics).await;
+            zone_task(rx, model, sync, metrics, synced_tx).await;
             Ok(())
         });
     }
     for s in udp_sockets {
         tasks.spawn(udp::serve(s, handler.clone()));
     }
+    let mut tcp_steering = Vec::new();
     for l in tcp_listeners {
+        let l = Arc::new(l);
+        tcp_steering.push(l.clone());
         tasks.spawn(tcp::serve(l, handler.clone()));
     }
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
@@ -125,20 +149,83 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        Some(res) = tasks.join_next() => match res {
-            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
-            Ok(Err(e)) => Err(anyhow::Error::from(e).context("serving failed")),
-            Err(e) => Err(anyhow::Error::from(e).context("a task panicked")),
-        },
+    let mut synced_rx = Some(synced_rx);
+    let outcome = 'serve: loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            Some(res) = tasks.join_next() => break match res {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("serving failed")),
+                Err(e) => Err(anyhow::Error::from(e).context("a task panicked")),
+            },
+            // Attach once the maps hold the whole zone: a previous agent's program keeps
+            // answering until then, and the swap is atomic.
+            Ok(()) = async { synced_rx.as_mut().expect("guarded").await }, if synced_rx.is_some() => {
+                synced_rx = None;
+                // Queries to this agent from now on.
+                for ((udp, udp_index, tcp_index), tcp) in steering.iter().zip(&tcp_steering) {
+                    if let Err(e) = handover::steer_to(&**udp, *udp_index).and_then(|()| handover::steer_to(&**tcp, *tcp_index)) {
+                        break 'serve Err(anyhow::Error::from(e).context("steering queries to this agent"));
+                    }
+                }
+                if let Some(k) = kernel.as_mut() {
+                    for iface in &args.interfaces {
+                        match k.attach(iface, args.attach_mode) {
+                            Ok(how) => tracing::info!(interface = %iface, mode = %args.attach_mode, ?how, "XDP program attached"),
+                            Err(e) => break 'serve Err(e.into()),
+                        }
+                    }
+                }
+            }
+        }
     };
-    tasks.abort_all();
+    // Hand the kernel path over (or detach), then let queries already queued or in flight
+    // finish before the sockets close.
     if let Some(mut k) = kernel {
         k.detach_all();
     }
+    let drain_until = Instant::now() + Duration::from_secs(2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while handler.in_flight() > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tasks.abort_all();
     outcome
+}
+
+/// A UDP socket on `addr` with SO_REUSEPORT: a new agent binds next to the old one during an
+/// upgrade, and the kernel shares queries between them until the old one leaves.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
 }
 
 /// Applies source events to the model and the kernel maps, in order.
@@ -147,7 +234,9 @@ async fn zone_task(
     model: Arc<RwLock<ZoneModel>>,
     mut sync: Option<KernelSync>,
     metrics: Arc<Metrics>,
+    synced_tx: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut synced_tx = Some(synced_tx);
     while let Some(event) = rx.recv().await {
         let (changes, seen) = match event {
             SourceEvent::Relist {
@@ -185,6 +274,9 @@ async fn zone_task(
                         took = ?started.elapsed(),
                         "zone loaded; answering"
                     );
+                    if let Some(tx) = synced_tx.take() {
+                        let _ = tx.send(());
+                    }
                 }
                 continue;
             }

@@ -508,7 +508,7 @@ impl Cluster {
                 let under_pod =
                     qname.ends_with(&format!(".pod.{ZONE}.")) && qname.split('.').count() > 4;
                 e.kernel =
-                    !meta && !cluster_ip_endpoint && !(under_pod && matches!(node, Node::Missing));
+                    !(meta || cluster_ip_endpoint || under_pod && matches!(node, Node::Missing));
                 e
             }
         }

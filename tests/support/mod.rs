@@ -244,6 +244,11 @@ impl Agent {
     /// Starts the agent on `zone_file` with the XDP program on the topology's host veth, and
     /// waits until it is ready (zone loaded).
     pub fn start(topo: &Topology, zone_file: &Path, extra: &[&str]) -> Self {
+        Self::start_with(topo, Self::args(topo, zone_file, extra))
+    }
+
+    /// The command line [`Agent::start`] uses.
+    pub fn args(topo: &Topology, zone_file: &Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--zone-file".into(),
@@ -259,13 +264,27 @@ impl Agent {
             args.extend(["--interface".into(), topo.host_if.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_with(topo, args)
+        args
     }
 
-    pub fn start_with(topo: &Topology, mut args: Vec<String>) -> Self {
+    pub fn start_with(topo: &Topology, args: Vec<String>) -> Self {
+        Self::start_at(
+            topo,
+            args,
+            PathBuf::from("/sys/fs/bpf").join(unique("xdns-t")),
+            9253,
+        )
+    }
+
+    /// [`Agent::start`] with a given pin path and metrics port: two agents side by side, as
+    /// during an upgrade.
+    pub fn start_at(
+        topo: &Topology,
+        mut args: Vec<String>,
+        pin_path: PathBuf,
+        metrics_port: u16,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("xdns-t"));
-        let metrics_port = 9253;
         args.extend([
             "--pin-path".into(),
             pin_path.display().to_string(),

@@ -12,7 +12,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use dns_common::{
     AnswerValue, BlobL, BlobM, BlobS, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
@@ -133,6 +137,21 @@ pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// How an interface was attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// No program was there: a new attachment.
+    Fresh,
+    /// A previous agent's attachment, switched to this program.
+    TookOver,
+}
+
+/// The program currently attached through the link pinned for `iface`.
+fn pinned_program_id(pin_dir: &Path, iface: &str) -> Option<u32> {
+    let pinned = PinnedLink::from_pin(pin_dir.join(format!("link-{iface}"))).ok()?;
+    FdLink::from(pinned).info().ok().map(|i| i.program_id())
+}
+
 /// What one `BPF_PROG_TEST_RUN` gave.
 #[derive(Debug)]
 pub struct TestRunOutcome {
@@ -143,11 +162,19 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
-/// The loaded program with its maps and attachments. Dropping it detaches the program.
+/// The loaded program with its maps and attachments. Dropping it detaches the program, unless
+/// another agent has taken its attachments over.
+///
+/// Every attachment is a bpf_link pinned at `<pin dir>/link-<interface>`: it outlives this
+/// process, so the next agent takes it over (an atomic program swap) and no query goes
+/// unanswered while agents change. (bpf_links for XDP exist since Linux 5.9; the program needs
+/// 5.18 for bpf_xdp_load_bytes anyway.)
 pub struct Kernel {
     ebpf: Ebpf,
-    links: Vec<(String, XdpLinkId)>,
+    links: Vec<(String, PinnedLink)>,
     pin_dir: PathBuf,
+    /// `detach_all` has run: nothing of ours is left to remove.
+    released: bool,
 }
 
 impl Kernel {
@@ -170,15 +197,15 @@ impl Kernel {
 
         ensure_bpffs(pin_path)?;
         let pin_dir = pin_dir(pin_path);
-        // Maps a previous agent left behind (it was killed before it could clean up) are
-        // replaced: this agent fills its own.
-        if pin_dir.exists() {
-            let _ = fs::remove_dir_all(&pin_dir);
-        }
         fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin {
             path: pin_dir.clone(),
             source,
         })?;
+        // Maps another agent pinned (it is being replaced, or was killed) are replaced by this
+        // agent's, which it fills itself. Its links stay: `attach` takes them over.
+        for name in dns_common::ALL_MAPS {
+            let _ = fs::remove_file(pin_dir.join(name));
+        }
 
         let maps = KernelMaps {
             short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(
@@ -208,28 +235,84 @@ impl Kernel {
                 ebpf,
                 links: Vec::new(),
                 pin_dir,
+                released: false,
             },
             maps,
         ))
     }
 
-    /// Attaches the program to `interface`.
-    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<(), KernelError> {
-        let program: &mut Xdp = self
-            .ebpf
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
             .program_mut(PROGRAM_NAME)
             .expect("checked at load")
             .try_into()
-            .expect("checked at load");
-        let id = program
-            .attach(interface, mode.into())
-            .map_err(|source| KernelError::Attach {
-                interface: interface.to_string(),
-                mode,
-                source,
-            })?;
-        self.links.push((interface.to_string(), id));
-        Ok(())
+            .expect("checked at load")
+    }
+
+    /// This program's kernel id.
+    fn program_id(&self) -> Option<u32> {
+        let program: &Xdp = self.ebpf.program(PROGRAM_NAME)?.try_into().ok()?;
+        program.info().ok().map(|i| i.id())
+    }
+
+    /// Attaches the program to `interface`. If a previous agent left a pinned link there, the
+    /// link is switched to this program in one step (the kernel swaps programs atomically),
+    /// so queries never find the interface without an answering program.
+    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Takeover, KernelError> {
+        let attach_error = |source| KernelError::Attach {
+            interface: interface.to_string(),
+            mode,
+            source,
+        };
+        let link_pin = self.pin_dir.join(format!("link-{interface}"));
+        let mut takeover = Takeover::Fresh;
+        let id = match self.take_over(&link_pin) {
+            Some(id) => {
+                takeover = Takeover::TookOver;
+                id
+            }
+            None => self
+                .program_mut()
+                .attach(interface, mode.into())
+                .map_err(attach_error)?,
+        };
+        let link = self.program_mut().take_link(id).map_err(attach_error)?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            KernelError::Bpffs(format!(
+                "attaching to {interface} did not give a bpf_link ({e}): xdns needs Linux 5.18 or newer"
+            ))
+        })?;
+        // A taken-over link is already pinned there; pin our own handle afresh either way.
+        let _ = fs::remove_file(&link_pin);
+        let pinned = fd.pin(&link_pin).map_err(|source| KernelError::PinMap {
+            name: "XDP link",
+            source,
+        })?;
+        self.links.push((interface.to_string(), pinned));
+        Ok(takeover)
+    }
+
+    /// Switches the link pinned at `path` (a previous agent's) to this program.
+    fn take_over(&mut self, path: &Path) -> Option<XdpLinkId> {
+        if !path.exists() {
+            return None;
+        }
+        let taken = PinnedLink::from_pin(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string()))
+            .and_then(|link| {
+                self.program_mut()
+                    .attach_to_link(link)
+                    .map_err(|e| e.to_string())
+            });
+        match taken {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "a pinned XDP link cannot be taken over; attaching anew");
+                let _ = fs::remove_file(path);
+                None
+            }
+        }
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -264,22 +347,39 @@ impl Kernel {
         })
     }
 
-    /// Detaches from every interface and removes the pins.
+    /// Detaches from every interface this agent still serves, and removes its pins. An
+    /// interface whose link another agent has taken over is left to that agent.
     pub fn detach_all(&mut self) {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load");
-        for (iface, id) in self.links.drain(..) {
-            if let Err(e) = program.detach(id) {
-                tracing::warn!(interface = iface, error = %e, "detaching XDP failed");
-            } else {
-                tracing::info!(interface = iface, "XDP program detached");
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let own = self.program_id();
+        let mut handed_over = false;
+        for (iface, pinned) in std::mem::take(&mut self.links) {
+            let running = pinned_program_id(&self.pin_dir, &iface);
+            if running.is_some() && running != own {
+                tracing::info!(interface = iface, "XDP link handed over to the next agent");
+                handed_over = true;
+                continue;
+            }
+            // Unpinned and closed, the link is gone: the program is detached.
+            match pinned.unpin() {
+                Ok(link) => {
+                    drop(link);
+                    tracing::info!(interface = iface, "XDP program detached");
+                }
+                Err(e) => {
+                    tracing::warn!(interface = iface, error = %e, "unpinning the XDP link failed")
+                }
             }
         }
-        let _ = fs::remove_dir_all(&self.pin_dir);
+        if !handed_over {
+            // Our maps' pins (a successor that took over re-pinned its own).
+            for name in dns_common::ALL_MAPS {
+                let _ = fs::remove_file(self.pin_dir.join(name));
+            }
+            let _ = fs::remove_dir(&self.pin_dir);
+        }
     }
 }
 

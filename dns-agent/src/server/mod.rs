@@ -2,6 +2,7 @@
 //! TCP, and forwards names outside the cluster.
 
 pub mod forward;
+pub mod handover;
 pub mod tcp;
 pub mod udp;
 
@@ -35,11 +36,29 @@ pub struct Handler {
     pub zone: Arc<RwLock<ZoneModel>>,
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
+    /// Queries being answered right now (a shutdown waits for them).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a query in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Handler {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The reply to one message, or `None` when it deserves none.
     pub async fn handle(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
         self.metrics.request(transport);
         let q = match dns::parse_query(msg) {
             Ok(q) => q,

@@ -12,7 +12,7 @@ use super::{Handler, Transport};
 /// How long a connection may sit idle between queries.
 const IDLE: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, handler: Arc<Handler>) -> io::Result<()> {
+pub async fn serve(listener: Arc<TcpListener>, handler: Arc<Handler>) -> io::Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         let handler = handler.clone();
