@@ -281,7 +281,9 @@ fn an_agent_replaced_by_another_drops_no_query() {
     std::thread::sleep(Duration::from_millis(200));
 
     // The new agent starts beside the old one, loads the zone, then takes the XDP link over.
-    let new = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9254);
+    // Same ports: the new agent shares the metrics port too, and kubelet-like readiness
+    // checks reach the new agent (503 until its zone is loaded).
+    let new = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9253);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !new.log().contains("TookOver") {
         assert!(

@@ -85,9 +85,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             bail!("--interface {iface}: no such interface in this network namespace");
         }
     }
-    let metrics_listener = TcpListener::bind(config.metrics_addr)
-        .await
+    // The metrics port is shared too during an upgrade, and steered to the newest agent at
+    // once: kubelet's readiness probe must see the new agent's /ready (503 until its zone is
+    // loaded), not the old agent's.
+    let metrics_index = handover::bound_before(config.metrics_addr, true);
+    let metrics_listener = bind_tcp(config.metrics_addr)
         .with_context(|| format!("--metrics-addr {}: cannot listen", config.metrics_addr))?;
+    handover::steer_to(&metrics_listener, metrics_index as u32)
+        .context("steering the metrics port")?;
 
     // The kernel path.
     let mut kernel = None;
