@@ -147,8 +147,8 @@ pub enum Takeover {
 }
 
 /// The program currently attached through the link pinned for `iface`.
-fn pinned_program_id(pin_dir: &Path, iface: &str) -> Option<u32> {
-    let pinned = PinnedLink::from_pin(pin_dir.join(format!("link-{iface}"))).ok()?;
+fn pinned_program_id(links_dir: &Path, iface: &str) -> Option<u32> {
+    let pinned = PinnedLink::from_pin(links_dir.join(iface)).ok()?;
     FdLink::from(pinned).info().ok().map(|i| i.program_id())
 }
 
@@ -165,7 +165,7 @@ pub struct TestRunOutcome {
 /// The loaded program with its maps and attachments. Dropping it detaches the program, unless
 /// another agent has taken its attachments over.
 ///
-/// Every attachment is a bpf_link pinned at `<pin dir>/link-<interface>`: it outlives this
+/// Every attachment is a bpf_link pinned at `<pin-path>/links/<interface>`: it outlives this
 /// process, so the next agent takes it over (an atomic program swap) and no query goes
 /// unanswered while agents change. (bpf_links for XDP exist since Linux 5.9; the program needs
 /// 5.18 for bpf_xdp_load_bytes anyway.)
@@ -173,6 +173,9 @@ pub struct Kernel {
     ebpf: Ebpf,
     links: Vec<(String, PinnedLink)>,
     pin_dir: PathBuf,
+    /// `<pin-path>/links`: outside the layout's directory, so an agent with another map layout
+    /// still takes the links over (the swap replaces the whole program, maps included).
+    links_dir: PathBuf,
     /// `detach_all` has run: nothing of ours is left to remove.
     released: bool,
 }
@@ -235,6 +238,7 @@ impl Kernel {
                 ebpf,
                 links: Vec::new(),
                 pin_dir,
+                links_dir: pin_path.join("links"),
                 released: false,
             },
             maps,
@@ -264,7 +268,11 @@ impl Kernel {
             mode,
             source,
         };
-        let link_pin = self.pin_dir.join(format!("link-{interface}"));
+        fs::create_dir_all(&self.links_dir).map_err(|source| KernelError::Pin {
+            path: self.links_dir.clone(),
+            source,
+        })?;
+        let link_pin = self.links_dir.join(interface);
         let mut takeover = Takeover::Fresh;
         let id = match self.take_over(&link_pin) {
             Some(id) => {
@@ -356,7 +364,7 @@ impl Kernel {
         let own = self.program_id();
         let mut handed_over = false;
         for (iface, pinned) in std::mem::take(&mut self.links) {
-            let running = pinned_program_id(&self.pin_dir, &iface);
+            let running = pinned_program_id(&self.links_dir, &iface);
             if running.is_some() && running != own {
                 tracing::info!(interface = iface, "XDP link handed over to the next agent");
                 handed_over = true;
@@ -379,6 +387,7 @@ impl Kernel {
                 let _ = fs::remove_file(self.pin_dir.join(name));
             }
             let _ = fs::remove_dir(&self.pin_dir);
+            let _ = fs::remove_dir(&self.links_dir);
         }
     }
 }
