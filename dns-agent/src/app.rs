@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::{
     net::{TcpListener, UdpSocket},
     sync::mpsc,
@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    config::RunConfig,
+    config::{ObjectSource, RunConfig},
     kernel::{Capacity, Kernel, sync::KernelSync},
     metrics::Metrics,
     server::{
@@ -28,9 +28,17 @@ use crate::{
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let args = &config.args;
-    let initial = match &args.zone_file {
-        Some(path) => source::file::load(path).context("the zone file is refused")?,
-        None => bail!("no zone source"),
+    // The source first: a zone file that cannot be used, or a client that cannot be
+    // configured, stops the agent before it touches the kernel.
+    let source = match &config.source {
+        ObjectSource::ZoneFile(path) => Source::File(
+            path.clone(),
+            source::file::load(path).context("the zone file is refused")?,
+        ),
+        ObjectSource::Api(client) => {
+            let (client, counts) = source::kubernetes::connect(client).await?;
+            Source::Api(client, counts)
+        }
     };
 
     let serial = SystemTime::now()
@@ -98,11 +106,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let mut tasks = JoinSet::new();
     let (tx, rx) = mpsc::channel(1024);
-    if let Some(path) = args.zone_file.clone() {
-        tasks.spawn(async move {
-            source::file::run(path, initial, tx, Duration::from_secs(1)).await;
-            Ok(())
-        });
+    match source {
+        Source::File(path, initial) => {
+            tasks.spawn(async move {
+                source::file::run(path, initial, tx, Duration::from_secs(1)).await;
+                Ok(())
+            });
+        }
+        Source::Api(client, counts) => {
+            tasks.spawn(async move {
+                source::kubernetes::run(client, counts, tx).await;
+                Ok(())
+            });
+        }
     }
     {
         let model = model.clone();
@@ -143,6 +159,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     outcome
 }
 
+/// A source, ready to run.
+enum Source {
+    File(std::path::PathBuf, Vec<crate::zone::objects::ClusterObject>),
+    Api(kube::Client, Arc<source::kubernetes::ResponseCounts>),
+}
+
 /// Applies source events to the model and the kernel maps, in order.
 async fn zone_task(
     mut rx: mpsc::Receiver<SourceEvent>,
@@ -174,9 +196,10 @@ async fn zone_task(
                     drop(m);
                     model.write().expect("zone lock").set_synced();
                     if let Some(s) = sync.as_mut()
-                        && let Err(e) = s.set_synced() {
-                            tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
-                        }
+                        && let Err(e) = s.set_synced()
+                    {
+                        tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
+                    }
                     metrics.set_synced(true);
                     let m = model.read().expect("zone lock");
                     tracing::info!(
@@ -232,8 +255,9 @@ async fn zone_task(
             tracing::debug!(?stats, "kernel maps updated");
         }
         if let Some(seen) = seen
-            && model.read().expect("zone lock").is_synced() {
-                metrics.programming_latency.observe(seen.elapsed());
-            }
+            && model.read().expect("zone lock").is_synced()
+        {
+            metrics.programming_latency.observe(seen.elapsed());
+        }
     }
 }
