@@ -5,8 +5,10 @@
 //! namespaces the test made, on the documentation and link-local ranges.
 #![allow(dead_code)]
 
+pub mod fake_api;
 pub mod frames;
 pub mod upstream;
+pub mod wait;
 
 use std::{
     collections::HashMap,
@@ -243,10 +245,25 @@ impl Agent {
     /// Starts the agent on `zone_file` with the XDP program on the topology's host veth, and
     /// waits until it is ready (zone loaded).
     pub fn start(topo: &Topology, zone_file: &Path, extra: &[&str]) -> Self {
+        Self::start_with(topo, Self::args(topo, "--zone-file", zone_file, extra))
+    }
+
+    /// Starts the agent watching the API server named in `kubeconfig`, and waits until it is
+    /// ready (first full list done).
+    pub fn start_api(topo: &Topology, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::start_with(topo, Self::args(topo, "--kubeconfig", kubeconfig, extra))
+    }
+
+    /// [`Agent::start_api`] without waiting for ready.
+    pub fn spawn_api(topo: &Topology, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::spawn_with(topo, Self::args(topo, "--kubeconfig", kubeconfig, extra))
+    }
+
+    fn args(topo: &Topology, source_flag: &str, source: &Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "run".into(),
-            "--zone-file".into(),
-            zone_file.display().to_string(),
+            source_flag.into(),
+            source.display().to_string(),
             "--listen".into(),
             LISTEN_V4.to_string(),
             "--listen".into(),
@@ -258,10 +275,17 @@ impl Agent {
             args.extend(["--interface".into(), topo.host_if.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_with(topo, args)
+        args
     }
 
-    pub fn start_with(topo: &Topology, mut args: Vec<String>) -> Self {
+    pub fn start_with(topo: &Topology, args: Vec<String>) -> Self {
+        let mut agent = Self::spawn_with(topo, args);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the agent process; does not wait for anything.
+    pub fn spawn_with(topo: &Topology, mut args: Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("xdns-t"));
         let metrics_port = 9253;
@@ -282,16 +306,18 @@ impl Agent {
             .stderr(File::create(&log).expect("log file"))
             .spawn()
             .expect("spawning dns-agent");
-        let mut agent = Self {
+        Self {
             child: Some(child),
             pin_path,
             metrics_port,
             node: topo.node.name.clone(),
             log,
             _dir: dir,
-        };
-        agent.wait_ready(Duration::from_secs(20));
-        agent
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn node_ns(&self) -> Netns {
@@ -302,7 +328,9 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    /// Waits until /ready answers 200 (the zone is loaded); panics with the log if the agent
+    /// exits or `timeout` passes.
+    pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self
