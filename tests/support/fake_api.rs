@@ -487,8 +487,9 @@ fn send_body(out: &mut TcpStream, code: u16, text: &str, body: &str) -> std::io:
     out.flush()
 }
 
+/// One watch event (a JSON line) as one HTTP chunk, in one write.
 fn chunk(out: &mut impl std::io::Write, line: &str) -> std::io::Result<()> {
-    write!(out, "{:x}\r\n{line}\n\r\n", line.len() + 1)
+    out.write_all(format!("{:x}\r\n{line}\n\r\n", line.len() + 1).as_bytes())
 }
 
 /// Answers one request. `Ok(false)`: close the connection.
@@ -784,16 +785,21 @@ fn watch(
             cursor = cursor.max(last.rv);
         }
         if !lines.is_empty() {
-            drop(st);
-            for (_, line) in &lines {
-                chunk(out, line)?;
-            }
-            out.flush()?;
+            // Stamped before the write: a thread descheduled right after writing must not
+            // make the agent look faster than it is.
             let now = Instant::now();
-            let mut st = shared.lock();
             for (rv, _) in &lines {
                 st.written.entry(*rv).or_insert(now);
             }
+            drop(st);
+            // One write per batch: an event split over several segments can wait on the
+            // peer's delayed ACK.
+            let mut buf = Vec::new();
+            for (_, line) in &lines {
+                chunk(&mut buf, line)?;
+            }
+            out.write_all(&buf)?;
+            out.flush()?;
             last_write = now;
             continue;
         }
