@@ -683,6 +683,68 @@ mod tests {
         task.await.expect("source ends when its input ends");
     }
 
+    /// deploy/rbac.yaml grants exactly what the watchers use: list and watch (and get) of
+    /// the three resources, nothing more, bound to the agent's service account.
+    #[test]
+    fn rbac_grants_what_the_watch_needs_and_no_more() {
+        use std::collections::BTreeSet;
+
+        use k8s_openapi::Resource as _;
+        let text = include_str!("../../../deploy/rbac.yaml");
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+            .collect();
+        let of_kind = |k: &str| {
+            docs.iter()
+                .find(|d| d["kind"].as_str() == Some(k))
+                .unwrap_or_else(|| panic!("a {k} in deploy/rbac.yaml"))
+        };
+        let mut granted = BTreeSet::new();
+        for rule in of_kind("ClusterRole")["rules"]
+            .as_sequence()
+            .expect("rules")
+        {
+            let list = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_sequence()
+                    .expect("a list")
+                    .iter()
+                    .map(|v| v.as_str().expect("a string").to_string())
+                    .collect()
+            };
+            for group in list("apiGroups") {
+                for resource in list("resources") {
+                    for verb in list("verbs") {
+                        granted.insert((group.clone(), resource.clone(), verb));
+                    }
+                }
+            }
+        }
+        let mut wanted = BTreeSet::new();
+        for (group, resource) in [
+            (Namespace::GROUP, Namespace::URL_PATH_SEGMENT),
+            (Service::GROUP, Service::URL_PATH_SEGMENT),
+            (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+        ] {
+            for verb in ["get", "list", "watch"] {
+                wanted.insert((group.to_string(), resource.to_string(), verb.to_string()));
+            }
+        }
+        assert_eq!(granted, wanted);
+
+        let sa = of_kind("ServiceAccount");
+        let binding = of_kind("ClusterRoleBinding");
+        assert_eq!(binding["roleRef"]["kind"].as_str(), Some("ClusterRole"));
+        assert_eq!(
+            binding["roleRef"]["name"],
+            of_kind("ClusterRole")["metadata"]["name"]
+        );
+        let subject = &binding["subjects"][0];
+        assert_eq!(subject["kind"].as_str(), Some("ServiceAccount"));
+        assert_eq!(subject["name"], sa["metadata"]["name"]);
+        assert_eq!(subject["namespace"], sa["metadata"]["namespace"]);
+    }
+
     fn tokio_stream_from<T: Send + 'static>(
         mut rx: mpsc::UnboundedReceiver<T>,
     ) -> impl Stream<Item = T> + Unpin {
