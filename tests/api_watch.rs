@@ -392,6 +392,11 @@ fn not_ready_and_servfail_until_the_first_full_list() {
     );
     assert_eq!(agent.kernel_answered(), 0, "the kernel answers nothing yet");
     assert_eq!(agent.metric("xdns_zone_synced"), 0.0);
+    assert_eq!(
+        agent.metric("xdns_api_connected"),
+        0.0,
+        "no list has completed"
+    );
     assert_eq!(agent.http_get("/ready").map(|(c, _)| c), Some(503));
 
     api.hold_lists(false);
@@ -400,6 +405,54 @@ fn not_ready_and_servfail_until_the_first_full_list() {
     let m = client.query("web.shop.svc.cluster.local.", RecordType::A, true);
     assert_eq!(answers(&m), ["A 10.96.50.1"]);
     assert_eq!(agent.kernel_answered(), 1, "the kernel answers once synced");
+    assert_eq!(agent.metric("xdns_api_connected"), 1.0);
+}
+
+#[test]
+fn a_forbidden_resource_is_reported_with_the_fix() {
+    let topo = Topology::new();
+    let api = FakeApi::start(&topo.node);
+    for o in cluster_basics() {
+        api.apply(o);
+    }
+    api.forbid(Resource::EndpointSlices, true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = Agent::spawn_api(&topo, &api.kubeconfig(dir.path()), &[]);
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    eventually("the RBAC fix in the log", CHANGE_DEADLINE, || {
+        agent
+            .log()
+            .lines()
+            .any(|l| {
+                l.contains("WARN")
+                    && l.contains("endpointslices")
+                    && l.contains("403")
+                    && l.contains("apply deploy/rbac.yaml")
+            })
+            .then_some(())
+    });
+    assert_eq!(agent.http_get("/ready").map(|(c, _)| c), Some(503));
+    assert_eq!(agent.metric("xdns_api_connected"), 0.0);
+    let m = client.query("kubernetes.default.svc.cluster.local.", RecordType::A, true);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::ServFail,
+        "not loaded: two kinds of three are not the zone"
+    );
+
+    // Fixed (RBAC applied): the agent recovers by itself.
+    api.forbid(Resource::EndpointSlices, false);
+    agent.wait_ready(RECONNECT_DEADLINE);
+    assert_kernel_answers(
+        &agent,
+        &client,
+        "kubernetes.default.svc.cluster.local.",
+        RecordType::A,
+        &Want::Records(&["A 10.96.0.1"]),
+    );
+    eventually("xdns_api_connected = 1", CHANGE_DEADLINE, || {
+        (agent.metric("xdns_api_connected") == 1.0).then_some(())
+    });
 }
 
 #[test]

@@ -145,6 +145,7 @@ struct State {
     written: HashMap<u64, Instant>,
     bookmark_every: Duration,
     token: Option<String>,
+    forbidden: std::collections::BTreeSet<Resource>,
 }
 
 struct Shared {
@@ -189,6 +190,7 @@ impl FakeApi {
                 written: HashMap::new(),
                 bookmark_every: Duration::from_secs(1),
                 token: Some(format!("fake-token-{}", std::process::id())),
+                forbidden: Default::default(),
             }),
             changed: Condvar::new(),
         });
@@ -317,6 +319,16 @@ impl FakeApi {
     pub fn hold_lists(&self, hold: bool) {
         self.shared.lock().hold_lists = hold;
         self.shared.changed.notify_all();
+    }
+
+    /// While forbidden, lists and watches of `resource` get 403, as without RBAC.
+    pub fn forbid(&self, resource: Resource, forbidden: bool) {
+        let mut st = self.shared.lock();
+        if forbidden {
+            st.forbidden.insert(resource);
+        } else {
+            st.forbidden.remove(&resource);
+        }
     }
 
     pub fn set_bookmark_every(&self, every: Duration) {
@@ -548,6 +560,33 @@ fn respond(
         )?;
         return Ok(true);
     };
+    if shared.lock().forbidden.contains(&resource) {
+        let (group, plural) = resource.path().rsplit_once('/').unwrap_or_default();
+        let group = group
+            .strip_prefix("/apis/")
+            .map_or("", |g| g.trim_end_matches("/v1"));
+        let verb = if req.is_watch() { "watch" } else { "list" };
+        send_body(
+            out,
+            403,
+            "Forbidden",
+            &status(
+                403,
+                "Forbidden",
+                &format!(
+                    "{plural}{} is forbidden: User \"system:serviceaccount:kube-system:xdns\" \
+                     cannot {verb} resource \"{plural}\" in API group \"{group}\" at the \
+                     cluster scope",
+                    if group.is_empty() {
+                        String::new()
+                    } else {
+                        format!(".{group}")
+                    }
+                ),
+            ),
+        )?;
+        return Ok(true);
+    }
     if req.query.contains_key("labelSelector") || req.query.contains_key("fieldSelector") {
         send_body(
             out,

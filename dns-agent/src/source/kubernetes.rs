@@ -426,6 +426,8 @@ impl Source {
             return;
         }
         let responses = self.counts.get(kind);
+        let fix = fix_for(kind, &e);
+        let fix = fix.as_deref();
         let state = &mut self.kinds[kind_index(kind)];
         if matches!(state.health, Health::Down { .. }) {
             // The backoff retries every few seconds; one warning per outage is enough.
@@ -434,6 +436,7 @@ impl Source {
             tracing::warn!(
                 kind = kind_name(kind),
                 error = %e,
+                fix,
                 "Kubernetes API watch failed; answers continue from the last known state, \
                  retrying with backoff"
             );
@@ -441,6 +444,7 @@ impl Source {
             tracing::warn!(
                 kind = kind_name(kind),
                 error = %e,
+                fix,
                 "Kubernetes API list failed; the zone answers SERVFAIL until the first full \
                  list, retrying with backoff"
             );
@@ -471,6 +475,30 @@ impl Source {
             self.send(SourceEvent::Connected(connected)).await?;
         }
         Ok(())
+    }
+}
+
+/// What an operator can do about a watch error, when the API server says.
+fn fix_for(kind: Kind, e: &watcher::Error) -> Option<String> {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s,
+        _ => return None,
+    };
+    match status.code {
+        401 => Some(
+            "the API server refused the credentials: check the service account token, or the \
+             user of --kubeconfig"
+                .to_string(),
+        ),
+        403 => Some(format!(
+            "the agent may not list and watch {}: apply deploy/rbac.yaml and run the agent \
+             with its service account (serviceAccountName: xdns)",
+            kind_name(kind)
+        )),
+        _ => None,
     }
 }
 
