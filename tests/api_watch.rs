@@ -524,3 +524,91 @@ fn watches_speak_the_protocol_and_resume_without_relisting() {
     assert!(after.watches > stats.watches, "watches reopened: {after:?}");
     assert_eq!(s.connected(), 1.0);
 }
+
+/// The fake also serves kube's streaming lists (`sendInitialEvents`), which the agent does not
+/// use today (kube's default is list-then-watch) but a later kube or a changed config would:
+/// here kube-runtime's own watcher, no agent, runs against it in the node's namespace.
+#[test]
+fn the_fake_serves_streaming_lists_to_kube_watchers() {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::runtime::watcher;
+
+    async fn next_event(
+        events: &mut (
+                 impl futures::Stream<Item = Result<watcher::Event<Service>, watcher::Error>> + Unpin
+             ),
+    ) -> watcher::Event<Service> {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the watcher runs")
+            .expect("no watch error")
+    }
+
+    support::require_root();
+    let node = support::Netns::new("xs");
+    let api = FakeApi::start(&node);
+    api.apply(fake_api::service("shop", "a", "10.96.60.1"));
+    api.apply(fake_api::service("shop", "b", "10.96.60.2"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let api = std::sync::Arc::new(api);
+    let fake = api.clone();
+    let seen: Vec<String> = node.enter(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .expect("config");
+                let client = kube::Client::try_from(config).expect("client");
+                let mut events = std::pin::pin!(watcher(
+                    kube::Api::<Service>::all(client),
+                    watcher::Config::default().streaming_lists(),
+                ));
+                let mut seen = Vec::new();
+                loop {
+                    match next_event(&mut events).await {
+                        watcher::Event::Init => seen.push("init".to_string()),
+                        watcher::Event::InitApply(s) => {
+                            seen.push(format!("listed {}", s.metadata.name.unwrap_or_default()))
+                        }
+                        watcher::Event::InitDone => {
+                            seen.push("done".to_string());
+                            break;
+                        }
+                        other => panic!("unexpected before InitDone: {other:?}"),
+                    }
+                }
+                fake.apply(fake_api::service("shop", "c", "10.96.60.3"));
+                match next_event(&mut events).await {
+                    watcher::Event::Apply(s) => {
+                        seen.push(format!("applied {}", s.metadata.name.unwrap_or_default()))
+                    }
+                    other => panic!("wanted the new Service, got {other:?}"),
+                }
+                seen
+            })
+    });
+    assert_eq!(
+        seen,
+        ["init", "listed a", "listed b", "done", "applied c"],
+        "the initial events, the end-of-initial-events bookmark, then the watch"
+    );
+    let requests = api.requests();
+    let first = requests.first().expect("a request");
+    assert!(first.is_watch(), "a streaming list is a watch: {first:?}");
+    assert_eq!(
+        first.query.get("sendInitialEvents").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        first.query.get("resourceVersionMatch").map(String::as_str),
+        Some("NotOlderThan")
+    );
+    assert_eq!(api.stats().list_pages, 0, "no list request at all");
+}
