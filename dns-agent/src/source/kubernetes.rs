@@ -296,17 +296,19 @@ where
         // Retries with exponential backoff (0.8 s doubling to 30 s, with jitter) instead of
         // hammering an API server that is down.
         .default_backoff()
-        .map(move |event| {
-            let step = event.map(|e| match e {
-                watcher::Event::Init => Step::Init,
-                watcher::Event::InitApply(o) => Step::Listed(project(kind, &o, f).ok()),
-                watcher::Event::InitDone => Step::InitDone,
-                watcher::Event::Apply(o) => Step::Applied(project(kind, &o, f)),
-                watcher::Event::Delete(o) => Step::Deleted(Removal::of(kind, &o)),
-            });
-            (kind, step)
-        })
+        .map(move |event| (kind, event.map(|e| step_of(kind, f, e))))
         .boxed()
+}
+
+/// A watcher event with its object projected; the Kubernetes object is dropped here.
+fn step_of<K: Resource>(kind: Kind, f: Project<K>, event: watcher::Event<K>) -> Step {
+    match event {
+        watcher::Event::Init => Step::Init,
+        watcher::Event::InitApply(o) => Step::Listed(project(kind, &o, f).ok()),
+        watcher::Event::InitDone => Step::InitDone,
+        watcher::Event::Apply(o) => Step::Applied(project(kind, &o, f)),
+        watcher::Event::Delete(o) => Step::Deleted(Removal::of(kind, &o)),
+    }
 }
 
 // --- the source -------------------------------------------------------------------------------
@@ -331,8 +333,8 @@ struct KindState {
     health: Health,
 }
 
-/// Sent to the zone, in order.
-pub struct Source {
+/// The source's state: the list in progress and the health of each resource's watch.
+struct Source {
     tx: mpsc::Sender<SourceEvent>,
     counts: Arc<ResponseCounts>,
     kinds: [KindState; 3],
@@ -551,16 +553,10 @@ mod tests {
     }
 
     fn svc_step(ev: watcher::Event<Service>) -> (Kind, Result<Step, watcher::Error>) {
-        let step = match ev {
-            watcher::Event::Init => Step::Init,
-            watcher::Event::InitApply(o) => {
-                Step::Listed(project(Kind::Service, &o, project_service).ok())
-            }
-            watcher::Event::InitDone => Step::InitDone,
-            watcher::Event::Apply(o) => Step::Applied(project(Kind::Service, &o, project_service)),
-            watcher::Event::Delete(o) => Step::Deleted(Removal::of(Kind::Service, &o)),
-        };
-        (Kind::Service, Ok(step))
+        (
+            Kind::Service,
+            Ok(step_of(Kind::Service, project_service, ev)),
+        )
     }
 
     fn done(kind: Kind) -> Vec<(Kind, Result<Step, watcher::Error>)> {
