@@ -242,7 +242,12 @@ fn an_agent_replaced_by_another_drops_no_query() {
     let topo = Topology::new();
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-h"));
     let zone = support::example_cluster();
-    let mut old = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9253);
+    let mut old = Agent::start_at(
+        &topo,
+        Agent::args(&topo, "--zone-file", &zone, &[]),
+        pin.clone(),
+        9253,
+    );
     let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
 
     // Queries every millisecond, a kernel name and a userspace one, for the whole handover.
@@ -283,7 +288,12 @@ fn an_agent_replaced_by_another_drops_no_query() {
     // The new agent starts beside the old one, loads the zone, then takes the XDP link over.
     // Same ports: the new agent shares the metrics port too, and kubelet-like readiness
     // checks reach the new agent (503 until its zone is loaded).
-    let new = Agent::start_at(&topo, Agent::args(&topo, &zone, &[]), pin.clone(), 9253);
+    let new = Agent::start_at(
+        &topo,
+        Agent::args(&topo, "--zone-file", &zone, &[]),
+        pin.clone(),
+        9253,
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !new.log().contains("TookOver") {
         assert!(

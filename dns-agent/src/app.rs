@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::{
     net::{TcpListener, UdpSocket},
     sync::mpsc,
@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    config::RunConfig,
+    config::{ObjectSource, RunConfig},
     kernel::{Capacity, Kernel, sync::KernelSync},
     metrics::Metrics,
     server::handover,
@@ -29,9 +29,17 @@ use crate::{
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let args = &config.args;
-    let initial = match &args.zone_file {
-        Some(path) => source::file::load(path).context("the zone file is refused")?,
-        None => bail!("no zone source"),
+    // The source first: a zone file that cannot be used, or a client that cannot be
+    // configured, stops the agent before it touches the kernel.
+    let source = match &config.source {
+        ObjectSource::ZoneFile(path) => Source::File(
+            path.clone(),
+            source::file::load(path).context("the zone file is refused")?,
+        ),
+        ObjectSource::Api(client) => {
+            let (client, counts) = source::kubernetes::connect(client).await?;
+            Source::Api(client, counts)
+        }
     };
 
     let serial = SystemTime::now()
@@ -82,7 +90,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let c = std::ffi::CString::new(iface.as_str()).context("interface name")?;
         // SAFETY: a valid C string.
         if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-            bail!("--interface {iface}: no such interface in this network namespace");
+            anyhow::bail!("--interface {iface}: no such interface in this network namespace");
         }
     }
     // The metrics port is shared too during an upgrade, and steered to the newest agent at
@@ -122,11 +130,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let (tx, rx) = mpsc::channel(1024);
     let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
-    if let Some(path) = args.zone_file.clone() {
-        tasks.spawn(async move {
-            source::file::run(path, initial, tx, Duration::from_secs(1)).await;
-            Ok(())
-        });
+    match source {
+        Source::File(path, initial) => {
+            tasks.spawn(async move {
+                source::file::run(path, initial, tx, Duration::from_secs(1)).await;
+                Ok(())
+            });
+        }
+        Source::Api(client, counts) => {
+            tasks.spawn(async move {
+                source::kubernetes::run(client, counts, tx).await;
+                Ok(())
+            });
+        }
     }
     {
         let model = model.clone();
@@ -231,6 +247,12 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     TcpListener::from_std(sock.into())
+}
+
+/// A source, ready to run.
+enum Source {
+    File(std::path::PathBuf, Vec<crate::zone::objects::ClusterObject>),
+    Api(kube::Client, Arc<source::kubernetes::ResponseCounts>),
 }
 
 /// Applies source events to the model and the kernel maps, in order.

@@ -7,7 +7,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::kernel::AttachMode;
+use crate::{kernel::AttachMode, source::kubernetes::ClientSource};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// `kind: List`) instead of the API. Edits apply without a restart.
     #[arg(long, value_name = "PATH")]
     pub zone_file: Option<PathBuf>,
+
+    /// Watch the Kubernetes API named by this kubeconfig (its current context). Without it
+    /// (and without --zone-file) the agent must run in a pod, and uses its service account.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// Address to serve DNS on, IPv4 or IPv6 (repeatable). The XDP program answers queries to
     /// these addresses only. Each must be assigned to an interface of the node.
@@ -119,17 +124,36 @@ fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
 /// Largest TTL DNS allows (RFC 2181 §8).
 const MAX_TTL: u32 = i32::MAX as u32;
 
+/// Where the cluster's objects come from: exactly one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectSource {
+    ZoneFile(PathBuf),
+    Api(ClientSource),
+}
+
 /// Checked settings of `run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub args: RunArgs,
+    pub source: ObjectSource,
     pub cluster_domain: String,
     pub upstreams: Vec<SocketAddr>,
     pub metrics_addr: SocketAddr,
 }
 
+/// Kubernetes sets this in every container: the agent runs in a pod and can use its service
+/// account.
+pub fn in_pod() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
+}
+
 impl RunArgs {
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        self.validate_with(in_pod())
+    }
+
+    /// [`RunArgs::validate`], told whether the agent runs in a pod.
+    pub fn validate_with(self, in_pod: bool) -> Result<RunConfig, ConfigError> {
         let domain = self
             .cluster_domain
             .trim_end_matches('.')
@@ -173,12 +197,38 @@ impl RunArgs {
                 format!("{} is too small; at least 1024", self.kernel_capacity),
             ));
         }
-        if self.zone_file.is_none() {
-            return Err(refuse(
-                "zone-file",
-                "no source of cluster objects: give --zone-file PATH (the Kubernetes API source is not built yet)",
-            ));
-        }
+        let source = match (&self.zone_file, &self.kubeconfig) {
+            (Some(_), Some(_)) => {
+                return Err(refuse(
+                    "zone-file",
+                    "--zone-file and --kubeconfig are alternative sources of cluster objects: \
+                     give one of them",
+                ));
+            }
+            (Some(path), None) => ObjectSource::ZoneFile(path.clone()),
+            (None, Some(path)) => {
+                // Read it now: a bad path should stop the agent before it touches the kernel.
+                kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    refuse(
+                        "kubeconfig",
+                        format!(
+                            "{}: {e}; give the path of a readable kubeconfig file",
+                            path.display()
+                        ),
+                    )
+                })?;
+                ObjectSource::Api(ClientSource::Kubeconfig(path.clone()))
+            }
+            (None, None) if in_pod => ObjectSource::Api(ClientSource::InCluster),
+            (None, None) => {
+                return Err(refuse(
+                    "kubeconfig",
+                    "no source of cluster objects: not running in a pod (KUBERNETES_SERVICE_HOST \
+                     is unset), so give --kubeconfig PATH to watch the Kubernetes API, or \
+                     --zone-file PATH to serve a file of objects",
+                ));
+            }
+        };
         if !self.interfaces.is_empty() && self.no_kernel {
             return Err(refuse(
                 "interface",
@@ -210,6 +260,7 @@ impl RunArgs {
         let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
             .map_err(|e| refuse("metrics-addr", e))?;
         Ok(RunConfig {
+            source,
             cluster_domain: domain,
             upstreams,
             metrics_addr,
@@ -253,19 +304,69 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec![
-            "dns-agent",
-            "run",
-            "--zone-file",
-            "z.yaml",
-            "--upstream",
-            "192.0.2.53",
-        ];
+        let mut argv = vec!["dns-agent", "run", "--zone-file", "z.yaml"];
+        argv.extend_from_slice(extra);
+        bare(&argv[2..])
+    }
+
+    /// `run` with only these arguments (and a test upstream).
+    fn bare(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["dns-agent", "run", "--upstream", "192.0.2.53"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(a) => a,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn exactly_one_source_of_objects() {
+        let c = args(&[]).validate_with(true).unwrap();
+        assert_eq!(c.source, ObjectSource::ZoneFile("z.yaml".into()));
+
+        let e = bare(&[]).validate_with(false).unwrap_err();
+        assert_eq!(e.flag, "kubeconfig");
+        assert!(
+            e.to_string().contains("give --kubeconfig PATH")
+                && e.to_string().contains("--zone-file PATH"),
+            "{e}"
+        );
+        let c = bare(&[]).validate_with(true).unwrap();
+        assert_eq!(c.source, ObjectSource::Api(ClientSource::InCluster));
+
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+             users: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n\
+             current-context: x\n",
+        )
+        .unwrap();
+        let kc_arg = kc.to_str().unwrap();
+        let c = bare(&["--kubeconfig", kc_arg]).validate_with(true).unwrap();
+        assert_eq!(
+            c.source,
+            ObjectSource::Api(ClientSource::Kubeconfig(kc.clone()))
+        );
+
+        let e = args(&["--kubeconfig", kc_arg])
+            .validate_with(false)
+            .unwrap_err();
+        assert_eq!(e.flag, "zone-file");
+        assert!(e.to_string().contains("give one of them"), "{e}");
+
+        let missing = dir.path().join("nope");
+        let e = bare(&["--kubeconfig", missing.to_str().unwrap()])
+            .validate_with(false)
+            .unwrap_err();
+        assert_eq!(e.flag, "kubeconfig");
+        assert!(e.to_string().contains("readable kubeconfig"), "{e}");
+        std::fs::write(&kc, "clusters: 7\n").unwrap();
+        let e = bare(&["--kubeconfig", kc_arg])
+            .validate_with(false)
+            .unwrap_err();
+        assert_eq!(e.flag, "kubeconfig");
     }
 
     #[test]
@@ -289,7 +390,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = args(&[]).validate().unwrap();
+        let c = args(&[]).validate_with(false).unwrap();
         assert_eq!(c.cluster_domain, "cluster.local");
         assert_eq!(
             c.args.listen,

@@ -6,8 +6,10 @@
 #![allow(dead_code)]
 
 pub mod cluster_gen;
+pub mod fake_api;
 pub mod frames;
 pub mod upstream;
+pub mod wait;
 
 use std::{
     collections::HashMap,
@@ -244,15 +246,26 @@ impl Agent {
     /// Starts the agent on `zone_file` with the XDP program on the topology's host veth, and
     /// waits until it is ready (zone loaded).
     pub fn start(topo: &Topology, zone_file: &Path, extra: &[&str]) -> Self {
-        Self::start_with(topo, Self::args(topo, zone_file, extra))
+        Self::start_with(topo, Self::args(topo, "--zone-file", zone_file, extra))
     }
 
-    /// The command line [`Agent::start`] uses.
-    pub fn args(topo: &Topology, zone_file: &Path, extra: &[&str]) -> Vec<String> {
+    /// Starts the agent watching the API server named in `kubeconfig`, and waits until it is
+    /// ready (first full list done).
+    pub fn start_api(topo: &Topology, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::start_with(topo, Self::args(topo, "--kubeconfig", kubeconfig, extra))
+    }
+
+    /// [`Agent::start_api`] without waiting for ready.
+    pub fn spawn_api(topo: &Topology, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::spawn_with(topo, Self::args(topo, "--kubeconfig", kubeconfig, extra))
+    }
+
+    /// The command line the `start*` functions use.
+    pub fn args(topo: &Topology, source_flag: &str, source: &Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "run".into(),
-            "--zone-file".into(),
-            zone_file.display().to_string(),
+            source_flag.into(),
+            source.display().to_string(),
             "--listen".into(),
             LISTEN_V4.to_string(),
             "--listen".into(),
@@ -268,7 +281,14 @@ impl Agent {
     }
 
     pub fn start_with(topo: &Topology, args: Vec<String>) -> Self {
-        Self::start_at(
+        let mut agent = Self::spawn_with(topo, args);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the agent process; does not wait for anything.
+    pub fn spawn_with(topo: &Topology, args: Vec<String>) -> Self {
+        Self::spawn_at(
             topo,
             args,
             PathBuf::from("/sys/fs/bpf").join(unique("xdns-t")),
@@ -276,9 +296,20 @@ impl Agent {
         )
     }
 
-    /// [`Agent::start`] with a given pin path and metrics port: two agents side by side, as
-    /// during an upgrade.
+    /// [`Agent::start_with`] with a given pin path and metrics port: two agents side by side,
+    /// as during an upgrade.
     pub fn start_at(
+        topo: &Topology,
+        args: Vec<String>,
+        pin_path: PathBuf,
+        metrics_port: u16,
+    ) -> Self {
+        let mut agent = Self::spawn_at(topo, args, pin_path, metrics_port);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    fn spawn_at(
         topo: &Topology,
         mut args: Vec<String>,
         pin_path: PathBuf,
@@ -302,16 +333,18 @@ impl Agent {
             .stderr(File::create(&log).expect("log file"))
             .spawn()
             .expect("spawning dns-agent");
-        let mut agent = Self {
+        Self {
             child: Some(child),
             pin_path,
             metrics_port,
             node: topo.node.name.clone(),
             log,
             _dir: dir,
-        };
-        agent.wait_ready(Duration::from_secs(20));
-        agent
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn node_ns(&self) -> Netns {
@@ -322,7 +355,9 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    /// Waits until /ready answers 200 (the zone is loaded); panics with the log if the agent
+    /// exits or `timeout` passes.
+    pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self

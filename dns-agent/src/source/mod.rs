@@ -2,6 +2,7 @@
 //! objects. Both send the same events to the zone.
 
 pub mod file;
+pub mod kubernetes;
 
 use std::{sync::Arc, time::Instant};
 
