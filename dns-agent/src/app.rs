@@ -17,11 +17,7 @@ use crate::{
     config::RunConfig,
     kernel::{Capacity, Kernel, sync::KernelSync},
     metrics::Metrics,
-    server::{
-        Handler,
-        forward::{Forwarder, Timeouts},
-        tcp, udp,
-    },
+    server::{Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, tcp, udp},
     source::{self, SourceEvent},
     zone::{Change, ZoneModel, ZoneSettings},
 };
@@ -90,9 +86,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let model = Arc::new(RwLock::new(model));
+    let forwarder = Arc::new(Forwarder::new(
+        config.upstreams.clone(),
+        config.forward.clone(),
+        metrics.clone(),
+    ));
+    let external = Arc::new(ExternalResolver::new(
+        forwarder.clone(),
+        Cache::new(config.cache.clone(), metrics.cache.clone()),
+        metrics.clone(),
+    ));
     let handler = Arc::new(Handler {
         zone: model.clone(),
-        forwarder: Forwarder::new(config.upstreams.clone(), Timeouts::default()),
+        external: external.clone(),
         metrics: metrics.clone(),
     });
 
@@ -119,9 +125,30 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tasks.spawn(tcp::serve(l, handler.clone()));
     }
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
+    tasks.spawn(external.sweep());
+    // After the listeners: a probe that comes back must find them. Every task of the set runs
+    // for the agent's life, so this one waits forever once done, unless every upstream loops:
+    // then it fails, and the agent stops with the reason.
+    tasks.spawn(async move {
+        forwarder.detect_loops().await.map_err(|e| {
+            std::io::Error::other(format!(
+                "{e}: --upstream {} (see the forwarding loop errors above); point those \
+                 resolvers elsewhere or give another --upstream",
+                forwarder
+                    .upstreams()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        std::future::pending::<std::io::Result<()>>().await
+    });
     tracing::info!(
         listen = ?args.listen,
         upstreams = ?config.upstreams,
+        policy = %config.forward.policy,
+        cache_size = config.cache.capacity,
         kernel = kernel.is_some(),
         "serving"
     );
@@ -174,9 +201,10 @@ async fn zone_task(
                     drop(m);
                     model.write().expect("zone lock").set_synced();
                     if let Some(s) = sync.as_mut()
-                        && let Err(e) = s.set_synced() {
-                            tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
-                        }
+                        && let Err(e) = s.set_synced()
+                    {
+                        tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
+                    }
                     metrics.set_synced(true);
                     let m = model.read().expect("zone lock");
                     tracing::info!(
@@ -232,8 +260,9 @@ async fn zone_task(
             tracing::debug!(?stats, "kernel maps updated");
         }
         if let Some(seen) = seen
-            && model.read().expect("zone lock").is_synced() {
-                metrics.programming_latency.observe(seen.elapsed());
-            }
+            && model.read().expect("zone lock").is_synced()
+        {
+            metrics.programming_latency.observe(seen.elapsed());
+        }
     }
 }

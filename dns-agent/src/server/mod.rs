@@ -1,6 +1,8 @@
 //! The userspace DNS server: answers what the kernel passes up (over UDP), everything over
 //! TCP, and forwards names outside the cluster.
 
+pub mod cache;
+pub mod external;
 pub mod forward;
 pub mod tcp;
 pub mod udp;
@@ -10,10 +12,14 @@ use std::sync::{Arc, RwLock};
 use dns_common::FLAG_RA;
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query as HQuery, ResponseCode},
-    rr::{DNSClass, Name, Record, RecordType},
+    rr::{DNSClass, Record, RecordType},
 };
 
-use self::forward::{Forwarder, Question};
+use self::{
+    cache::Answer,
+    external::{ExternalResolver, Resolved},
+    forward::Question,
+};
 use crate::{
     dns::{self, Body, EXT_RCODE_BADVERS, Query, Reject},
     metrics::{Metrics, Path},
@@ -33,7 +39,8 @@ pub enum Transport {
 
 pub struct Handler {
     pub zone: Arc<RwLock<ZoneModel>>,
-    pub forwarder: Forwarder,
+    /// Cache and forwarder for names outside the cluster.
+    pub external: Arc<ExternalResolver>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -88,27 +95,40 @@ impl Handler {
         }
     }
 
-    fn question_of(q: &Query<'_>, name: Name) -> Question {
+    /// The upstream question (and cache key) for `name`, asked as `q` asks.
+    fn question_of(q: &Query<'_>, name: WireName) -> Question {
         Question {
             name,
-            qtype: RecordType::from(q.qtype),
-            qclass: DNSClass::from(q.qclass),
+            qtype: q.qtype,
+            qclass: q.qclass,
             dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
             checking_disabled: q.flags & dns_common::FLAG_CD != 0,
         }
     }
 
     async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
-        // Ask with the client's own spelling of the name.
-        let name = to_name(&q.question[..q.qname.len()]);
-        match self.forwarder.resolve(&Self::question_of(q, name)).await {
-            Ok(upstream) => reply_from_upstream(q, &upstream, Vec::new(), limit),
-            Err(e) => {
-                tracing::debug!(error = %e, "forwarding failed");
-                self.metrics.forward_failed();
-                dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_SERVFAIL), limit)
-            }
+        // Our own loop probe coming back: an upstream forwards to us. Forwarding it again
+        // would amplify the loop; the forwarder notes it, the sender gets REFUSED.
+        if self.external.forwarder().is_loop_probe(&q.qname) {
+            return dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit);
         }
+        // The name lowercased: one cache entry and one upstream query serve every spelling;
+        // the client still sees its own question bytes.
+        match self
+            .external
+            .resolve(&Self::question_of(q, q.qname.clone()))
+            .await
+        {
+            Resolved::Answer { answer, ttl } => reply_from_answer(q, &answer, ttl, limit),
+            Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
+        }
+    }
+
+    fn error_reply(&self, q: &Query<'_>, rcode: u16, limit: Option<usize>) -> Vec<u8> {
+        if rcode == dns::RCODE_SERVFAIL {
+            self.metrics.forward_failed();
+        }
+        dns::build_reply(q, Body::empty(FLAG_RA | rcode), limit)
     }
 
     async fn chase_upstream(
@@ -118,17 +138,16 @@ impl Handler {
         target: &[u8],
         limit: Option<usize>,
     ) -> Vec<u8> {
-        match self
-            .forwarder
-            .resolve(&Self::question_of(q, to_name(target)))
-            .await
-        {
-            Ok(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),
-            Err(e) => {
-                tracing::debug!(error = %e, "chasing an ExternalName target failed");
-                self.metrics.forward_failed();
-                dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_SERVFAIL), limit)
-            }
+        let question = Self::question_of(q, target.to_vec());
+        match self.external.resolve(&question).await {
+            Resolved::Answer { answer, ttl } => match answer.to_message(&question, ttl) {
+                Some(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),
+                None => {
+                    tracing::warn!("a cached answer for an ExternalName target does not parse");
+                    self.error_reply(q, dns::RCODE_SERVFAIL, limit)
+                }
+            },
+            Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
         }
     }
 }
@@ -202,6 +221,36 @@ pub fn answer_from_zone(zone: &ZoneModel, q: &Query<'_>, limit: Option<usize>) -
             }
         },
     }
+}
+
+/// The client's reply from a (cached) upstream answer: the client's ID, flags and question
+/// bytes, the upstream's sections as they were received, every TTL set to `ttl` when given.
+fn reply_from_answer(
+    q: &Query<'_>,
+    answer: &Answer,
+    ttl: Option<u32>,
+    limit: Option<usize>,
+) -> Vec<u8> {
+    let ad = if answer.authentic_data {
+        dns_common::FLAG_AD
+    } else {
+        0
+    };
+    let body = Body::sections(
+        FLAG_RA | ad | answer.rcode,
+        answer.ancount,
+        answer.nscount,
+        answer.arcount,
+        &answer.sections,
+    );
+    let mut reply = dns::build_reply(q, body, limit);
+    let truncated = u16::from_be_bytes([reply[2], reply[3]]) & dns_common::FLAG_TC != 0;
+    if let Some(ttl) = ttl
+        && !truncated
+    {
+        answer.patch_ttls(&mut reply, 12 + q.question.len(), ttl);
+    }
+    reply
 }
 
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the
