@@ -31,6 +31,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only add noise at every use"
+)]
 pub enum Command {
     /// Load the XDP program, fill its maps from the cluster, and serve DNS.
     Run(RunArgs),

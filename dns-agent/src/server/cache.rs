@@ -181,7 +181,7 @@ impl Answer {
             Some(a) => Ok(a),
             None => {
                 let mut m = Message::new(0, MessageType::Response, OpCode::Query);
-                m.metadata = message.metadata.clone();
+                m.metadata = message.metadata;
                 m.add_queries(message.queries.clone());
                 m.insert_answers(message.answers.clone());
                 m.insert_authorities(message.authorities.clone());
