@@ -68,20 +68,6 @@ pub struct CacheSettings {
     pub serve_stale: Duration,
 }
 
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            capacity: 10_000,
-            min_ttl: 5,
-            max_ttl: 3600,
-            negative_max_ttl: 1800,
-            servfail_ttl: 5,
-            prefetch: 10,
-            serve_stale: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// Positive or negative, for the CoreDNS `type` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

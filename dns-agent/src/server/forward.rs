@@ -88,15 +88,6 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            attempt: Duration::from_millis(1000),
-            total: Duration::from_millis(1900),
-        }
-    }
-}
-
 /// The order in which upstreams are tried for a query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
@@ -132,19 +123,6 @@ pub struct ForwardSettings {
     pub max_fails: u32,
 }
 
-impl Default for ForwardSettings {
-    fn default() -> Self {
-        Self {
-            policy: Policy::Random,
-            timeouts: Timeouts::default(),
-            force_tcp: false,
-            max_concurrent: 1000,
-            health_check: Duration::from_millis(500),
-            max_fails: 2,
-        }
-    }
-}
-
 /// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
 /// case-insensitive, and one cache entry serves every spelling).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -175,9 +153,8 @@ pub struct Upstream {
     checking: AtomicBool,
     /// It sent our loop probe back to us: never used.
     looped: AtomicBool,
-    /// The name of this upstream's loop probe, and whether it reached our listener.
+    /// The name of this upstream's loop probe.
     loop_probe: WireName,
-    loop_probe_seen: AtomicBool,
     counters: Arc<UpstreamCounters>,
 }
 
@@ -223,7 +200,6 @@ impl Forwarder {
                     checking: AtomicBool::new(false),
                     looped: AtomicBool::new(false),
                     loop_probe: probe,
-                    loop_probe_seen: AtomicBool::new(false),
                     counters: metrics.forward.upstream(addr),
                 })
             })
@@ -353,15 +329,26 @@ impl Forwarder {
     }
 
     /// Is `qname` one of our own loop probes? If so, the upstream it was sent to forwards back to
-    /// us; it is noted, and the caller must not forward the query (that would amplify the loop).
+    /// us: from now on it is not used, and the caller must not forward the query (that would
+    /// amplify the loop). Checked whenever the probe arrives, so an upstream that answers the
+    /// probe before passing it on (e.g. one asking several servers at once) is caught too.
     pub fn is_loop_probe(&self, qname: &[u8]) -> bool {
-        match self.upstreams.iter().find(|u| u.loop_probe == qname) {
-            Some(up) => {
-                up.loop_probe_seen.store(true, Relaxed);
-                true
-            }
-            None => false,
+        let Some(up) = self.upstreams.iter().find(|u| u.loop_probe == qname) else {
+            return false;
+        };
+        if !up.looped.swap(true, Relaxed) {
+            up.counters.looped.store(true, Relaxed);
+            tracing::error!(
+                upstream = %up.addr,
+                probe = %to_text(&up.loop_probe),
+                "forwarding loop: upstream {} sent our loop probe back to this agent, so it \
+                 forwards to us; it will not be used. Fix: point that resolver elsewhere, or \
+                 drop `--upstream {}`",
+                up.addr,
+                up.addr,
+            );
         }
+        true
     }
 
     /// Sends each upstream a loop probe and marks those that send it back to us. Upstreams that
@@ -390,24 +377,13 @@ impl Forwarder {
                 exchange(up.addr, &probe, self.settings.force_tcp),
             )
             .await;
-            // The probe reaches our listener before the upstream can answer it, so by now the
-            // flag is set if it loops.
-            if up.loop_probe_seen.load(Relaxed) {
-                up.looped.store(true, Relaxed);
-                up.counters.looped.store(true, Relaxed);
-                tracing::error!(
-                    upstream = %up.addr,
-                    probe = %to_text(&up.loop_probe),
-                    "forwarding loop: upstream {} sent our loop probe back to this agent, so it \
-                     forwards to us; it will not be used. Fix: point that resolver elsewhere, or \
-                     drop `--upstream {}`",
-                    up.addr,
-                    up.addr,
-                );
+            // A looping upstream passes the probe on before it can answer it, so by now
+            // `is_loop_probe` has seen it.
+            if up.looped.load(Relaxed) {
                 return;
             }
             if matches!(reply, Ok(Ok(_))) {
-                tracing::debug!(upstream = %up.addr, "no forwarding loop");
+                tracing::debug!(upstream = %up.addr, "loop probe answered: no loop");
                 return;
             }
             if attempt < LOOP_PROBE_ATTEMPTS {
