@@ -99,12 +99,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_kernel: bool,
 
-    /// Order in which upstreams are tried: `random` (a new order per query, as CoreDNS),
-    /// `sequential` (as given), `round-robin` (each query starts at the next one).
+    /// Order in which upstreams are tried for each query.
     #[arg(long, value_enum, default_value_t = Policy::Random, help_heading = "Forwarding")]
     pub upstream_policy: Policy,
 
-    /// How long one upstream gets to answer before the next one is tried (e.g. 800ms, 1s).
+    /// How long one upstream gets to answer before the next one is tried (e.g. 800ms, 1s); also
+    /// the timeout of a health check.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, help_heading = "Forwarding")]
     pub upstream_timeout: Duration,
 
@@ -132,7 +132,8 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Forwarding")]
     pub force_tcp: bool,
 
-    /// Upstream queries in flight at once; queries that would need more get REFUSED.
+    /// Upstream queries in flight at once (identical questions share one); a query that would
+    /// need another gets REFUSED.
     #[arg(
         long,
         value_name = "N",
@@ -179,8 +180,9 @@ pub struct RunArgs {
     )]
     pub cache_negative_max_ttl: u32,
 
-    /// How long an upstream failure (SERVFAIL, or no upstream answering) is remembered and
-    /// answered SERVFAIL without asking again, in seconds (RFC 9520). 0: not remembered.
+    /// How long a failed question (no upstream answering, or every one answering SERVFAIL or
+    /// REFUSED) is remembered and answered with that error without asking again, in seconds
+    /// (RFC 9520). 0: not remembered.
     #[arg(
         long,
         value_name = "SECONDS",

@@ -13,9 +13,10 @@
 //!   cached without one (RFC 2308 §5); both clamped to `[min_ttl, max_ttl]` (negative:
 //!   `[min_ttl, negative_max_ttl]`);
 //! - every record is served with the entry's remaining lifetime, counted down;
-//! - SERVFAIL, and upstreams failing altogether, are remembered for `servfail_ttl` (RFC 9520),
-//!   answered SERVFAIL from here meanwhile; REFUSED and other error answers are not cached;
-//!   truncated answers never are.
+//! - a failed question (no upstream answering, or every one answering SERVFAIL or REFUSED) is
+//!   remembered for `servfail_ttl` (RFC 9520) and answered with that RCODE meanwhile; other
+//!   error answers (FORMERR, NOTIMP, ...) pass through uncached; truncated answers are never
+//!   cached.
 //!
 //! Serve-stale (RFC 8767): an expired entry is kept for `serve_stale` more; if refreshing it
 //! fails, it is served with TTL [`STALE_TTL`], and for [`STALE_RECHECK`] it is served so without
