@@ -3,7 +3,7 @@
 //! upstream misbehaving on purpose. Everything runs in namespaces the test creates; upstreams
 //! listen on 198.51.100.0/24 addresses on the node's loopback.
 //!
-//! Needs root (`cargo xtask test` runs it), and unbound and dnsmasq installed.
+//! Needs root, and unbound and dnsmasq (`apt-get install unbound dnsmasq-base`).
 
 mod support;
 
@@ -169,7 +169,7 @@ fn require_binary(binary: &str, package: &str) -> PathBuf {
     }
     panic!(
         "`{binary}` is not installed; these tests run it as a real upstream: \
-         `apt-get install {package}` (or `cargo xtask setup`)"
+         `apt-get install {package}`"
     );
 }
 

@@ -108,7 +108,8 @@ fn walk_records(
     mut off: usize,
     count: usize,
 ) -> Option<Vec<(usize, usize, u16, usize)>> {
-    let mut out = Vec::with_capacity(count);
+    // Every record takes at least 11 bytes: a bound on what the header's counts may claim.
+    let mut out = Vec::with_capacity(count.min(msg.len() / 11));
     for _ in 0..count {
         let start = off;
         off = skip_name(msg, off)?;
@@ -189,7 +190,8 @@ impl Answer {
         if q_end > msg.len() {
             return None;
         }
-        let records = walk_records(msg, q_end, (ancount + nscount + arcount) as usize)?;
+        let answer_and_authority = ancount as usize + nscount as usize;
+        let records = walk_records(msg, q_end, answer_and_authority + arcount as usize)?;
         let mut end = records.last().map_or(q_end, |r| r.3);
         if end != msg.len() {
             return None;
@@ -197,7 +199,7 @@ impl Answer {
         // OPT and TSIG belong to the upstream's message, not to the data: drop them while they
         // end the additional section (a TSIG is always last, an OPT usually is).
         let mut kept = records.len();
-        while kept > (ancount + nscount) as usize
+        while kept > answer_and_authority
             && matches!(records[kept - 1].2, dns::TYPE_OPT | TYPE_TSIG)
         {
             kept -= 1;
@@ -718,6 +720,14 @@ mod tests {
         let back = ans.to_message(&q("www.example"), Some(42)).unwrap();
         assert_eq!(back.answers.len(), 1);
         assert_eq!(back.answers[0].ttl, 42);
+    }
+
+    #[test]
+    fn counts_that_lie_are_refused_not_trusted() {
+        let mut msg = vec![0, 7, 0x81, 0x80, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        msg.extend_from_slice(&wire_from_dotted("www.example"));
+        msg.extend_from_slice(&[0, 1, 0, 1]);
+        assert_eq!(Answer::from_wire(&msg), None);
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl ExternalResolver {
         &self.forwarder
     }
 
-    pub async fn resolve(self: &Arc<Self>, q: &Question) -> Resolved {
+    /// What the cache can serve for `q` right now; `None`: ask upstream ([`Self::resolve`]).
+    /// Starts a prefetch when the entry is popular and about to expire.
+    pub fn cached(self: &Arc<Self>, q: &Question) -> Option<Resolved> {
         let c = &self.metrics.cache;
         match self.cache.lookup(q, Instant::now()) {
             Lookup::Hit {
@@ -79,26 +81,34 @@ impl ExternalResolver {
                 if prefetch && self.start(q).1 {
                     c.prefetch.fetch_add(1, Relaxed);
                 }
-                return Resolved::Answer {
+                Some(Resolved::Answer {
                     answer,
                     ttl: Some(ttl),
-                };
+                })
             }
             Lookup::Stale(answer) => {
                 c.served_stale.fetch_add(1, Relaxed);
-                return Resolved::Answer {
+                Some(Resolved::Answer {
                     answer,
                     ttl: Some(STALE_TTL),
-                };
+                })
             }
             Lookup::Failed(rcode) => {
                 c.hits[Kind::Denial as usize].fetch_add(1, Relaxed);
-                return Resolved::Error(rcode);
+                Some(Resolved::Error(rcode))
             }
-            Lookup::Miss => {
-                c.misses.fetch_add(1, Relaxed);
-            }
+            Lookup::Miss => None,
         }
+    }
+
+    /// The cache's answer, or the outcome of the upstream query for `q` (shared with every
+    /// client asking the same question meanwhile).
+    pub async fn resolve(self: &Arc<Self>, q: &Question) -> Resolved {
+        if let Some(r) = self.cached(q) {
+            return r;
+        }
+        let c = &self.metrics.cache;
+        c.misses.fetch_add(1, Relaxed);
         let (mut flight, _) = self.start(q);
         let outcome = match flight.wait_for(Option::is_some).await {
             Ok(o) => o.clone(),

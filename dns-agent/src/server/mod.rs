@@ -44,15 +44,32 @@ pub struct Handler {
     pub metrics: Arc<Metrics>,
 }
 
+/// A query [`Handler::handle_now`] could not answer without waiting for an upstream.
+pub struct Pending {
+    msg: Vec<u8>,
+    limit: Option<usize>,
+    zone: ZoneReply,
+}
+
 impl Handler {
     /// The reply to one message, or `None` when it deserves none.
     pub async fn handle(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.handle_now(msg, transport) {
+            Ok(reply) => reply,
+            Err(pending) => Some(self.finish(pending).await),
+        }
+    }
+
+    /// The reply to one message when it needs no waiting: errors, answers from the zone, and
+    /// answers from the cache of upstream answers. Otherwise the query, for [`Self::finish`].
+    /// Lets the UDP loop answer most queries without a task of their own.
+    pub fn handle_now(&self, msg: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Pending> {
         self.metrics.request(transport);
         let q = match dns::parse_query(msg) {
             Ok(q) => q,
             Err(Reject::Drop) => {
                 self.metrics.dropped();
-                return None;
+                return Ok(None);
             }
             Err(Reject::Error {
                 id,
@@ -61,38 +78,52 @@ impl Handler {
                 question,
             }) => {
                 self.metrics.response(rcode);
-                return Some(dns::build_error(msg, id, flags, rcode, question));
+                return Ok(Some(dns::build_error(msg, id, flags, rcode, question)));
             }
         };
         let limit = match transport {
             Transport::Udp => Some(q.udp_limit()),
             Transport::Tcp => None,
         };
-        let reply = self.answer(&q, limit).await;
-        self.metrics
-            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
-        Some(reply)
-    }
-
-    async fn answer(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
         let from_zone = {
             let zone = self.zone.read().expect("zone lock poisoned");
-            answer_from_zone(&zone, q, limit)
+            answer_from_zone(&zone, &q, limit)
         };
-        match from_zone {
+        let reply = match from_zone {
             ZoneReply::Reply(r) => {
                 self.metrics.path(Path::Userspace);
                 r
             }
-            ZoneReply::Forward => {
+            zone => {
                 self.metrics.path(Path::Forwarded);
-                self.forward(q, limit).await
+                match zone {
+                    ZoneReply::Forward => self.forward_now(&q, limit),
+                    _ => None,
+                }
+                .ok_or_else(|| Pending {
+                    msg: msg.to_vec(),
+                    limit,
+                    zone,
+                })?
             }
+        };
+        self.metrics
+            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
+        Ok(Some(reply))
+    }
+
+    /// The reply to a query that waits for an upstream.
+    pub async fn finish(&self, p: Pending) -> Vec<u8> {
+        let q = dns::parse_query(&p.msg).expect("handle_now parsed this message");
+        let reply = match p.zone {
             ZoneReply::Chase { cname, target } => {
-                self.metrics.path(Path::Forwarded);
-                self.chase_upstream(q, *cname, &target, limit).await
+                self.chase_upstream(&q, *cname, &target, p.limit).await
             }
-        }
+            _ => self.forward(&q, p.limit).await,
+        };
+        self.metrics
+            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
+        reply
     }
 
     /// The upstream question (and cache key) for `name`, asked as `q` asks.
@@ -106,19 +137,36 @@ impl Handler {
         }
     }
 
-    async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
+    /// A name outside the cluster, if it needs no upstream now: our own loop probe, or an
+    /// answer from the cache.
+    fn forward_now(&self, q: &Query<'_>, limit: Option<usize>) -> Option<Vec<u8>> {
         // Our own loop probe coming back: an upstream forwards to us. Forwarding it again
         // would amplify the loop; the forwarder notes it, the sender gets REFUSED.
         if self.external.forwarder().is_loop_probe(&q.qname) {
-            return dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit);
+            return Some(dns::build_reply(
+                q,
+                Body::empty(FLAG_RA | dns::RCODE_REFUSED),
+                limit,
+            ));
         }
+        let resolved = self
+            .external
+            .cached(&Self::question_of(q, q.qname.clone()))?;
+        Some(self.reply_from_resolved(q, resolved, limit))
+    }
+
+    async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
         // The name lowercased: one cache entry and one upstream query serve every spelling;
         // the client still sees its own question bytes.
-        match self
+        let resolved = self
             .external
             .resolve(&Self::question_of(q, q.qname.clone()))
-            .await
-        {
+            .await;
+        self.reply_from_resolved(q, resolved, limit)
+    }
+
+    fn reply_from_resolved(&self, q: &Query<'_>, r: Resolved, limit: Option<usize>) -> Vec<u8> {
+        match r {
             Resolved::Answer { answer, ttl } => reply_from_answer(q, &answer, ttl, limit),
             Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
         }
