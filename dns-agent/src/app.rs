@@ -17,11 +17,8 @@ use crate::{
     config::{ObjectSource, RunConfig},
     kernel::{Capacity, Kernel, sync::KernelSync},
     metrics::Metrics,
-    server::handover,
     server::{
-        Handler,
-        forward::{Forwarder, Timeouts},
-        tcp, udp,
+        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, tcp, udp,
     },
     source::{self, SourceEvent},
     zone::{Change, ZoneModel, ZoneSettings},
@@ -120,9 +117,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let model = Arc::new(RwLock::new(model));
+    let forwarder = Arc::new(Forwarder::new(
+        config.upstreams.clone(),
+        config.forward.clone(),
+        metrics.clone(),
+    ));
+    let external = Arc::new(ExternalResolver::new(
+        forwarder.clone(),
+        Cache::new(config.cache.clone(), metrics.cache.clone()),
+        metrics.clone(),
+    ));
     let handler = Arc::new(Handler {
         zone: model.clone(),
-        forwarder: Forwarder::new(config.upstreams.clone(), Timeouts::default()),
+        external: external.clone(),
         metrics: metrics.clone(),
         in_flight: Default::default(),
     });
@@ -162,9 +169,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tasks.spawn(tcp::serve(l, handler.clone()));
     }
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
+    tasks.spawn(external.sweep());
     tracing::info!(
         listen = ?args.listen,
         upstreams = ?config.upstreams,
+        policy = %config.forward.policy,
+        cache_size = config.cache.capacity,
         kernel = kernel.is_some(),
         "serving"
     );
@@ -190,6 +200,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                         break 'serve Err(anyhow::Error::from(e).context("steering queries to this agent"));
                     }
                 }
+                // Only now would a probe that comes back reach this agent's listeners.
+                tasks.spawn(detect_loops(forwarder.clone()));
                 if let Some(k) = kernel.as_mut() {
                     for iface in &args.interfaces {
                         match k.attach(iface, args.attach_mode) {
@@ -213,6 +225,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     tasks.abort_all();
     outcome
+}
+
+/// Probes every upstream for a forwarding loop (a probe that comes back to our own listeners).
+/// Runs once this agent's sockets receive its queries; then waits forever, unless every
+/// upstream loops: then it fails, and the agent stops with the reason.
+async fn detect_loops(forwarder: Arc<Forwarder>) -> std::io::Result<()> {
+    forwarder.detect_loops().await.map_err(|e| {
+        std::io::Error::other(format!(
+            "{e}: --upstream {} (see the forwarding loop errors above); point those \
+             resolvers elsewhere or give another --upstream",
+            forwarder
+                .upstreams()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    std::future::pending::<std::io::Result<()>>().await
 }
 
 /// A UDP socket on `addr` with SO_REUSEPORT: a new agent binds next to the old one during an

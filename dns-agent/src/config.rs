@@ -3,11 +3,19 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{kernel::AttachMode, source::kubernetes::ClientSource};
+use crate::{
+    kernel::AttachMode,
+    server::{
+        cache::CacheSettings,
+        forward::{ForwardSettings, Policy, Timeouts},
+    },
+    source::kubernetes::ClientSource,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +32,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only add noise at every use"
+)]
 pub enum Command {
     /// Load the XDP program, fill its maps from the cluster, and serve DNS.
     Run(RunArgs),
@@ -93,6 +105,113 @@ pub struct RunArgs {
     /// Serve from userspace only: do not load the XDP program.
     #[arg(long)]
     pub no_kernel: bool,
+
+    /// Order in which upstreams are tried for each query.
+    #[arg(long, value_enum, default_value_t = Policy::Random, help_heading = "Forwarding")]
+    pub upstream_policy: Policy,
+
+    /// How long one upstream gets to answer before the next one is tried (e.g. 800ms, 1s); also
+    /// the timeout of a health check.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, help_heading = "Forwarding")]
+    pub upstream_timeout: Duration,
+
+    /// How long a query may spend upstream in all before the client gets SERVFAIL (or a stale
+    /// answer).
+    #[arg(long, value_name = "DURATION", default_value = "1900ms", value_parser = parse_duration, help_heading = "Forwarding")]
+    pub forward_timeout: Duration,
+
+    /// Interval of the `. IN NS` health checks of an upstream after it failed a query; they
+    /// stop once it answers.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration, help_heading = "Forwarding")]
+    pub health_check: Duration,
+
+    /// Failed health checks in a row that mark an upstream down (skipped while another is up).
+    /// 0: no health checks, never down.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        help_heading = "Forwarding"
+    )]
+    pub max_fails: u32,
+
+    /// Ask upstreams over TCP only (default: UDP, and TCP when the answer is truncated).
+    #[arg(long, help_heading = "Forwarding")]
+    pub force_tcp: bool,
+
+    /// Upstream queries in flight at once (identical questions share one); a query that would
+    /// need another gets REFUSED.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        help_heading = "Forwarding"
+    )]
+    pub max_concurrent: usize,
+
+    /// Entries in the cache of upstream answers (positive, negative and failures together); the
+    /// least recently used is evicted. 0 turns the cache off.
+    #[arg(
+        long,
+        value_name = "ENTRIES",
+        default_value_t = 10_000,
+        help_heading = "Cache"
+    )]
+    pub cache_size: usize,
+
+    /// Lowest TTL an upstream answer is cached (and served) with, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5,
+        help_heading = "Cache"
+    )]
+    pub cache_min_ttl: u32,
+
+    /// Highest TTL a positive upstream answer is cached (and served) with, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 3600,
+        help_heading = "Cache"
+    )]
+    pub cache_max_ttl: u32,
+
+    /// Highest TTL a negative upstream answer (NXDOMAIN, NODATA) is cached with, in seconds.
+    /// Its own TTL is min(SOA TTL, SOA MINIMUM) (RFC 2308).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 1800,
+        help_heading = "Cache"
+    )]
+    pub cache_negative_max_ttl: u32,
+
+    /// How long a failed question (no upstream answering, or every one answering SERVFAIL or
+    /// REFUSED) is remembered and answered with that error without asking again, in seconds
+    /// (RFC 9520). 0: not remembered.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5,
+        help_heading = "Cache"
+    )]
+    pub cache_servfail_ttl: u32,
+
+    /// Refresh a cached name in the background when it has been asked this many times (with no
+    /// gap of a minute) and has at most 10% of its TTL left. 0: no prefetch.
+    #[arg(
+        long,
+        value_name = "HITS",
+        default_value_t = 10,
+        help_heading = "Cache"
+    )]
+    pub cache_prefetch: u32,
+
+    /// How long after expiry a cached answer may still be served (with TTL 30) when every
+    /// upstream fails (RFC 8767). 0: never serve stale answers.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, help_heading = "Cache")]
+    pub serve_stale: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +242,10 @@ fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
 
 /// Largest TTL DNS allows (RFC 2181 §8).
 const MAX_TTL: u32 = i32::MAX as u32;
+/// Longest a failure may be remembered (RFC 2308 §7.1, RFC 9520: five minutes).
+const MAX_SERVFAIL_TTL: u32 = 300;
+/// Longest stale answers may be served (RFC 8767 §5 suggests one to three days).
+const MAX_SERVE_STALE: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Where the cluster's objects come from: exactly one source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +262,8 @@ pub struct RunConfig {
     pub cluster_domain: String,
     pub upstreams: Vec<SocketAddr>,
     pub metrics_addr: SocketAddr,
+    pub forward: ForwardSettings,
+    pub cache: CacheSettings,
 }
 
 /// Kubernetes sets this in every container: the agent runs in a pod and can use its service
@@ -259,14 +384,133 @@ impl RunArgs {
         }
         let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
             .map_err(|e| refuse("metrics-addr", e))?;
+        let forward = self.forward_settings()?;
+        let cache = self.cache_settings()?;
         Ok(RunConfig {
             source,
             cluster_domain: domain,
             upstreams,
             metrics_addr,
+            forward,
+            cache,
             args: self,
         })
     }
+
+    fn forward_settings(&self) -> Result<ForwardSettings, ConfigError> {
+        if self.upstream_timeout.is_zero() {
+            return Err(refuse("upstream-timeout", "must be above 0 (e.g. 1s)"));
+        }
+        if self.forward_timeout < self.upstream_timeout {
+            return Err(refuse(
+                "forward-timeout",
+                format!(
+                    "{:?} is shorter than --upstream-timeout {:?}: raise it, or lower --upstream-timeout",
+                    self.forward_timeout, self.upstream_timeout
+                ),
+            ));
+        }
+        if self.health_check < Duration::from_millis(10) {
+            return Err(refuse(
+                "health-check",
+                format!("{:?} is too short; at least 10ms", self.health_check),
+            ));
+        }
+        if self.max_concurrent == 0 {
+            return Err(refuse(
+                "max-concurrent",
+                "0 would refuse every query sent upstream; at least 1",
+            ));
+        }
+        Ok(ForwardSettings {
+            policy: self.upstream_policy,
+            timeouts: Timeouts {
+                attempt: self.upstream_timeout,
+                total: self.forward_timeout,
+            },
+            force_tcp: self.force_tcp,
+            max_concurrent: self.max_concurrent,
+            health_check: self.health_check,
+            max_fails: self.max_fails,
+        })
+    }
+
+    fn cache_settings(&self) -> Result<CacheSettings, ConfigError> {
+        for (flag, v) in [
+            ("cache-min-ttl", self.cache_min_ttl),
+            ("cache-max-ttl", self.cache_max_ttl),
+            ("cache-negative-max-ttl", self.cache_negative_max_ttl),
+        ] {
+            if v > MAX_TTL {
+                return Err(refuse(
+                    flag,
+                    format!("{v} is above the largest TTL, {MAX_TTL}"),
+                ));
+            }
+        }
+        for (flag, max) in [
+            ("cache-max-ttl", self.cache_max_ttl),
+            ("cache-negative-max-ttl", self.cache_negative_max_ttl),
+        ] {
+            if max < self.cache_min_ttl {
+                return Err(refuse(
+                    flag,
+                    format!(
+                        "{max} is below --cache-min-ttl {}: raise it, or lower --cache-min-ttl",
+                        self.cache_min_ttl
+                    ),
+                ));
+            }
+        }
+        if self.cache_servfail_ttl > MAX_SERVFAIL_TTL {
+            return Err(refuse(
+                "cache-servfail-ttl",
+                format!(
+                    "{} is longer than failures may be cached (RFC 2308 §7.1); at most {MAX_SERVFAIL_TTL}",
+                    self.cache_servfail_ttl
+                ),
+            ));
+        }
+        if self.serve_stale > MAX_SERVE_STALE {
+            return Err(refuse(
+                "serve-stale",
+                format!(
+                    "{:?} is longer than RFC 8767 advises; at most 3d",
+                    self.serve_stale
+                ),
+            ));
+        }
+        Ok(CacheSettings {
+            capacity: self.cache_size,
+            min_ttl: self.cache_min_ttl,
+            max_ttl: self.cache_max_ttl,
+            negative_max_ttl: self.cache_negative_max_ttl,
+            servfail_ttl: self.cache_servfail_ttl,
+            prefetch: self.cache_prefetch,
+            serve_stale: self.serve_stale,
+        })
+    }
+}
+
+/// A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`), e.g. `500ms`, `1h`; `0` alone
+/// is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 500ms, 2s, 5m, 1h or 1d");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 /// `ADDR`, `ADDR:PORT`, `[V6]:PORT`.
@@ -397,6 +641,72 @@ mod tests {
             vec!["169.254.20.10".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(c.upstreams, vec![parse_upstream("192.0.2.53").unwrap()]);
+    }
+
+    #[test]
+    fn forwarding_and_cache_defaults() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.forward.policy, Policy::Random);
+        assert_eq!(c.forward.timeouts.attempt, Duration::from_secs(1));
+        assert_eq!(c.forward.timeouts.total, Duration::from_millis(1900));
+        assert_eq!(c.forward.health_check, Duration::from_millis(500));
+        assert_eq!(c.forward.max_fails, 2);
+        assert_eq!(c.forward.max_concurrent, 1000);
+        assert!(!c.forward.force_tcp);
+        assert_eq!(c.cache.capacity, 10_000);
+        assert_eq!((c.cache.min_ttl, c.cache.max_ttl), (5, 3600));
+        assert_eq!(c.cache.negative_max_ttl, 1800);
+        assert_eq!(c.cache.servfail_ttl, 5);
+        assert_eq!(c.cache.prefetch, 10);
+        assert_eq!(c.cache.serve_stale, Duration::from_secs(3600));
+        let c = args(&["--upstream-policy", "round-robin", "--serve-stale", "0"])
+            .validate()
+            .unwrap();
+        assert_eq!(c.forward.policy, Policy::RoundRobin);
+        assert_eq!(c.cache.serve_stale, Duration::ZERO);
+    }
+
+    #[test]
+    fn refuses_bad_forwarding_and_cache_settings() {
+        let flag = |extra: &[&str]| args(extra).validate().unwrap_err().flag;
+        assert_eq!(
+            flag(&["--cache-min-ttl", "60", "--cache-max-ttl", "30"]),
+            "cache-max-ttl"
+        );
+        assert_eq!(
+            flag(&["--cache-min-ttl", "60", "--cache-negative-max-ttl", "30"]),
+            "cache-negative-max-ttl"
+        );
+        assert_eq!(flag(&["--cache-servfail-ttl", "301"]), "cache-servfail-ttl");
+        assert_eq!(flag(&["--serve-stale", "4d"]), "serve-stale");
+        assert_eq!(flag(&["--max-concurrent", "0"]), "max-concurrent");
+        assert_eq!(flag(&["--upstream-timeout", "0"]), "upstream-timeout");
+        assert_eq!(
+            flag(&["--upstream-timeout", "3s", "--forward-timeout", "2s"]),
+            "forward-timeout"
+        );
+        assert_eq!(flag(&["--health-check", "1ms"]), "health-check");
+        let e = args(&["--cache-min-ttl", "60", "--cache-max-ttl", "30"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("lower --cache-min-ttl"), "{e}");
+        assert!(
+            Cli::try_parse_from(["dns-agent", "run", "--serve-stale", "1 hour"]).is_err(),
+            "durations need a unit"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "1.5s", "-1s", "3w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -24,7 +24,8 @@ use crate::server::Transport;
 pub enum Path {
     /// The userspace server, from the zone.
     Userspace,
-    /// Sent upstream (names outside the cluster, ExternalName targets).
+    /// Names outside the cluster and ExternalName targets: answered from the cache of upstream
+    /// answers or upstream (`coredns_cache_hits_total` tells them apart).
     Forwarded,
 }
 
@@ -130,6 +131,8 @@ pub struct Metrics {
     pub kernel_write_failures: AtomicU64,
     /// Where the kernel counters are pinned (None: no kernel path).
     kernel_pin_path: Mutex<Option<PathBuf>>,
+    pub cache: Arc<CacheCounters>,
+    pub forward: ForwardCounters,
 }
 
 impl Default for Metrics {
@@ -152,6 +155,8 @@ impl Default for Metrics {
             kernel_writes: AtomicU64::new(0),
             kernel_write_failures: AtomicU64::new(0),
             kernel_pin_path: Mutex::new(None),
+            cache: Arc::default(),
+            forward: ForwardCounters::default(),
         }
     }
 }
@@ -369,7 +374,208 @@ impl Metrics {
             "xdns_kernel_map_write_failures_total {}",
             self.kernel_write_failures.load(Relaxed)
         );
+        self.cache.render(&mut o);
+        self.forward.render(&mut o);
         o
+    }
+}
+
+/// The CoreDNS `type` label of cache metrics, by [`crate::server::cache::Kind`].
+const CACHE_TYPES: [&str; 2] = ["success", "denial"];
+
+/// Counters of the cache of upstream answers (CoreDNS `cache` plugin names), indexed by
+/// [`crate::server::cache::Kind`] where they have a type.
+#[derive(Default)]
+pub struct CacheCounters {
+    pub hits: [AtomicU64; 2],
+    pub misses: AtomicU64,
+    pub prefetch: AtomicU64,
+    pub served_stale: AtomicU64,
+    pub entries: [AtomicU64; 2],
+    pub evictions: [AtomicU64; 2],
+}
+
+impl CacheCounters {
+    fn render(&self, o: &mut String) {
+        let typed = |o: &mut String, name: &str, kind: &str, help: &str, v: &[AtomicU64; 2]| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for (t, v) in CACHE_TYPES.iter().zip(v) {
+                let _ = writeln!(o, "{name}{{type=\"{t}\"}} {}", v.load(Relaxed));
+            }
+        };
+        typed(
+            o,
+            "coredns_cache_entries",
+            "gauge",
+            "Entries in the cache of upstream answers.",
+            &self.entries,
+        );
+        typed(
+            o,
+            "coredns_cache_hits_total",
+            "counter",
+            "Queries answered from the cache.",
+            &self.hits,
+        );
+        typed(
+            o,
+            "coredns_cache_evictions_total",
+            "counter",
+            "Entries evicted at capacity.",
+            &self.evictions,
+        );
+        for (name, help, v) in [
+            (
+                "coredns_cache_misses_total",
+                "Queries the cache had no answer for.",
+                &self.misses,
+            ),
+            (
+                "coredns_cache_prefetch_total",
+                "Popular entries refreshed before they expired.",
+                &self.prefetch,
+            ),
+            (
+                "coredns_cache_served_stale_total",
+                "Queries answered with expired entries because upstreams failed.",
+                &self.served_stale,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} counter");
+            let _ = writeln!(o, "{name} {}", v.load(Relaxed));
+        }
+    }
+}
+
+/// Counters of one upstream, the `to` label of CoreDNS `forward` metrics.
+pub struct UpstreamCounters {
+    pub to: String,
+    pub requests: AtomicU64,
+    pub responses: [AtomicU64; 16],
+    pub healthcheck_failures: AtomicU64,
+    /// False while down after failed health checks.
+    pub healthy: AtomicBool,
+    /// It forwards back to this agent (a loop) and is not used.
+    pub looped: AtomicBool,
+}
+
+impl UpstreamCounters {
+    pub fn response(&self, rcode: u16) {
+        self.responses[(rcode & 0xf) as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// Counters of the forwarder (CoreDNS `forward` plugin names).
+#[derive(Default)]
+pub struct ForwardCounters {
+    max_concurrent_rejects: AtomicU64,
+    healthcheck_broken: AtomicU64,
+    upstreams: Mutex<Vec<Arc<UpstreamCounters>>>,
+}
+
+impl ForwardCounters {
+    /// The counters of upstream `to`, created on first use.
+    pub fn upstream(&self, to: SocketAddr) -> Arc<UpstreamCounters> {
+        let to = to.to_string();
+        let mut all = self.upstreams.lock().expect("metrics lock");
+        if let Some(u) = all.iter().find(|u| u.to == to) {
+            return u.clone();
+        }
+        let u = Arc::new(UpstreamCounters {
+            to,
+            requests: AtomicU64::new(0),
+            responses: Default::default(),
+            healthcheck_failures: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            looped: AtomicBool::new(false),
+        });
+        all.push(u.clone());
+        u
+    }
+
+    pub fn reject(&self) {
+        self.max_concurrent_rejects.fetch_add(1, Relaxed);
+    }
+
+    /// Every upstream was down: all were tried anyway.
+    pub fn broken(&self) {
+        self.healthcheck_broken.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, o: &mut String) {
+        let all = self.upstreams.lock().expect("metrics lock").clone();
+        let per = |o: &mut String,
+                   name: &str,
+                   kind: &str,
+                   help: &str,
+                   v: &dyn Fn(&UpstreamCounters) -> u64| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for u in &all {
+                let _ = writeln!(o, "{name}{{to=\"{}\"}} {}", u.to, v(u));
+            }
+        };
+        per(
+            o,
+            "coredns_forward_requests_total",
+            "counter",
+            "Queries sent to each upstream.",
+            &|u| u.requests.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP coredns_forward_responses_total Answers from each upstream, by rcode."
+        );
+        let _ = writeln!(o, "# TYPE coredns_forward_responses_total counter");
+        for u in &all {
+            for (i, rcode) in RCODES.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "coredns_forward_responses_total{{to=\"{}\",rcode=\"{rcode}\"}} {}",
+                    u.to,
+                    u.responses[i].load(Relaxed)
+                );
+            }
+        }
+        per(
+            o,
+            "coredns_forward_healthcheck_failures_total",
+            "counter",
+            "Failed health checks of each upstream.",
+            &|u| u.healthcheck_failures.load(Relaxed),
+        );
+        per(
+            o,
+            "xdns_forward_upstream_healthy",
+            "gauge",
+            "1 unless the upstream is down after failed health checks.",
+            &|u| u.healthy.load(Relaxed) as u64,
+        );
+        per(
+            o,
+            "xdns_forward_loop_detected",
+            "gauge",
+            "1 when the upstream forwards back to this agent; it is not used.",
+            &|u| u.looped.load(Relaxed) as u64,
+        );
+        for (name, help, v) in [
+            (
+                "coredns_forward_max_concurrent_rejects_total",
+                "Queries refused because --max-concurrent upstream queries were in flight.",
+                &self.max_concurrent_rejects,
+            ),
+            (
+                "coredns_forward_healthcheck_broken_total",
+                "Queries sent while every upstream was down (all tried anyway).",
+                &self.healthcheck_broken,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} counter");
+            let _ = writeln!(o, "{name} {}", v.load(Relaxed));
+        }
     }
 }
 

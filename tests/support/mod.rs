@@ -516,6 +516,23 @@ impl Client {
         }
     }
 
+    /// Sends without waiting for a reply: many queries in flight at once.
+    pub fn send_raw(&self, msg: &[u8]) {
+        self.sock.send_to(msg, self.server).expect("send");
+    }
+
+    /// The next reply from the server, whatever query it answers (None on timeout).
+    pub fn recv_raw(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) if from == self.server => return Some(buf[..n].to_vec()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// A query with a random ID; asserts the reply's ID.
     pub fn query(&self, name: &str, qtype: RecordType, edns: bool) -> Message {
         let q = query_message(name, qtype, edns);

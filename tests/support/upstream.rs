@@ -25,6 +25,26 @@ pub enum Action {
     Raw(Vec<u8>),
     /// No reply at all.
     Drop,
+    /// Several messages in order (e.g. spoofs before the real answer).
+    Many(Vec<Vec<u8>>),
+    /// The action after a delay, without holding up other queries.
+    Delayed(Duration, Box<Action>),
+}
+
+impl Action {
+    /// The datagrams (or TCP messages) this action sends, after its delay.
+    fn into_messages(self) -> (Duration, Vec<Vec<u8>>) {
+        match self {
+            Action::Reply(r) => (Duration::ZERO, vec![r.to_vec().unwrap()]),
+            Action::Raw(b) => (Duration::ZERO, vec![b]),
+            Action::Drop => (Duration::ZERO, vec![]),
+            Action::Many(v) => (Duration::ZERO, v),
+            Action::Delayed(d, a) => {
+                let (more, m) = a.into_messages();
+                (d + more, m)
+            }
+        }
+    }
 }
 
 pub type Behaviour = Arc<dyn Fn(&Message) -> Action + Send + Sync>;
@@ -66,14 +86,30 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub queries: Arc<AtomicU64>,
     pub seen: Arc<Mutex<Vec<Message>>>,
+    /// Queries that came over TCP (also counted in `queries` and `seen`).
+    pub tcp_queries: Arc<AtomicU64>,
+    pub seen_tcp: Arc<Mutex<Vec<Message>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Upstream {
     pub fn start(ns: &Netns, addr: SocketAddr, behaviour: Behaviour) -> Self {
+        Self::start_with_tcp(ns, addr, behaviour.clone(), behaviour)
+    }
+
+    /// An upstream that behaves one way over UDP and another over TCP (e.g. truncating UDP
+    /// answers).
+    pub fn start_with_tcp(
+        ns: &Netns,
+        addr: SocketAddr,
+        behaviour: Behaviour,
+        tcp_behaviour: Behaviour,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(AtomicU64::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let tcp_queries = Arc::new(AtomicU64::new(0));
+        let seen_tcp = Arc::new(Mutex::new(Vec::new()));
         let (udp, tcp) = ns.enter(move || {
             let udp = UdpSocket::bind(addr).expect("upstream UDP bind");
             let tcp = TcpListener::bind(addr).expect("upstream TCP bind");
@@ -100,20 +136,32 @@ impl Upstream {
                         continue;
                     };
                     seen.lock().unwrap().push(q.clone());
-                    match behaviour(&q) {
-                        Action::Reply(r) => {
-                            let _ = udp.send_to(&r.to_vec().unwrap(), peer);
+                    let (delay, messages) = behaviour(&q).into_messages();
+                    if delay.is_zero() {
+                        for m in messages {
+                            let _ = udp.send_to(&m, peer);
                         }
-                        Action::Raw(b) => {
-                            let _ = udp.send_to(&b, peer);
-                        }
-                        Action::Drop => {}
+                    } else {
+                        let udp = udp.try_clone().unwrap();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(delay);
+                            for m in messages {
+                                let _ = udp.send_to(&m, peer);
+                            }
+                        });
                     }
                 }
             });
         }
         {
-            let (stop, queries, seen) = (stop.clone(), queries.clone(), seen.clone());
+            let (stop, queries, seen, tcp_queries, seen_tcp, behaviour) = (
+                stop.clone(),
+                queries.clone(),
+                seen.clone(),
+                tcp_queries.clone(),
+                seen_tcp.clone(),
+                tcp_behaviour,
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((mut s, _)) = tcp.accept() else {
@@ -131,18 +179,19 @@ impl Upstream {
                         continue;
                     }
                     queries.fetch_add(1, Ordering::Relaxed);
+                    tcp_queries.fetch_add(1, Ordering::Relaxed);
                     let Ok(q) = Message::from_vec(&msg) else {
                         continue;
                     };
                     seen.lock().unwrap().push(q.clone());
-                    let bytes = match behaviour(&q) {
-                        Action::Reply(r) => r.to_vec().unwrap(),
-                        Action::Raw(b) => b,
-                        Action::Drop => continue,
-                    };
-                    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-                    framed.extend_from_slice(&bytes);
-                    let _ = s.write_all(&framed);
+                    seen_tcp.lock().unwrap().push(q.clone());
+                    let (delay, messages) = behaviour(&q).into_messages();
+                    std::thread::sleep(delay);
+                    for bytes in messages {
+                        let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&bytes);
+                        let _ = s.write_all(&framed);
+                    }
                 }
             });
         }
@@ -150,6 +199,8 @@ impl Upstream {
             addr,
             queries,
             seen,
+            tcp_queries,
+            seen_tcp,
             stop,
         }
     }
@@ -157,6 +208,33 @@ impl Upstream {
     pub fn query_count(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
     }
+
+    /// Queries for `name` (any type, case-insensitive, trailing dot optional), over UDP and TCP.
+    /// Unlike [`Self::query_count`], this leaves out the agent's own health checks and loop
+    /// probes.
+    pub fn queries_for(&self, name: &str) -> usize {
+        count_name(&self.seen.lock().unwrap(), name)
+    }
+
+    /// The same over TCP only.
+    pub fn tcp_queries_for(&self, name: &str) -> usize {
+        count_name(&self.seen_tcp.lock().unwrap(), name)
+    }
+}
+
+fn count_name(seen: &[Message], name: &str) -> usize {
+    let want = name.trim_end_matches('.').to_ascii_lowercase();
+    seen.iter()
+        .filter(|m| {
+            m.queries.first().is_some_and(|q| {
+                q.name()
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase()
+                    == want
+            })
+        })
+        .count()
 }
 
 impl Drop for Upstream {

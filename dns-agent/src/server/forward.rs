@@ -1,26 +1,84 @@
 //! Forwarding names outside the cluster to the upstream resolvers.
+//!
+//! The semantics follow CoreDNS's `forward` plugin where it has one: a policy orders the
+//! upstreams for each query (default `random`), an upstream that fails an exchange is health
+//! checked with `. IN NS` every `--health-check` until it answers, and counts as down after
+//! `--max-fails` failed checks in a row; down upstreams are skipped unless every upstream is
+//! down, in which case all are tried anyway. A SERVFAIL or REFUSED answer moves on to the next
+//! upstream too (CoreDNS's `failover SERVFAIL REFUSED`). Beyond `--max-concurrent` queries in
+//! flight, new ones are REFUSED.
+//!
+//! Spoofing resistance (RFC 5452): a random ID and a fresh socket (random source port) per
+//! attempt, and a reply is only accepted when its ID and question (name without case, type,
+//! class) match what was sent. Anything else on the socket is ignored, so a spoofer cannot cut
+//! the real answer short.
+//!
+//! Forwarding loops (an upstream that forwards back to this agent) are looked for at start, the
+//! way CoreDNS's `loop` plugin does: a query for a random name `<n>.<n>.` of type HINFO goes to
+//! each upstream; if it arrives at our own listener, that upstream loops and is never used.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query},
-    rr::{DNSClass, Name, RecordType},
+    rr::{DNSClass, RecordType},
 };
+use rand::seq::SliceRandom as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
+    sync::Semaphore,
 };
 
-/// Why forwarding gave no answer (the client gets SERVFAIL).
+use crate::{
+    dns,
+    metrics::{Metrics, UpstreamCounters},
+    zone::name::{WireName, to_name, to_text, wire_from_labels},
+};
+
+/// Why forwarding gave no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("no upstream answered within {0:?}")]
-    Timeout(Duration),
-    #[error("every upstream failed: {0}")]
-    Failed(String),
+    /// `--max-concurrent` queries are already in flight: the client gets REFUSED.
+    #[error("{0} upstream queries already in flight (--max-concurrent)")]
+    Overloaded(usize),
+    /// Every upstream loops back to us (see [`Forwarder::detect_loops`]).
+    #[error("no upstream is usable: every one forwards our queries back to this agent")]
+    NoUpstream,
+    /// Every attempt failed or answered SERVFAIL/REFUSED; `rcode` is what the client gets.
+    #[error("every upstream failed: {detail}")]
+    Failed { rcode: u16, detail: String },
+}
+
+impl ForwardError {
+    /// The RCODE a client gets for this failure.
+    pub fn rcode(&self) -> u16 {
+        match self {
+            Self::Overloaded(_) => dns::RCODE_REFUSED,
+            Self::NoUpstream => dns::RCODE_SERVFAIL,
+            Self::Failed { rcode, .. } => *rcode,
+        }
+    }
+}
+
+/// Why one exchange with one upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("encoding the query: {0}")]
+    Encode(#[from] hickory_proto::ProtoError),
+    #[error("the TCP reply does not parse: {0}")]
+    Decode(#[from] hickory_proto::serialize::binary::DecodeError),
+    #[error("the TCP reply does not match the query (ID or question)")]
+    Mismatch,
 }
 
 /// How long one attempt waits, and how long a client waits in all.
@@ -30,64 +88,361 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            attempt: Duration::from_millis(1000),
-            total: Duration::from_millis(1900),
-        }
+/// The order in which upstreams are tried for a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Always in the order given.
+    Sequential,
+    /// A fresh random order for every query (CoreDNS's default).
+    Random,
+    /// Each query starts one upstream further along the list.
+    RoundRobin,
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sequential => "sequential",
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+        })
     }
 }
 
-/// A question to ask upstream.
+/// The forwarding options of `dns-agent run`.
 #[derive(Clone, Debug)]
+pub struct ForwardSettings {
+    pub policy: Policy,
+    pub timeouts: Timeouts,
+    pub force_tcp: bool,
+    /// Upstream queries in flight at once; more are REFUSED.
+    pub max_concurrent: usize,
+    /// Interval of the health checks of an upstream that failed.
+    pub health_check: Duration,
+    /// Failed health checks in a row that mark an upstream down; 0: never health check.
+    pub max_fails: u32,
+}
+
+/// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
+/// case-insensitive, and one cache entry serves every spelling).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Question {
-    pub name: Name,
-    pub qtype: RecordType,
-    pub qclass: DNSClass,
+    /// Lowercased wire format.
+    pub name: WireName,
+    pub qtype: u16,
+    pub qclass: u16,
     pub dnssec_ok: bool,
+    /// CD is part of the key as well as DO: an answer fetched with checking disabled may hold
+    /// data a validating upstream would have refused to give to everyone else.
     pub checking_disabled: bool,
 }
 
-pub struct Forwarder {
-    upstreams: Vec<SocketAddr>,
-    timeouts: Timeouts,
+/// An accepted upstream reply: its bytes as received and their parse.
+#[derive(Debug)]
+pub struct Exchange {
+    pub bytes: Vec<u8>,
+    pub message: Message,
 }
 
+/// One upstream and what is known about it.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Failed health checks in a row.
+    fails: AtomicU32,
+    /// A health check loop is running.
+    checking: AtomicBool,
+    /// It sent our loop probe back to us: never used.
+    looped: AtomicBool,
+    /// The name of this upstream's loop probe.
+    loop_probe: WireName,
+    counters: Arc<UpstreamCounters>,
+}
+
+impl Upstream {
+    fn is_down(&self, max_fails: u32) -> bool {
+        max_fails > 0 && self.fails.load(Relaxed) >= max_fails
+    }
+}
+
+pub struct Forwarder {
+    upstreams: Vec<Arc<Upstream>>,
+    settings: ForwardSettings,
+    /// Round-robin position.
+    next: AtomicUsize,
+    permits: Semaphore,
+    metrics: Arc<Metrics>,
+    /// Health check loops, so that they end with the forwarder.
+    health_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// How many times the loop probe is sent to an upstream that does not answer it, and how far
+/// apart: an upstream that starts after us is still checked.
+const LOOP_PROBE_ATTEMPTS: u32 = 10;
+const LOOP_PROBE_RETRY: Duration = Duration::from_secs(3);
+
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>, timeouts: Timeouts) -> Self {
+    pub fn new(
+        upstreams: Vec<SocketAddr>,
+        settings: ForwardSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let upstreams = upstreams
+            .into_iter()
+            .map(|addr| {
+                // CoreDNS's loop probe name: two random numbers under the root.
+                let probe = wire_from_labels(&[
+                    rand::random::<u64>().to_string(),
+                    rand::random::<u64>().to_string(),
+                ]);
+                Arc::new(Upstream {
+                    addr,
+                    fails: AtomicU32::new(0),
+                    checking: AtomicBool::new(false),
+                    looped: AtomicBool::new(false),
+                    loop_probe: probe,
+                    counters: metrics.forward.upstream(addr),
+                })
+            })
+            .collect();
         Self {
             upstreams,
-            timeouts,
+            permits: Semaphore::new(settings.max_concurrent),
+            settings,
+            next: AtomicUsize::new(0),
+            metrics,
+            health_tasks: Mutex::new(Vec::new()),
         }
     }
 
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.upstreams.iter().map(|u| u.addr).collect()
     }
 
-    /// Asks the upstreams in turn until one answers; retries over TCP when a UDP answer is
-    /// truncated. Gives up after the total timeout.
-    pub async fn resolve(&self, q: &Question) -> Result<Message, ForwardError> {
-        let deadline = Instant::now() + self.timeouts.total;
+    pub fn settings(&self) -> &ForwardSettings {
+        &self.settings
+    }
+
+    /// Asks the upstreams in policy order until one answers, within the total timeout; retries
+    /// over TCP when a UDP answer is truncated. An upstream that answered SERVFAIL or REFUSED
+    /// is not asked again for this query; one that timed out gets a second chance if time is
+    /// left (a lost datagram is the usual reason).
+    pub async fn resolve(&self, q: &Question) -> Result<Exchange, ForwardError> {
+        let Ok(_permit) = self.permits.try_acquire() else {
+            self.metrics.forward.reject();
+            return Err(ForwardError::Overloaded(self.settings.max_concurrent));
+        };
+        let order = self.order();
+        if order.is_empty() {
+            return Err(ForwardError::NoUpstream);
+        }
+        let timeouts = self.settings.timeouts;
+        let deadline = Instant::now() + timeouts.total;
         let mut errors = Vec::new();
-        for upstream in self.upstreams.iter().cycle().take(self.upstreams.len() * 2) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let budget = left.min(self.timeouts.attempt);
-            match tokio::time::timeout(budget, exchange(*upstream, q)).await {
-                Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) => errors.push(format!("{upstream}: {e}")),
-                Err(_) => errors.push(format!("{upstream}: no answer in {budget:?}")),
+        let mut answered = vec![false; self.upstreams.len()];
+        let mut rcode = dns::RCODE_SERVFAIL;
+        'rounds: for _round in 0..2 {
+            for &i in &order {
+                if answered[i] {
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break 'rounds;
+                }
+                let up = &self.upstreams[i];
+                let budget = left.min(timeouts.attempt);
+                up.counters.requests.fetch_add(1, Relaxed);
+                let started = Instant::now();
+                match tokio::time::timeout(budget, exchange(up.addr, q, self.settings.force_tcp))
+                    .await
+                {
+                    Ok(Ok(x)) => {
+                        let got = x.message.metadata.response_code.low() as u16;
+                        up.counters.response(got);
+                        self.metrics.upstream_latency.observe(started.elapsed());
+                        if got == dns::RCODE_SERVFAIL || got == dns::RCODE_REFUSED {
+                            answered[i] = true;
+                            rcode = got;
+                            errors.push(format!("{}: rcode {got}", up.addr));
+                            continue;
+                        }
+                        return Ok(x);
+                    }
+                    Ok(Err(e)) => {
+                        errors.push(format!("{}: {e}", up.addr));
+                        self.suspect(up);
+                    }
+                    Err(_) => {
+                        errors.push(format!("{}: no answer in {budget:?}", up.addr));
+                        self.suspect(up);
+                    }
+                }
             }
         }
-        if errors.is_empty() {
-            Err(ForwardError::Timeout(self.timeouts.total))
+        Err(ForwardError::Failed {
+            rcode,
+            detail: errors.join("; "),
+        })
+    }
+
+    /// Indices of the upstreams to try, in policy order: the healthy ones, or every one (but
+    /// those that loop) when all are down, as CoreDNS does when health checking itself seems
+    /// broken.
+    fn order(&self) -> Vec<usize> {
+        let mut usable: Vec<usize> = (0..self.upstreams.len())
+            .filter(|&i| !self.upstreams[i].looped.load(Relaxed))
+            .collect();
+        if usable.is_empty() {
+            return usable;
+        }
+        match self.settings.policy {
+            Policy::Sequential => {}
+            Policy::Random => usable.shuffle(&mut rand::rng()),
+            Policy::RoundRobin => {
+                let start = self.next.fetch_add(1, Relaxed) % usable.len();
+                usable.rotate_left(start);
+            }
+        }
+        let healthy: Vec<usize> = usable
+            .iter()
+            .copied()
+            .filter(|&i| !self.upstreams[i].is_down(self.settings.max_fails))
+            .collect();
+        if healthy.is_empty() {
+            self.metrics.forward.broken();
+            usable
         } else {
-            Err(ForwardError::Failed(errors.join("; ")))
+            healthy
         }
+    }
+
+    /// An exchange with `up` failed: health check it until it answers (unless it is being
+    /// checked already, or health checks are off).
+    fn suspect(&self, up: &Arc<Upstream>) {
+        if self.settings.max_fails == 0 || up.checking.swap(true, Relaxed) {
+            return;
+        }
+        let task = tokio::spawn(health_check(up.clone(), self.settings.clone()));
+        let mut tasks = self.health_tasks.lock().expect("health task lock");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+
+    /// Is `qname` one of our own loop probes? If so, the upstream it was sent to forwards back to
+    /// us: from now on it is not used, and the caller must not forward the query (that would
+    /// amplify the loop). Checked whenever the probe arrives, so an upstream that answers the
+    /// probe before passing it on (e.g. one asking several servers at once) is caught too.
+    pub fn is_loop_probe(&self, qname: &[u8]) -> bool {
+        let Some(up) = self.upstreams.iter().find(|u| u.loop_probe == qname) else {
+            return false;
+        };
+        if !up.looped.swap(true, Relaxed) {
+            up.counters.looped.store(true, Relaxed);
+            tracing::error!(
+                upstream = %up.addr,
+                probe = %to_text(&up.loop_probe),
+                "forwarding loop: upstream {} sent our loop probe back to this agent, so it \
+                 forwards to us; it will not be used. Fix: point that resolver elsewhere, or \
+                 drop `--upstream {}`",
+                up.addr,
+                up.addr,
+            );
+        }
+        true
+    }
+
+    /// Sends each upstream a loop probe and marks those that send it back to us. Upstreams that
+    /// loop are logged and never used again. Fails when every upstream loops: the agent cannot
+    /// forward anything, and saying so beats amplifying every query.
+    pub async fn detect_loops(&self) -> Result<(), ForwardError> {
+        let checks = self.upstreams.iter().map(|up| self.detect_loop(up));
+        futures::future::join_all(checks).await;
+        if self.upstreams.iter().all(|u| u.looped.load(Relaxed)) {
+            return Err(ForwardError::NoUpstream);
+        }
+        Ok(())
+    }
+
+    async fn detect_loop(&self, up: &Upstream) {
+        let probe = Question {
+            name: up.loop_probe.clone(),
+            qtype: u16::from(RecordType::HINFO),
+            qclass: dns::CLASS_IN,
+            dnssec_ok: false,
+            checking_disabled: false,
+        };
+        for attempt in 1..=LOOP_PROBE_ATTEMPTS {
+            let reply = tokio::time::timeout(
+                self.settings.timeouts.total,
+                exchange(up.addr, &probe, self.settings.force_tcp),
+            )
+            .await;
+            // A looping upstream passes the probe on before it can answer it, so by now
+            // `is_loop_probe` has seen it.
+            if up.looped.load(Relaxed) {
+                return;
+            }
+            if matches!(reply, Ok(Ok(_))) {
+                tracing::debug!(upstream = %up.addr, "loop probe answered: no loop");
+                return;
+            }
+            if attempt < LOOP_PROBE_ATTEMPTS {
+                tokio::time::sleep(LOOP_PROBE_RETRY).await;
+            }
+        }
+        tracing::warn!(
+            upstream = %up.addr,
+            "the loop probe got no answer after {LOOP_PROBE_ATTEMPTS} attempts; loop detection \
+             gave up on this upstream"
+        );
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.health_tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// CoreDNS's health check: `. IN NS`, recursion desired, over the transport queries use. Any
+/// reply (whatever its RCODE) means the upstream is up. Probes every `health_check` until one
+/// succeeds; `max_fails` failures in a row mark it down.
+async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
+    let probe = Question {
+        name: vec![0],
+        qtype: u16::from(RecordType::NS),
+        qclass: dns::CLASS_IN,
+        dnssec_ok: false,
+        checking_disabled: false,
+    };
+    loop {
+        let reply = tokio::time::timeout(
+            settings.timeouts.attempt,
+            exchange(up.addr, &probe, settings.force_tcp),
+        )
+        .await;
+        if matches!(reply, Ok(Ok(_))) {
+            if up.fails.swap(0, Relaxed) >= settings.max_fails {
+                tracing::info!(upstream = %up.addr, "upstream answers health checks again: up");
+            }
+            up.counters.healthy.store(true, Relaxed);
+            up.checking.store(false, Relaxed);
+            return;
+        }
+        up.counters.healthcheck_failures.fetch_add(1, Relaxed);
+        let fails = up.fails.fetch_add(1, Relaxed) + 1;
+        if fails == settings.max_fails {
+            up.counters.healthy.store(false, Relaxed);
+            tracing::warn!(
+                upstream = %up.addr,
+                "upstream failed {fails} health checks in a row: down, skipped while others are up"
+            );
+        }
+        tokio::time::sleep(settings.health_check).await;
     }
 }
 
@@ -95,8 +450,8 @@ fn query_message(q: &Question) -> Message {
     let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.metadata.checking_disabled = q.checking_disabled;
-    let mut query = Query::query(q.name.clone(), q.qtype);
-    query.set_query_class(q.qclass);
+    let mut query = Query::query(to_name(&q.name), RecordType::from(q.qtype));
+    query.set_query_class(DNSClass::from(q.qclass));
     m.add_query(query);
     let mut edns = Edns::new();
     edns.set_max_payload(dns_common::EDNS_UDP_SIZE);
@@ -117,11 +472,20 @@ fn matches(sent: &Message, reply: &Message) -> bool {
         && reply.queries[0].query_class() == sent.queries[0].query_class()
 }
 
-async fn exchange(upstream: SocketAddr, q: &Question) -> anyhow::Result<Message> {
+/// One question to one upstream: UDP (then TCP if truncated), or TCP alone with `force_tcp`.
+/// Each call makes a new query with a new random ID.
+pub async fn exchange(
+    upstream: SocketAddr,
+    q: &Question,
+    force_tcp: bool,
+) -> Result<Exchange, ExchangeError> {
     let query = query_message(q);
     let bytes = query.to_vec()?;
+    if force_tcp {
+        return exchange_tcp(upstream, &query, &bytes).await;
+    }
     let reply = exchange_udp(upstream, &query, &bytes).await?;
-    if reply.metadata.truncation {
+    if reply.message.metadata.truncation {
         return exchange_tcp(upstream, &query, &bytes).await;
     }
     Ok(reply)
@@ -131,8 +495,9 @@ async fn exchange_udp(
     upstream: SocketAddr,
     query: &Message,
     bytes: &[u8],
-) -> anyhow::Result<Message> {
+) -> Result<Exchange, ExchangeError> {
     // A fresh socket per query: a random source port from the kernel, on top of the random ID.
+    // Connected, so the kernel drops datagrams from any other address.
     let local: SocketAddr = match upstream.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -148,7 +513,10 @@ async fn exchange_udp(
         if let Ok(reply) = Message::from_vec(&buf[..n])
             && matches(query, &reply)
         {
-            return Ok(reply);
+            return Ok(Exchange {
+                bytes: buf[..n].to_vec(),
+                message: reply,
+            });
         }
     }
 }
@@ -157,8 +525,9 @@ async fn exchange_tcp(
     upstream: SocketAddr,
     query: &Message,
     bytes: &[u8],
-) -> anyhow::Result<Message> {
+) -> Result<Exchange, ExchangeError> {
     let mut stream = TcpStream::connect(upstream).await?;
+    stream.set_nodelay(true)?;
     let mut framed = Vec::with_capacity(bytes.len() + 2);
     framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
     framed.extend_from_slice(bytes);
@@ -167,6 +536,12 @@ async fn exchange_tcp(
     let mut buf = vec![0u8; len];
     stream.read_exact(&mut buf).await?;
     let reply = Message::from_vec(&buf)?;
-    anyhow::ensure!(matches(query, &reply), "TCP reply does not match the query");
-    Ok(reply)
+    // Off-path spoofing needs the TCP handshake; a mismatch here is a broken upstream.
+    if !matches(query, &reply) {
+        return Err(ExchangeError::Mismatch);
+    }
+    Ok(Exchange {
+        bytes: buf,
+        message: reply,
+    })
 }

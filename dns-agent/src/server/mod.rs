@@ -1,6 +1,8 @@
 //! The userspace DNS server: answers what the kernel passes up (over UDP), everything over
 //! TCP, and forwards names outside the cluster.
 
+pub mod cache;
+pub mod external;
 pub mod forward;
 pub mod handover;
 pub mod tcp;
@@ -11,10 +13,14 @@ use std::sync::{Arc, RwLock};
 use dns_common::FLAG_RA;
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query as HQuery, ResponseCode},
-    rr::{DNSClass, Name, Record, RecordType},
+    rr::{DNSClass, Record, RecordType},
 };
 
-use self::forward::{Forwarder, Question};
+use self::{
+    cache::Answer,
+    external::{ExternalResolver, Resolved},
+    forward::Question,
+};
 use crate::{
     dns::{self, Body, EXT_RCODE_BADVERS, Query, Reject},
     metrics::{Metrics, Path},
@@ -34,7 +40,8 @@ pub enum Transport {
 
 pub struct Handler {
     pub zone: Arc<RwLock<ZoneModel>>,
-    pub forwarder: Forwarder,
+    /// Cache and forwarder for names outside the cluster.
+    pub external: Arc<ExternalResolver>,
     pub metrics: Arc<Metrics>,
     /// Queries being answered right now (a shutdown waits for them).
     pub in_flight: std::sync::atomic::AtomicUsize,
@@ -49,6 +56,13 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A query [`Handler::handle_now`] could not answer without waiting for an upstream.
+pub struct Pending {
+    msg: Vec<u8>,
+    limit: Option<usize>,
+    zone: ZoneReply,
+}
+
 impl Handler {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
@@ -56,15 +70,22 @@ impl Handler {
 
     /// The reply to one message, or `None` when it deserves none.
     pub async fn handle(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _in_flight = InFlight(&self.in_flight);
+        match self.handle_now(msg, transport) {
+            Ok(reply) => reply,
+            Err(pending) => Some(self.finish(pending).await),
+        }
+    }
+
+    /// The reply to one message when it needs no waiting: errors, answers from the zone, and
+    /// answers from the cache of upstream answers. Otherwise the query, for [`Self::finish`].
+    /// Lets the UDP loop answer most queries without a task of their own.
+    pub fn handle_now(&self, msg: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Pending> {
         self.metrics.request(transport);
         let q = match dns::parse_query(msg) {
             Ok(q) => q,
             Err(Reject::Drop) => {
                 self.metrics.dropped();
-                return None;
+                return Ok(None);
             }
             Err(Reject::Error {
                 id,
@@ -73,61 +94,109 @@ impl Handler {
                 question,
             }) => {
                 self.metrics.response(rcode);
-                return Some(dns::build_error(msg, id, flags, rcode, question));
+                return Ok(Some(dns::build_error(msg, id, flags, rcode, question)));
             }
         };
         let limit = match transport {
             Transport::Udp => Some(q.udp_limit()),
             Transport::Tcp => None,
         };
-        let reply = self.answer(&q, limit).await;
-        self.metrics
-            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
-        Some(reply)
-    }
-
-    async fn answer(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
         let from_zone = {
             let zone = self.zone.read().expect("zone lock poisoned");
-            answer_from_zone(&zone, q, limit)
+            answer_from_zone(&zone, &q, limit)
         };
-        match from_zone {
+        let reply = match from_zone {
             ZoneReply::Reply(r) => {
                 self.metrics.path(Path::Userspace);
                 r
             }
-            ZoneReply::Forward => {
+            zone => {
                 self.metrics.path(Path::Forwarded);
-                self.forward(q, limit).await
+                match zone {
+                    ZoneReply::Forward => self.forward_now(&q, limit),
+                    _ => None,
+                }
+                .ok_or_else(|| Pending {
+                    msg: msg.to_vec(),
+                    limit,
+                    zone,
+                })?
             }
-            ZoneReply::Chase { cname, target } => {
-                self.metrics.path(Path::Forwarded);
-                self.chase_upstream(q, *cname, &target, limit).await
-            }
-        }
+        };
+        self.metrics
+            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
+        Ok(Some(reply))
     }
 
-    fn question_of(q: &Query<'_>, name: Name) -> Question {
+    /// The reply to a query that waits for an upstream.
+    pub async fn finish(&self, p: Pending) -> Vec<u8> {
+        // Counted while the upstream is awaited: a shutdown waits for these.
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
+        let q = dns::parse_query(&p.msg).expect("handle_now parsed this message");
+        let reply = match p.zone {
+            ZoneReply::Chase { cname, target } => {
+                self.chase_upstream(&q, *cname, &target, p.limit).await
+            }
+            _ => self.forward(&q, p.limit).await,
+        };
+        self.metrics
+            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
+        reply
+    }
+
+    /// The upstream question (and cache key) for `name`, asked as `q` asks.
+    fn question_of(q: &Query<'_>, name: WireName) -> Question {
         Question {
             name,
-            qtype: RecordType::from(q.qtype),
-            qclass: DNSClass::from(q.qclass),
+            qtype: q.qtype,
+            qclass: q.qclass,
             dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
             checking_disabled: q.flags & dns_common::FLAG_CD != 0,
         }
     }
 
-    async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
-        // Ask with the client's own spelling of the name.
-        let name = to_name(&q.question[..q.qname.len()]);
-        match self.forwarder.resolve(&Self::question_of(q, name)).await {
-            Ok(upstream) => reply_from_upstream(q, &upstream, Vec::new(), limit),
-            Err(e) => {
-                tracing::debug!(error = %e, "forwarding failed");
-                self.metrics.forward_failed();
-                dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_SERVFAIL), limit)
-            }
+    /// A name outside the cluster, if it needs no upstream now: our own loop probe, or an
+    /// answer from the cache.
+    fn forward_now(&self, q: &Query<'_>, limit: Option<usize>) -> Option<Vec<u8>> {
+        // Our own loop probe coming back: an upstream forwards to us. Forwarding it again
+        // would amplify the loop; the forwarder notes it, the sender gets REFUSED.
+        if self.external.forwarder().is_loop_probe(&q.qname) {
+            return Some(dns::build_reply(
+                q,
+                Body::empty(FLAG_RA | dns::RCODE_REFUSED),
+                limit,
+            ));
         }
+        let resolved = self
+            .external
+            .cached(&Self::question_of(q, q.qname.clone()))?;
+        Some(self.reply_from_resolved(q, resolved, limit))
+    }
+
+    async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
+        // The name lowercased: one cache entry and one upstream query serve every spelling;
+        // the client still sees its own question bytes.
+        let resolved = self
+            .external
+            .resolve(&Self::question_of(q, q.qname.clone()))
+            .await;
+        self.reply_from_resolved(q, resolved, limit)
+    }
+
+    fn reply_from_resolved(&self, q: &Query<'_>, r: Resolved, limit: Option<usize>) -> Vec<u8> {
+        match r {
+            Resolved::Answer { answer, ttl } => reply_from_answer(q, &answer, ttl, limit),
+            Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
+        }
+    }
+
+    fn error_reply(&self, q: &Query<'_>, rcode: u16, limit: Option<usize>) -> Vec<u8> {
+        if rcode == dns::RCODE_SERVFAIL {
+            self.metrics.forward_failed();
+        }
+        dns::build_reply(q, Body::empty(FLAG_RA | rcode), limit)
     }
 
     async fn chase_upstream(
@@ -137,17 +206,16 @@ impl Handler {
         target: &[u8],
         limit: Option<usize>,
     ) -> Vec<u8> {
-        match self
-            .forwarder
-            .resolve(&Self::question_of(q, to_name(target)))
-            .await
-        {
-            Ok(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),
-            Err(e) => {
-                tracing::debug!(error = %e, "chasing an ExternalName target failed");
-                self.metrics.forward_failed();
-                dns::build_reply(q, Body::empty(FLAG_RA | dns::RCODE_SERVFAIL), limit)
-            }
+        let question = Self::question_of(q, target.to_vec());
+        match self.external.resolve(&question).await {
+            Resolved::Answer { answer, ttl } => match answer.to_message(&question, ttl) {
+                Some(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),
+                None => {
+                    tracing::warn!("a cached answer for an ExternalName target does not parse");
+                    self.error_reply(q, dns::RCODE_SERVFAIL, limit)
+                }
+            },
+            Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
         }
     }
 }
@@ -262,6 +330,36 @@ fn chase_in_zone(
         Body::empty(FLAG_RA | dns::RCODE_SERVFAIL),
         limit,
     ))
+}
+
+/// The client's reply from a (cached) upstream answer: the client's ID, flags and question
+/// bytes, the upstream's sections as they were received, every TTL set to `ttl` when given.
+fn reply_from_answer(
+    q: &Query<'_>,
+    answer: &Answer,
+    ttl: Option<u32>,
+    limit: Option<usize>,
+) -> Vec<u8> {
+    let ad = if answer.authentic_data {
+        dns_common::FLAG_AD
+    } else {
+        0
+    };
+    let body = Body::sections(
+        FLAG_RA | ad | answer.rcode,
+        answer.ancount,
+        answer.nscount,
+        answer.arcount,
+        &answer.sections,
+    );
+    let mut reply = dns::build_reply(q, body, limit);
+    let truncated = u16::from_be_bytes([reply[2], reply[3]]) & dns_common::FLAG_TC != 0;
+    if let Some(ttl) = ttl
+        && !truncated
+    {
+        answer.patch_ttls(&mut reply, 12 + q.question.len(), ttl);
+    }
+    reply
 }
 
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the

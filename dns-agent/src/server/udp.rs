@@ -16,13 +16,21 @@ pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => return Err(e),
         };
-        let msg = buf[..n].to_vec();
+        // Answers from the zone and the cache are sent from here: a task per query would cost
+        // more than the answer. Only queries that wait for an upstream get one.
+        let pending = match handler.handle_now(&buf[..n], Transport::Udp) {
+            Ok(Some(reply)) => {
+                send(&socket, &reply, peer).await;
+                continue;
+            }
+            Ok(None) => continue,
+            Err(pending) => pending,
+        };
         let socket = socket.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
-            if let Some(reply) = handler.handle(&msg, Transport::Udp).await {
-                send(&socket, &reply, peer).await;
-            }
+            let reply = handler.finish(pending).await;
+            send(&socket, &reply, peer).await;
         });
     }
 }

@@ -1,0 +1,952 @@
+//! The cache of upstream answers.
+//!
+//! Keyed on [`Question`]: lowercased name, type, class, DO and CD. An entry keeps the upstream's
+//! sections as the upstream sent them (its OPT record removed), with the offsets of their TTL
+//! fields: serving a hit is a copy after the client's question and a TTL patch, no re-encoding.
+//! This works because compression pointers in the sections point either into the question,
+//! which the client's reply has at the same offset with the same length (only the case of the
+//! name may differ), or into the sections themselves, which keep their offsets.
+//!
+//! TTLs (CoreDNS `cache` semantics, RFC 2308 for negative answers):
+//! - positive answers live for the smallest TTL of their records; negative answers (NXDOMAIN,
+//!   NODATA) for min(SOA TTL, SOA MINIMUM) of the SOA in the authority section, and are not
+//!   cached without one (RFC 2308 §5); both clamped to `[min_ttl, max_ttl]` (negative:
+//!   `[min_ttl, negative_max_ttl]`);
+//! - every record is served with the entry's remaining lifetime, counted down;
+//! - a failed question (no upstream answering, or every one answering SERVFAIL or REFUSED) is
+//!   remembered for `servfail_ttl` (RFC 9520) and answered with that RCODE meanwhile; other
+//!   error answers (FORMERR, NOTIMP, ...) pass through uncached; truncated answers are never
+//!   cached.
+//!
+//! Serve-stale (RFC 8767): an expired entry is kept for `serve_stale` more; if refreshing it
+//! fails, it is served with TTL [`STALE_TTL`], and for [`STALE_RECHECK`] it is served so without
+//! asking upstream again.
+//!
+//! Prefetch (CoreDNS `prefetch AMOUNT 1m 10%`): a hit on an entry that has had `prefetch` hits
+//! with no gap of [`PREFETCH_GAP`] between them, and has at most ceil(10 % of its TTL) seconds
+//! left, asks the caller to refresh it in the background.
+//!
+//! Capacity: at most `capacity` entries (answers and remembered failures); the least recently
+//! used goes first.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::RData,
+};
+
+use super::forward::Question;
+use crate::{dns, metrics::CacheCounters};
+
+/// TTL of stale answers (RFC 8767 §4 suggests 30 s).
+pub const STALE_TTL: u32 = 30;
+/// After a failed refresh, how long stale data is served without trying upstream again
+/// (RFC 8767 §4: the failure recheck timer, 30 s suggested).
+pub const STALE_RECHECK: Duration = Duration::from_secs(30);
+/// Hits further apart than this start the popularity count again (CoreDNS's prefetch duration).
+pub const PREFETCH_GAP: Duration = Duration::from_secs(60);
+/// Prefetch when at most this share of the TTL is left (CoreDNS's default 10 %).
+pub const PREFETCH_PERCENT: u32 = 10;
+
+/// The cache options of `dns-agent run`.
+#[derive(Clone, Debug)]
+pub struct CacheSettings {
+    /// Entries; 0 turns the cache off.
+    pub capacity: usize,
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    pub negative_max_ttl: u32,
+    /// How long a failure is remembered; 0: not at all.
+    pub servfail_ttl: u32,
+    /// Hits that make an entry popular enough to prefetch; 0: no prefetch.
+    pub prefetch: u32,
+    /// How long after expiry an entry may still be served when upstreams fail; zero: never.
+    pub serve_stale: Duration,
+}
+
+/// Positive or negative, for the CoreDNS `type` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Success = 0,
+    Denial = 1,
+}
+
+/// Why an upstream reply cannot be kept as an [`Answer`].
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("the reply is malformed at byte {0}")]
+    Malformed(usize),
+    #[error("re-encoding the reply: {0}")]
+    Encode(#[from] hickory_proto::ProtoError),
+    #[error("the sections are longer than 65535 bytes")]
+    TooLong,
+}
+
+/// An upstream answer, ready to be spliced after a client's question.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// RCODE (the header's four bits).
+    pub rcode: u16,
+    pub authentic_data: bool,
+    pub ancount: u16,
+    pub nscount: u16,
+    pub arcount: u16,
+    /// The bytes after the question, OPT removed; pointers assume the question at offset 12.
+    pub sections: Vec<u8>,
+    /// Offsets into `sections` of every record's TTL field.
+    pub ttl_offsets: Vec<u16>,
+}
+
+/// A walk over the records of a message: per record, its start, TTL offset, type and end.
+fn walk_records(
+    msg: &[u8],
+    mut off: usize,
+    count: usize,
+) -> Option<Vec<(usize, usize, u16, usize)>> {
+    // Every record takes at least 11 bytes: a bound on what the header's counts may claim.
+    let mut out = Vec::with_capacity(count.min(msg.len() / 11));
+    for _ in 0..count {
+        let start = off;
+        off = skip_name(msg, off)?;
+        let rtype = u16::from_be_bytes([*msg.get(off)?, *msg.get(off + 1)?]);
+        let rdlen = u16::from_be_bytes([*msg.get(off + 8)?, *msg.get(off + 9)?]) as usize;
+        let end = off + 10 + rdlen;
+        if end > msg.len() {
+            return None;
+        }
+        out.push((start, off + 4, rtype, end));
+        off = end;
+    }
+    Some(out)
+}
+
+/// The offset after a name that may end in a compression pointer.
+fn skip_name(msg: &[u8], mut off: usize) -> Option<usize> {
+    // 128 labels is more than any legal name has: a bound, not a pointer chase.
+    for _ in 0..128 {
+        let len = *msg.get(off)?;
+        match len {
+            0 => return Some(off + 1),
+            l if l & 0xc0 == 0xc0 => {
+                msg.get(off + 1)?;
+                return Some(off + 2);
+            }
+            l if l & 0xc0 != 0 => return None,
+            l => off += 1 + l as usize,
+        }
+    }
+    None
+}
+
+/// The offset after an uncompressed question name.
+fn question_name_end(msg: &[u8], mut off: usize) -> Option<usize> {
+    for _ in 0..128 {
+        let len = *msg.get(off)? as usize;
+        if len == 0 {
+            return Some(off + 1);
+        }
+        if len > dns_common::MAX_LABEL_LEN {
+            return None;
+        }
+        off += 1 + len;
+    }
+    None
+}
+
+impl Answer {
+    /// Keeps the sections of an accepted upstream reply (`bytes`, parsed as `message`).
+    ///
+    /// When the reply's OPT (or a TSIG) is its last record, which is where every server puts
+    /// it, the bytes are kept as received; otherwise, and when the question is not laid out
+    /// plainly, the parse is re-encoded without them.
+    pub fn from_upstream(bytes: &[u8], message: &Message) -> Result<Self, AnswerError> {
+        match Self::from_wire(bytes) {
+            Some(a) => Ok(a),
+            None => {
+                let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+                m.metadata = message.metadata;
+                m.add_queries(message.queries.clone());
+                m.insert_answers(message.answers.clone());
+                m.insert_authorities(message.authorities.clone());
+                m.insert_additionals(message.additionals.clone());
+                let bytes = m.to_vec()?;
+                Self::from_wire(&bytes).ok_or(AnswerError::Malformed(0))
+            }
+        }
+    }
+
+    fn from_wire(msg: &[u8]) -> Option<Self> {
+        if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
+            return None;
+        }
+        let count = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
+        let (ancount, nscount, mut arcount) = (count(6), count(8), count(10));
+        let q_end = question_name_end(msg, 12)? + 4;
+        if q_end > msg.len() {
+            return None;
+        }
+        let answer_and_authority = ancount as usize + nscount as usize;
+        let records = walk_records(msg, q_end, answer_and_authority + arcount as usize)?;
+        let mut end = records.last().map_or(q_end, |r| r.3);
+        if end != msg.len() {
+            return None;
+        }
+        // OPT and TSIG belong to the upstream's message, not to the data: drop them while they
+        // end the additional section (a TSIG is always last, an OPT usually is).
+        let mut kept = records.len();
+        while kept > answer_and_authority
+            && matches!(records[kept - 1].2, dns::TYPE_OPT | TYPE_TSIG)
+        {
+            kept -= 1;
+            arcount -= 1;
+            end = records[kept].0;
+        }
+        // An OPT or TSIG anywhere else: not laid out as expected.
+        if records[..kept]
+            .iter()
+            .any(|r| matches!(r.2, dns::TYPE_OPT | TYPE_TSIG))
+        {
+            return None;
+        }
+        if end - q_end > u16::MAX as usize {
+            return None;
+        }
+        let flags = u16::from_be_bytes([msg[2], msg[3]]);
+        Some(Self {
+            rcode: flags & 0xf,
+            authentic_data: flags & dns_common::FLAG_AD != 0,
+            ancount,
+            nscount,
+            arcount,
+            sections: msg[q_end..end].to_vec(),
+            ttl_offsets: records[..kept]
+                .iter()
+                .map(|r| (r.1 - q_end) as u16)
+                .collect(),
+        })
+    }
+
+    /// Writes `ttl` into every record of a reply whose sections start at `base`.
+    pub fn patch_ttls(&self, reply: &mut [u8], base: usize, ttl: u32) {
+        let ttl = ttl.to_be_bytes();
+        for &off in &self.ttl_offsets {
+            let at = base + off as usize;
+            if let Some(field) = reply.get_mut(at..at + 4) {
+                field.copy_from_slice(&ttl);
+            }
+        }
+    }
+
+    /// The answer as a message for `q` (for callers that edit records, e.g. to put an alias in
+    /// front), with every TTL set to `ttl` when given.
+    pub fn to_message(&self, q: &Question, ttl: Option<u32>) -> Option<Message> {
+        let mut wire = Vec::with_capacity(12 + q.name.len() + 4 + self.sections.len());
+        wire.extend_from_slice(&[0, 0, 0x80, self.rcode as u8]);
+        wire.extend_from_slice(&1u16.to_be_bytes());
+        wire.extend_from_slice(&self.ancount.to_be_bytes());
+        wire.extend_from_slice(&self.nscount.to_be_bytes());
+        wire.extend_from_slice(&self.arcount.to_be_bytes());
+        wire.extend_from_slice(&q.name);
+        wire.extend_from_slice(&q.qtype.to_be_bytes());
+        wire.extend_from_slice(&q.qclass.to_be_bytes());
+        let base = wire.len();
+        wire.extend_from_slice(&self.sections);
+        if let Some(ttl) = ttl {
+            self.patch_ttls(&mut wire, base, ttl);
+        }
+        let mut m = Message::from_vec(&wire).ok()?;
+        m.metadata.authentic_data = self.authentic_data;
+        Some(m)
+    }
+}
+
+const TYPE_TSIG: u16 = 250;
+
+/// How long to cache an upstream reply, and as what; `None`: not at all.
+pub fn cache_ttl(m: &Message, s: &CacheSettings) -> Option<(u32, Kind)> {
+    if m.metadata.truncation {
+        return None;
+    }
+    let rcode = m.metadata.response_code;
+    let (ttl, kind) = if rcode == ResponseCode::NoError && !m.answers.is_empty() {
+        let ttl = m.all_sections().map(|r| r.ttl).min()?;
+        (ttl.min(s.max_ttl).max(s.min_ttl), Kind::Success)
+    } else if rcode == ResponseCode::NoError || rcode == ResponseCode::NXDomain {
+        // RFC 2308 §5: the SOA's TTL, capped by its MINIMUM; no SOA, no caching.
+        let ttl = m.authorities.iter().find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+            _ => None,
+        })?;
+        (ttl.min(s.negative_max_ttl).max(s.min_ttl), Kind::Denial)
+    } else {
+        return None;
+    };
+    (ttl > 0).then_some((ttl, kind))
+}
+
+/// What the cache has for a question.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Fresh: serve with `ttl`; `prefetch` asks the caller to refresh it in the background.
+    Hit {
+        answer: Arc<Answer>,
+        ttl: u32,
+        kind: Kind,
+        prefetch: bool,
+    },
+    /// A refresh failed lately: serve this stale answer with [`STALE_TTL`], don't ask upstream.
+    Stale(Arc<Answer>),
+    /// Upstreams failed lately: answer with this RCODE, don't ask upstream.
+    Failed(u16),
+    /// Ask upstream (an expired entry may still be served stale if that fails).
+    Miss,
+}
+
+/// What a failed upstream query leaves the client with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// The entry is fresh after all (a failed prefetch): serve it.
+    Fresh(Arc<Answer>, u32),
+    /// Serve stale data, with [`STALE_TTL`].
+    Stale(Arc<Answer>),
+    /// Nothing to serve: the error.
+    Failed(u16),
+}
+
+struct Entry {
+    answer: Option<Arc<Answer>>,
+    kind: Kind,
+    /// The TTL it was stored with (after the caps).
+    ttl: u32,
+    expires: Instant,
+    /// Until when upstream is not asked, and the RCODE to answer meanwhile.
+    failed: Option<(Instant, u16)>,
+    hits: u32,
+    last_hit: Instant,
+    /// Position in the LRU order.
+    tick: u64,
+}
+
+struct Inner {
+    map: HashMap<Arc<Question>, Entry>,
+    lru: BTreeMap<u64, Arc<Question>>,
+    tick: u64,
+}
+
+pub struct Cache {
+    settings: CacheSettings,
+    inner: Mutex<Inner>,
+    counters: Arc<CacheCounters>,
+}
+
+impl Cache {
+    pub fn new(settings: CacheSettings, counters: Arc<CacheCounters>) -> Self {
+        Self {
+            settings,
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                lru: BTreeMap::new(),
+                tick: 0,
+            }),
+            counters,
+        }
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.settings
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("cache lock").map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn stale_ok(&self, e: &Entry, now: Instant) -> bool {
+        e.answer.is_some() && now < e.expires + self.settings.serve_stale
+    }
+
+    pub fn lookup(&self, q: &Question, now: Instant) -> Lookup {
+        let mut inner = self.inner.lock().expect("cache lock");
+        let Some(e) = inner.map.get_mut(q) else {
+            return Lookup::Miss;
+        };
+        let result = if let Some(answer) = e.answer.as_ref().filter(|_| now < e.expires) {
+            if now.saturating_duration_since(e.last_hit) > PREFETCH_GAP {
+                e.hits = 1;
+            } else {
+                e.hits = e.hits.saturating_add(1);
+            }
+            e.last_hit = now;
+            let ttl = e.expires.saturating_duration_since(now).as_secs() as u32;
+            let threshold = (e.ttl * PREFETCH_PERCENT).div_ceil(100);
+            Lookup::Hit {
+                answer: answer.clone(),
+                ttl,
+                kind: e.kind,
+                prefetch: self.settings.prefetch > 0
+                    && e.hits >= self.settings.prefetch
+                    && ttl <= threshold,
+            }
+        } else if let Some((_, rcode)) = e.failed.filter(|(until, _)| now < *until) {
+            match &e.answer {
+                Some(a) if self.stale_ok(e, now) => Lookup::Stale(a.clone()),
+                _ => Lookup::Failed(rcode),
+            }
+        } else if self.stale_ok(e, now) {
+            return Lookup::Miss;
+        } else {
+            inner.remove(q, &self.counters);
+            return Lookup::Miss;
+        };
+        inner.touch(q);
+        result
+    }
+
+    /// Stores an answer for `ttl` seconds. A refreshed entry keeps its popularity.
+    pub fn insert(&self, q: &Question, answer: Arc<Answer>, ttl: u32, kind: Kind, now: Instant) {
+        if self.settings.capacity == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().expect("cache lock");
+        let (hits, last_hit) = inner
+            .map
+            .get(q)
+            .filter(|e| e.answer.is_some())
+            .map_or((0, now), |e| (e.hits, e.last_hit));
+        inner.put(
+            q,
+            Entry {
+                answer: Some(answer),
+                kind,
+                ttl,
+                expires: now + Duration::from_secs(ttl.into()),
+                failed: None,
+                hits,
+                last_hit,
+                tick: 0,
+            },
+            self.settings.capacity,
+            &self.counters,
+        );
+    }
+
+    /// Upstreams failed for `q` with `rcode`: what to serve instead, remembering the failure.
+    pub fn fail(&self, q: &Question, rcode: u16, now: Instant) -> AfterFailure {
+        let mut inner = self.inner.lock().expect("cache lock");
+        if let Some(e) = inner.map.get_mut(q)
+            && let Some(answer) = e.answer.clone()
+        {
+            if now < e.expires {
+                let ttl = e.expires.saturating_duration_since(now).as_secs() as u32;
+                return AfterFailure::Fresh(answer, ttl);
+            }
+            if self.stale_ok(e, now) {
+                e.failed = Some((now + STALE_RECHECK, rcode));
+                return AfterFailure::Stale(answer);
+            }
+        }
+        if self.settings.capacity > 0 && self.settings.servfail_ttl > 0 {
+            let until = now + Duration::from_secs(self.settings.servfail_ttl.into());
+            inner.put(
+                q,
+                Entry {
+                    answer: None,
+                    kind: Kind::Denial,
+                    ttl: 0,
+                    expires: now,
+                    failed: Some((until, rcode)),
+                    hits: 0,
+                    last_hit: now,
+                    tick: 0,
+                },
+                self.settings.capacity,
+                &self.counters,
+            );
+        } else {
+            inner.remove(q, &self.counters);
+        }
+        AfterFailure::Failed(rcode)
+    }
+
+    /// Removes what can no longer be served: expired beyond serve-stale, failures over.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut inner = self.inner.lock().expect("cache lock");
+        let dead: Vec<Arc<Question>> = inner
+            .map
+            .iter()
+            .filter(|(_, e)| {
+                let fresh = e.answer.is_some() && now < e.expires;
+                let failing = e.failed.is_some_and(|(until, _)| now < until);
+                !fresh && !failing && !self.stale_ok(e, now)
+            })
+            .map(|(q, _)| q.clone())
+            .collect();
+        for q in &dead {
+            inner.remove(q, &self.counters);
+        }
+        dead.len()
+    }
+}
+
+impl Inner {
+    fn touch(&mut self, q: &Question) {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some((key, e)) = self.map.get_key_value(q) else {
+            return;
+        };
+        let key = key.clone();
+        let old = e.tick;
+        self.lru.remove(&old);
+        self.lru.insert(tick, key);
+        if let Some(e) = self.map.get_mut(q) {
+            e.tick = tick;
+        }
+    }
+
+    fn put(&mut self, q: &Question, mut entry: Entry, capacity: usize, c: &CacheCounters) {
+        if let Some(old) = self.map.get(q) {
+            c.entries[old.kind as usize].fetch_sub(1, Relaxed);
+            self.lru.remove(&old.tick);
+        } else {
+            while self.map.len() >= capacity {
+                let Some((_, victim)) = self.lru.pop_first() else {
+                    break;
+                };
+                if let Some(v) = self.map.remove(&victim) {
+                    c.entries[v.kind as usize].fetch_sub(1, Relaxed);
+                    c.evictions[v.kind as usize].fetch_add(1, Relaxed);
+                }
+            }
+        }
+        self.tick += 1;
+        entry.tick = self.tick;
+        c.entries[entry.kind as usize].fetch_add(1, Relaxed);
+        let key = Arc::new(q.clone());
+        self.lru.insert(entry.tick, key.clone());
+        self.map.insert(key, entry);
+    }
+
+    fn remove(&mut self, q: &Question, c: &CacheCounters) {
+        if let Some(e) = self.map.remove(q) {
+            self.lru.remove(&e.tick);
+            c.entries[e.kind as usize].fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use hickory_proto::{
+        op::{Edns, Query},
+        rr::{Name, Record, RecordType, rdata::SOA},
+    };
+
+    use super::*;
+    use crate::zone::name::wire_from_dotted;
+
+    fn question(name: &str, qtype: u16, dnssec_ok: bool) -> Question {
+        Question {
+            name: wire_from_dotted(name),
+            qtype,
+            qclass: 1,
+            dnssec_ok,
+            checking_disabled: false,
+        }
+    }
+
+    fn q(name: &str) -> Question {
+        question(name, 1, false)
+    }
+
+    fn a(name: &str, ttl: u32) -> Record {
+        Record::from_rdata(
+            Name::from_str(name).unwrap(),
+            ttl,
+            RData::A("192.0.2.1".parse().unwrap()),
+        )
+    }
+
+    fn soa(ttl: u32, minimum: u32) -> Record {
+        Record::from_rdata(
+            Name::from_str("example.").unwrap(),
+            ttl,
+            RData::SOA(SOA::new(
+                Name::from_str("ns.example.").unwrap(),
+                Name::from_str("host.example.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                minimum,
+            )),
+        )
+    }
+
+    fn reply(rcode: ResponseCode, answers: Vec<Record>, authorities: Vec<Record>) -> Message {
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.metadata.response_code = rcode;
+        m.add_query(Query::query(
+            Name::from_str("www.example.").unwrap(),
+            RecordType::A,
+        ));
+        m.insert_answers(answers);
+        m.insert_authorities(authorities);
+        m
+    }
+
+    fn settings() -> CacheSettings {
+        CacheSettings {
+            capacity: 100,
+            min_ttl: 0,
+            max_ttl: 3600,
+            negative_max_ttl: 1800,
+            servfail_ttl: 5,
+            prefetch: 2,
+            serve_stale: Duration::from_secs(3600),
+        }
+    }
+
+    fn counters() -> Arc<CacheCounters> {
+        Arc::new(CacheCounters::default())
+    }
+
+    fn answer() -> Arc<Answer> {
+        let m = reply(ResponseCode::NoError, vec![a("www.example.", 300)], vec![]);
+        Arc::new(Answer::from_upstream(&m.to_vec().unwrap(), &m).unwrap())
+    }
+
+    #[test]
+    fn positive_ttl_is_the_smallest_record_ttl_within_the_caps() {
+        let s = settings();
+        let m = reply(
+            ResponseCode::NoError,
+            vec![a("www.example.", 300), a("www.example.", 120)],
+            vec![],
+        );
+        assert_eq!(cache_ttl(&m, &s), Some((120, Kind::Success)));
+        let capped = CacheSettings {
+            max_ttl: 60,
+            ..settings()
+        };
+        assert_eq!(cache_ttl(&m, &capped), Some((60, Kind::Success)));
+        let raised = CacheSettings {
+            min_ttl: 600,
+            max_ttl: 3600,
+            ..settings()
+        };
+        assert_eq!(cache_ttl(&m, &raised), Some((600, Kind::Success)));
+        let zero = reply(ResponseCode::NoError, vec![a("www.example.", 0)], vec![]);
+        assert_eq!(
+            cache_ttl(&zero, &s),
+            None,
+            "TTL 0 with no minimum: not cached"
+        );
+        let min5 = CacheSettings {
+            min_ttl: 5,
+            ..settings()
+        };
+        assert_eq!(cache_ttl(&zero, &min5), Some((5, Kind::Success)));
+    }
+
+    #[test]
+    fn negative_ttl_comes_from_the_soa() {
+        let s = settings();
+        // RFC 2308 §5: min(SOA TTL, SOA MINIMUM).
+        let nx = reply(ResponseCode::NXDomain, vec![], vec![soa(600, 30)]);
+        assert_eq!(cache_ttl(&nx, &s), Some((30, Kind::Denial)));
+        let nx = reply(ResponseCode::NXDomain, vec![], vec![soa(20, 300)]);
+        assert_eq!(cache_ttl(&nx, &s), Some((20, Kind::Denial)));
+        let nodata = reply(ResponseCode::NoError, vec![], vec![soa(600, 45)]);
+        assert_eq!(cache_ttl(&nodata, &s), Some((45, Kind::Denial)));
+        let capped = CacheSettings {
+            negative_max_ttl: 10,
+            ..settings()
+        };
+        assert_eq!(cache_ttl(&nodata, &capped), Some((10, Kind::Denial)));
+        let no_soa = reply(ResponseCode::NXDomain, vec![], vec![]);
+        assert_eq!(
+            cache_ttl(&no_soa, &s),
+            None,
+            "RFC 2308 §5: no SOA, no cache"
+        );
+    }
+
+    #[test]
+    fn errors_and_truncated_answers_are_not_cached() {
+        let s = settings();
+        for rcode in [
+            ResponseCode::ServFail,
+            ResponseCode::Refused,
+            ResponseCode::FormErr,
+        ] {
+            assert_eq!(
+                cache_ttl(&reply(rcode, vec![], vec![soa(60, 60)]), &s),
+                None
+            );
+        }
+        let mut tc = reply(ResponseCode::NoError, vec![a("www.example.", 300)], vec![]);
+        tc.metadata.truncation = true;
+        assert_eq!(cache_ttl(&tc, &s), None);
+    }
+
+    #[test]
+    fn sections_are_kept_as_sent_without_the_opt() {
+        let mut m = reply(ResponseCode::NoError, vec![a("www.example.", 300)], vec![]);
+        m.set_edns(Edns::new());
+        let bytes = m.to_vec().unwrap();
+        let ans = Answer::from_upstream(&bytes, &m).unwrap();
+        assert_eq!((ans.ancount, ans.nscount, ans.arcount), (1, 0, 0));
+        // The A record, compressed against the question, and no OPT.
+        assert_eq!(
+            ans.sections,
+            [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2, 1]
+        );
+        assert_eq!(ans.ttl_offsets, vec![6]);
+        let mut patched = ans.sections.clone();
+        ans.patch_ttls(&mut patched, 0, 42);
+        assert_eq!(&patched[6..10], &42u32.to_be_bytes());
+        // And it reads back as the same records.
+        let back = ans.to_message(&q("www.example"), Some(42)).unwrap();
+        assert_eq!(back.answers.len(), 1);
+        assert_eq!(back.answers[0].ttl, 42);
+    }
+
+    #[test]
+    fn counts_that_lie_are_refused_not_trusted() {
+        let mut msg = vec![0, 7, 0x81, 0x80, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        msg.extend_from_slice(&wire_from_dotted("www.example"));
+        msg.extend_from_slice(&[0, 1, 0, 1]);
+        assert_eq!(Answer::from_wire(&msg), None);
+    }
+
+    #[test]
+    fn an_opt_in_the_middle_is_re_encoded_away() {
+        // Hand-made: header, question, additional = [OPT, A].
+        let qname = wire_from_dotted("www.example");
+        let mut msg = vec![0, 7, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 2];
+        msg.extend_from_slice(&qname);
+        msg.extend_from_slice(&[0, 1, 0, 1]);
+        msg.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0]);
+        msg.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 9]);
+        let parsed = Message::from_vec(&msg).unwrap();
+        let ans = Answer::from_upstream(&msg, &parsed).unwrap();
+        assert_eq!(ans.arcount, 1);
+        assert_eq!(ans.ttl_offsets.len(), 1);
+        let back = ans.to_message(&q("www.example"), None).unwrap();
+        assert_eq!(back.additionals.len(), 1);
+        assert_eq!(back.additionals[0].ttl, 60);
+        assert!(back.edns.is_none());
+    }
+
+    #[test]
+    fn ttl_counts_down_and_entries_expire() {
+        let cache = Cache::new(settings(), counters());
+        let t0 = Instant::now();
+        cache.insert(&q("www.example"), answer(), 300, Kind::Success, t0);
+        let hit = cache.lookup(&q("www.example"), t0 + Duration::from_millis(10_500));
+        assert!(matches!(hit, Lookup::Hit { ttl: 289, .. }), "{hit:?}");
+        // Any spelling is the same key once lowercased; another type is not.
+        assert!(matches!(
+            cache.lookup(&q("WWW.Example"), t0),
+            Lookup::Hit { .. }
+        ));
+        let aaaa = question("www.example", 28, false);
+        assert_eq!(cache.lookup(&aaaa, t0), Lookup::Miss);
+        let do_bit = question("www.example", 1, true);
+        assert_eq!(cache.lookup(&do_bit, t0), Lookup::Miss);
+        assert_eq!(
+            cache.lookup(&q("www.example"), t0 + Duration::from_secs(300)),
+            Lookup::Miss
+        );
+    }
+
+    #[test]
+    fn stale_answers_are_served_after_a_failure_and_rechecked_later() {
+        let cache = Cache::new(settings(), counters());
+        let t0 = Instant::now();
+        let key = q("www.example");
+        cache.insert(&key, answer(), 10, Kind::Success, t0);
+        let t1 = t0 + Duration::from_secs(20);
+        assert_eq!(
+            cache.lookup(&key, t1),
+            Lookup::Miss,
+            "expired: ask upstream first"
+        );
+        assert_eq!(cache.fail(&key, 2, t1), AfterFailure::Stale(answer()));
+        // Within the recheck timer: stale straight away.
+        assert_eq!(
+            cache.lookup(&key, t1 + Duration::from_secs(29)),
+            Lookup::Stale(answer())
+        );
+        // After it: try upstream again.
+        assert_eq!(
+            cache.lookup(&key, t1 + Duration::from_secs(31)),
+            Lookup::Miss
+        );
+        // Past the serve-stale window: nothing to serve; the failure is remembered.
+        let late = t0 + Duration::from_secs(10 + 3600 + 1);
+        assert_eq!(cache.fail(&key, 2, late), AfterFailure::Failed(2));
+        assert_eq!(
+            cache.lookup(&key, late + Duration::from_secs(4)),
+            Lookup::Failed(2)
+        );
+        assert_eq!(
+            cache.lookup(&key, late + Duration::from_secs(6)),
+            Lookup::Miss
+        );
+    }
+
+    #[test]
+    fn a_failed_prefetch_keeps_the_fresh_entry() {
+        let cache = Cache::new(settings(), counters());
+        let t0 = Instant::now();
+        let key = q("www.example");
+        cache.insert(&key, answer(), 10, Kind::Success, t0);
+        assert_eq!(
+            cache.fail(&key, 2, t0 + Duration::from_secs(9)),
+            AfterFailure::Fresh(answer(), 1)
+        );
+        assert!(matches!(
+            cache.lookup(&key, t0 + Duration::from_secs(9)),
+            Lookup::Hit { .. }
+        ));
+    }
+
+    #[test]
+    fn failures_are_remembered_for_servfail_ttl_only() {
+        let off = CacheSettings {
+            servfail_ttl: 0,
+            ..settings()
+        };
+        let cache = Cache::new(off, counters());
+        let t0 = Instant::now();
+        assert_eq!(cache.fail(&q("x.example"), 2, t0), AfterFailure::Failed(2));
+        assert_eq!(cache.lookup(&q("x.example"), t0), Lookup::Miss);
+        let cache = Cache::new(settings(), counters());
+        cache.fail(&q("x.example"), 2, t0);
+        assert_eq!(
+            cache.lookup(&q("x.example"), t0 + Duration::from_secs(4)),
+            Lookup::Failed(2)
+        );
+        assert_eq!(
+            cache.lookup(&q("x.example"), t0 + Duration::from_secs(5)),
+            Lookup::Miss
+        );
+    }
+
+    #[test]
+    fn popular_names_are_prefetched_in_the_last_tenth_of_their_ttl() {
+        let cache = Cache::new(settings(), counters());
+        let t0 = Instant::now();
+        let key = q("www.example");
+        cache.insert(&key, answer(), 100, Kind::Success, t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let prefetch = |l: Lookup| match l {
+            Lookup::Hit { prefetch, .. } => prefetch,
+            other => panic!("{other:?}"),
+        };
+        // One hit: not popular yet, even late in the TTL.
+        assert!(!prefetch(cache.lookup(&key, at(50))));
+        // Second hit with 20 s left: popular, but not late enough (10 % of 100 s).
+        assert!(!prefetch(cache.lookup(&key, at(80))));
+        // Third hit with 9 s left: prefetch.
+        assert!(prefetch(cache.lookup(&key, at(91))));
+        // A refresh keeps the popularity.
+        cache.insert(&key, answer(), 100, Kind::Success, at(92));
+        assert!(!prefetch(cache.lookup(&key, at(150))));
+        assert!(prefetch(cache.lookup(&key, at(185))));
+        // Hits more than a minute apart start counting again (ceil(10 % of 5 s) is 1 s).
+        cache.insert(&key, answer(), 5, Kind::Success, at(300));
+        assert!(
+            !prefetch(cache.lookup(&key, at(304))),
+            "first hit after a 2 minute gap"
+        );
+        assert!(prefetch(
+            cache.lookup(&key, t0 + Duration::from_millis(304_500))
+        ));
+    }
+
+    #[test]
+    fn the_least_recently_used_entry_is_evicted_at_capacity() {
+        let c = counters();
+        let small = CacheSettings {
+            capacity: 2,
+            ..settings()
+        };
+        let cache = Cache::new(small, c.clone());
+        let t0 = Instant::now();
+        cache.insert(&q("a.example"), answer(), 300, Kind::Success, t0);
+        cache.insert(&q("b.example"), answer(), 300, Kind::Denial, t0);
+        // Use a: b is now the least recently used.
+        assert!(matches!(
+            cache.lookup(&q("a.example"), t0),
+            Lookup::Hit { .. }
+        ));
+        cache.insert(&q("c.example"), answer(), 300, Kind::Success, t0);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.lookup(&q("b.example"), t0), Lookup::Miss);
+        assert!(matches!(
+            cache.lookup(&q("a.example"), t0),
+            Lookup::Hit { .. }
+        ));
+        assert!(matches!(
+            cache.lookup(&q("c.example"), t0),
+            Lookup::Hit { .. }
+        ));
+        assert_eq!(c.evictions[Kind::Denial as usize].load(Relaxed), 1);
+        assert_eq!(c.entries[Kind::Success as usize].load(Relaxed), 2);
+        assert_eq!(c.entries[Kind::Denial as usize].load(Relaxed), 0);
+        // Replacing an entry evicts nothing.
+        cache.insert(&q("c.example"), answer(), 300, Kind::Success, t0);
+        assert_eq!(c.evictions[Kind::Success as usize].load(Relaxed), 0);
+    }
+
+    #[test]
+    fn sweep_drops_what_cannot_be_served() {
+        let c = counters();
+        let cache = Cache::new(settings(), c.clone());
+        let t0 = Instant::now();
+        cache.insert(&q("a.example"), answer(), 10, Kind::Success, t0);
+        cache.insert(&q("b.example"), answer(), 7200, Kind::Success, t0);
+        cache.fail(&q("c.example"), 2, t0);
+        assert_eq!(
+            cache.sweep(t0 + Duration::from_secs(60)),
+            1,
+            "c's failure is over"
+        );
+        assert_eq!(
+            cache.sweep(t0 + Duration::from_secs(3611)),
+            1,
+            "a is past serve-stale"
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(c.entries[Kind::Success as usize].load(Relaxed), 1);
+        assert_eq!(c.entries[Kind::Denial as usize].load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_zero_capacity_cache_keeps_nothing() {
+        let cache = Cache::new(
+            CacheSettings {
+                capacity: 0,
+                ..settings()
+            },
+            counters(),
+        );
+        let t0 = Instant::now();
+        cache.insert(&q("a.example"), answer(), 300, Kind::Success, t0);
+        cache.fail(&q("b.example"), 2, t0);
+        assert!(cache.is_empty());
+    }
+}
