@@ -104,11 +104,13 @@ pub const OPT_RECORD_LEN: usize = 11;
 pub const MAX_KERNEL_QUERY: usize = MAX_UDP_REPLY;
 
 /// Default capacities; `dns-agent run` can change them at load time.
-pub const DEFAULT_ANSWERS_SHORT_MAX: u32 = 1 << 18;
-pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 16;
-pub const DEFAULT_BLOBS_S_MAX: u32 = 1 << 17;
-pub const DEFAULT_BLOBS_M_MAX: u32 = 1 << 14;
-pub const DEFAULT_BLOBS_L_MAX: u32 = 1 << 12;
+/// Sized for 10,000 Services with 100,000 endpoints (about 330,000 short-name entries); each
+/// entry of capacity costs 16 bytes of bucket array up front, entries cost memory when present.
+pub const DEFAULT_ANSWERS_SHORT_MAX: u32 = 1 << 19;
+pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 17;
+pub const DEFAULT_BLOBS_S_MAX: u32 = 1 << 18;
+pub const DEFAULT_BLOBS_M_MAX: u32 = 1 << 15;
+pub const DEFAULT_BLOBS_L_MAX: u32 = 1 << 13;
 pub const LISTEN_MAX: u32 = 64;
 
 // ---------------------------------------------------------------------------------------------

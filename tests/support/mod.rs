@@ -474,7 +474,10 @@ impl Drop for Agent {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stop()));
         }
         if std::thread::panicking() {
-            eprintln!("---- dns-agent log ----\n{}", self.log());
+            // Not eprintln!: with stderr closed (a piped run cut short) it would abort the
+            // process mid-cleanup and leave namespaces behind.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "---- dns-agent log ----\n{}", self.log());
         }
         let _ = std::fs::remove_dir_all(&self.pin_path);
     }

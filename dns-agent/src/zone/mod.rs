@@ -226,6 +226,8 @@ pub struct ZoneModel {
     /// Service → names of its slices.
     slices_of: HashMap<ObjectKey, Vec<Arc<str>>>,
     reverse: HashMap<IpAddr, ReverseOwners>,
+    /// Endpoints of all slices, kept as slices come and go (metrics read it per change).
+    endpoints: usize,
 }
 
 impl ZoneModel {
@@ -243,6 +245,7 @@ impl ZoneModel {
             slices: HashMap::new(),
             slices_of: HashMap::new(),
             reverse: HashMap::new(),
+            endpoints: 0,
         }
     }
 
@@ -277,7 +280,7 @@ impl ZoneModel {
     }
 
     pub fn endpoint_count(&self) -> usize {
-        self.slices.values().map(|s| s.endpoints.len()).sum()
+        self.endpoints
     }
 
     /// The SOA record of a negative answer for `qname` (which is in the zone).
@@ -459,6 +462,11 @@ impl ZoneModel {
     }
 
     fn index_slice(&mut self, key: &ObjectKey, info: &SliceInfo, add: bool) {
+        if add {
+            self.endpoints += info.endpoints.len();
+        } else {
+            self.endpoints -= info.endpoints.len();
+        }
         let service = ObjectKey {
             namespace: key.namespace.clone(),
             name: info.service.clone(),
