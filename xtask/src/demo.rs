@@ -87,6 +87,7 @@ const QUERIES: &[(&str, RecordType, &str)] = &[
         "ExternalName, chased upstream",
     ),
     ("www.example.org", RecordType::A, "outside the cluster"),
+    ("www.example.org", RecordType::A, "again: from the cache"),
     (
         "wEb.sHoP.svc.cluster.local",
         RecordType::A,
@@ -198,12 +199,14 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
         .join(dns_common::MAP_COUNTERS);
     for (name, qtype, what) in QUERIES {
         let kernel_before = kernel_answered(&counters_path)?;
-        let (user_before, fwd_before) = userspace(&node)?;
+        let (user_before, fwd_before, hits_before) = userspace(&node)?;
         let (reply, latency) = query(&sock, name, *qtype)?;
         let kernel = kernel_answered(&counters_path)? - kernel_before;
-        let (user, fwd) = userspace(&node)?;
+        let (user, fwd, hits) = userspace(&node)?;
         let by = if kernel > 0 {
             "kernel"
+        } else if hits > hits_before {
+            "cache"
         } else if fwd > fwd_before {
             "upstream"
         } else if user > user_before {
@@ -296,8 +299,9 @@ fn kernel_answered(path: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// (answered by userspace from the zone, forwarded upstream), from the agent's metrics.
-fn userspace(node: &Netns) -> anyhow::Result<(u64, u64)> {
+/// (answered by userspace from the zone, forwarded or from the cache, cache hits), from the
+/// agent's metrics.
+fn userspace(node: &Netns) -> anyhow::Result<(u64, u64, u64)> {
     let (_, body) = node.http_get(METRICS, "/metrics")?;
     let get = |series: &str| {
         body.lines()
@@ -305,8 +309,14 @@ fn userspace(node: &Netns) -> anyhow::Result<(u64, u64)> {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
+    let hits = body
+        .lines()
+        .filter(|l| l.starts_with("coredns_cache_hits_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
+        .sum();
     Ok((
         get("xdns_queries_total{path=\"userspace\"}"),
         get("xdns_queries_total{path=\"forwarded\"}"),
+        hits,
     ))
 }
