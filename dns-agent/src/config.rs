@@ -87,7 +87,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub negative_ttl: u32,
 
-    /// bpffs directory where the agent pins its maps.
+    /// bpffs directory where the agent pins its maps and XDP links (the next agent takes the
+    /// links over, so a restart drops no query).
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdns")]
     pub pin_path: PathBuf,
 
