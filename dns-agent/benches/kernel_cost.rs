@@ -253,12 +253,20 @@ fn measure(services: usize, runs: usize) -> SizeResult {
     // wrong path is worse than none.
     for case in &cases {
         for f in &case.frames {
-            let before: std::collections::HashMap<_, _> =
-                sync.maps().counters().expect("counters").into_iter().collect();
+            let before: std::collections::HashMap<_, _> = sync
+                .maps()
+                .counters()
+                .expect("counters")
+                .into_iter()
+                .collect();
             let out = kernel.test_run(f, 1).expect("BPF_PROG_TEST_RUN");
             assert_eq!(out.action, case.verdict, "{}: verdict", case.name);
-            let after: std::collections::HashMap<_, _> =
-                sync.maps().counters().expect("counters").into_iter().collect();
+            let after: std::collections::HashMap<_, _> = sync
+                .maps()
+                .counters()
+                .expect("counters")
+                .into_iter()
+                .collect();
             assert_eq!(
                 after[case.counter],
                 before[case.counter] + 1,
