@@ -174,10 +174,9 @@ async fn zone_task(
                     drop(m);
                     model.write().expect("zone lock").set_synced();
                     if let Some(s) = sync.as_mut()
-                        && let Err(e) = s.set_synced()
-                    {
-                        tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
-                    }
+                        && let Err(e) = s.set_synced() {
+                            tracing::error!(error = %e, "marking the kernel zone synced failed; the kernel keeps passing queries up");
+                        }
                     metrics.set_synced(true);
                     let m = model.read().expect("zone lock");
                     tracing::info!(
@@ -233,9 +232,8 @@ async fn zone_task(
             tracing::debug!(?stats, "kernel maps updated");
         }
         if let Some(seen) = seen
-            && model.read().expect("zone lock").is_synced()
-        {
-            metrics.programming_latency.observe(seen.elapsed());
-        }
+            && model.read().expect("zone lock").is_synced() {
+                metrics.programming_latency.observe(seen.elapsed());
+            }
     }
 }

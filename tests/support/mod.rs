@@ -329,7 +329,7 @@ impl Agent {
         let port = self.metrics_port;
         let path = path.to_string();
         let ns = self.node_ns();
-
+        
         ns.enter(move || -> Option<(u16, String)> {
             let mut s = TcpStream::connect_timeout(
                 &SocketAddr::from(([127, 0, 0, 1], port)),
@@ -479,7 +479,7 @@ impl Client {
         let server = self.server;
         let ns = Netns::existing(&self.ns);
         let msg = msg.to_vec();
-
+        
         ns.enter(move || {
             let mut s =
                 TcpStream::connect_timeout(&server, Duration::from_secs(3)).expect("tcp connect");

@@ -16,17 +16,12 @@ pub fn build_ebpf() -> anyhow::Result<std::path::PathBuf> {
         .arg("--target-dir")
         .arg(&target_dir)
         // The flags aya-build uses for the embedded object: BTF, debug info, the target arch.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        )
+        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))
     .context("building the XDP program (missing tools? run `cargo xtask setup`)")?;
     let object = target_dir.join("bpfel-unknown-none/release/dns-ebpf");
-    let size = std::fs::metadata(&object)
-        .with_context(|| format!("{}", object.display()))?
-        .len();
+    let size = std::fs::metadata(&object).with_context(|| format!("{}", object.display()))?.len();
     println!("XDP object: {} ({size} bytes)", object.display());
     Ok(object)
 }

@@ -31,76 +31,26 @@ const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 925
 
 /// The demo's queries: name, type, what it shows.
 const QUERIES: &[(&str, RecordType, &str)] = &[
-    (
-        "kubernetes.default.svc.cluster.local",
-        RecordType::A,
-        "ClusterIP Service",
-    ),
-    (
-        "web.shop.svc.cluster.local",
-        RecordType::A,
-        "dual-stack Service, IPv4",
-    ),
-    (
-        "web.shop.svc.cluster.local",
-        RecordType::AAAA,
-        "dual-stack Service, IPv6",
-    ),
-    (
-        "_http._tcp.web.shop.svc.cluster.local",
-        RecordType::SRV,
-        "named port",
-    ),
-    (
-        "postgres.shop.svc.cluster.local",
-        RecordType::A,
-        "headless: ready endpoints",
-    ),
-    (
-        "postgres-0.postgres.shop.svc.cluster.local",
-        RecordType::A,
-        "StatefulSet pod",
-    ),
-    (
-        "10.0.96.10.in-addr.arpa",
-        RecordType::PTR,
-        "reverse of a ClusterIP",
-    ),
-    (
-        "kube-dns.kube-system.svc.cluster.local",
-        RecordType::TXT,
-        "name exists, type does not",
-    ),
-    (
-        "example.org.shop.svc.cluster.local",
-        RecordType::A,
-        "search-path expansion",
-    ),
-    (
-        "10-244-1-21.shop.pod.cluster.local",
-        RecordType::A,
-        "pod record",
-    ),
-    (
-        "payments.shop.svc.cluster.local",
-        RecordType::A,
-        "ExternalName, chased upstream",
-    ),
+    ("kubernetes.default.svc.cluster.local", RecordType::A, "ClusterIP Service"),
+    ("web.shop.svc.cluster.local", RecordType::A, "dual-stack Service, IPv4"),
+    ("web.shop.svc.cluster.local", RecordType::AAAA, "dual-stack Service, IPv6"),
+    ("_http._tcp.web.shop.svc.cluster.local", RecordType::SRV, "named port"),
+    ("postgres.shop.svc.cluster.local", RecordType::A, "headless: ready endpoints"),
+    ("postgres-0.postgres.shop.svc.cluster.local", RecordType::A, "StatefulSet pod"),
+    ("10.0.96.10.in-addr.arpa", RecordType::PTR, "reverse of a ClusterIP"),
+    ("kube-dns.kube-system.svc.cluster.local", RecordType::TXT, "name exists, type does not"),
+    ("example.org.shop.svc.cluster.local", RecordType::A, "search-path expansion"),
+    ("10-244-1-21.shop.pod.cluster.local", RecordType::A, "pod record"),
+    ("payments.shop.svc.cluster.local", RecordType::A, "ExternalName, chased upstream"),
     ("www.example.org", RecordType::A, "outside the cluster"),
-    (
-        "wEb.sHoP.svc.cluster.local",
-        RecordType::A,
-        "mixed case, echoed",
-    ),
+    ("wEb.sHoP.svc.cluster.local", RecordType::A, "mixed case, echoed"),
 ];
 
 pub fn demo() -> anyhow::Result<()> {
     crate::setup::setup()?;
     require_root("the demo")?;
     let root = root();
-    run(cmd("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "dns-agent"]))?;
+    run(cmd("cargo").current_dir(&root).args(["build", "--release", "-p", "dns-agent"]))?;
     let agent_bin = root.join("target/release/dns-agent");
     netns::cleanup_on_ctrl_c();
     let result = run_demo(&root, &agent_bin);
@@ -125,17 +75,9 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     // The upstream: dnsmasq with local data only.
     node.spawn(
         node.command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
+            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
             .arg(format!("--listen-address={UPSTREAM}"))
-            .args([
-                "--address=/example.org/203.0.113.80",
-                "--address=/payments.example/203.0.113.81",
-            ])
+            .args(["--address=/example.org/203.0.113.80", "--address=/payments.example/203.0.113.81"])
             .args(["--pid-file=", "--log-facility=-"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -161,41 +103,25 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = agent.try_wait()? {
-            bail!(
-                "dns-agent exited ({status}):\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
+            bail!("dns-agent exited ({status}):\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
         }
         if matches!(node.http_get(METRICS, "/ready"), Ok((200, _))) {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "dns-agent not ready:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
+            bail!("dns-agent not ready:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 
     println!();
-    println!(
-        "xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}",
-        node.name, pod.name
-    );
-    println!(
-        "zone: deploy/examples/cluster.yaml   upstream: dnsmasq at {UPSTREAM}   listen: {LISTEN}"
-    );
+    println!("xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}", node.name, pod.name);
+    println!("zone: deploy/examples/cluster.yaml   upstream: dnsmasq at {UPSTREAM}   listen: {LISTEN}");
     println!();
-    println!(
-        "{:<44} {:<5} {:<9} {:<34} {:<11} {:>9}",
-        "QUERY", "TYPE", "RCODE", "ANSWER", "ANSWERED BY", "LATENCY"
-    );
+    println!("{:<44} {:<5} {:<9} {:<34} {:<11} {:>9}", "QUERY", "TYPE", "RCODE", "ANSWER", "ANSWERED BY", "LATENCY");
     let sock = pod.enter(|| UdpSocket::bind("0.0.0.0:0"))??;
     sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let counters_path = Path::new(&pin)
-        .join(format!("v{}", dns_common::LAYOUT_VERSION))
-        .join(dns_common::MAP_COUNTERS);
+    let counters_path = Path::new(&pin).join(format!("v{}", dns_common::LAYOUT_VERSION)).join(dns_common::MAP_COUNTERS);
     for (name, qtype, what) in QUERIES {
         let kernel_before = kernel_answered(&counters_path)?;
         let (user_before, fwd_before) = userspace(&node)?;
@@ -224,16 +150,7 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     }
     println!();
     println!("kernel counters (dns-agent stats):");
-    let out = node
-        .command(agent_bin)
-        .args([
-            "stats",
-            "--pin-path",
-            &pin,
-            "--metrics-addr",
-            &METRICS.to_string(),
-        ])
-        .output()?;
+    let out = node.command(agent_bin).args(["stats", "--pin-path", &pin, "--metrics-addr", &METRICS.to_string()]).output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     Ok(())
 }
@@ -250,9 +167,7 @@ fn query(sock: &UdpSocket, name: &str, qtype: RecordType) -> anyhow::Result<(Mes
     let mut buf = vec![0u8; 65535];
     let start = Instant::now();
     sock.send_to(&bytes, server)?;
-    let (n, _) = sock
-        .recv_from(&mut buf)
-        .with_context(|| format!("no answer to {name} {qtype}"))?;
+    let (n, _) = sock.recv_from(&mut buf).with_context(|| format!("no answer to {name} {qtype}"))?;
     let latency = start.elapsed();
     Ok((Message::from_vec(&buf[..n])?, latency))
 }
@@ -275,22 +190,14 @@ fn summarize(m: &Message) -> String {
         parts.push("(SOA in authority)".into());
     }
     let s = parts.join(", ");
-    if s.chars().count() > 34 {
-        format!("{}…", s.chars().take(33).collect::<String>())
-    } else {
-        s
-    }
+    if s.chars().count() > 34 { format!("{}…", s.chars().take(33).collect::<String>()) } else { s }
 }
 
 fn kernel_answered(path: &Path) -> anyhow::Result<u64> {
     let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
     let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))?;
     let mut total = 0;
-    for i in [
-        dns_common::counter::ANSWERED,
-        dns_common::counter::ANSWERED_NODATA,
-        dns_common::counter::ANSWERED_NXDOMAIN,
-    ] {
+    for i in [dns_common::counter::ANSWERED, dns_common::counter::ANSWERED_NODATA, dns_common::counter::ANSWERED_NXDOMAIN] {
         total += map.get(&i, 0)?.iter().sum::<u64>();
     }
     Ok(total)
@@ -305,8 +212,5 @@ fn userspace(node: &Netns) -> anyhow::Result<(u64, u64)> {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Ok((
-        get("xdns_queries_total{path=\"userspace\"}"),
-        get("xdns_queries_total{path=\"forwarded\"}"),
-    ))
+    Ok((get("xdns_queries_total{path=\"userspace\"}"), get("xdns_queries_total{path=\"forwarded\"}")))
 }

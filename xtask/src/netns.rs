@@ -71,16 +71,9 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (install iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -88,9 +81,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl Netns {
     pub fn new(name: String) -> anyhow::Result<Self> {
         ip(&["netns", "add", &name])?;
-        UNDO.lock()
-            .expect("undo list")
-            .push(Undo::Netns(name.clone()));
+        UNDO.lock().expect("undo list").push(Undo::Netns(name.clone()));
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
         Ok(Self { name })
     }
@@ -108,9 +99,7 @@ impl Netns {
     /// A command run inside the namespace (nsenter keeps /sys/fs/bpf visible).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
+        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
         c
     }
 
@@ -122,20 +111,13 @@ impl Netns {
     }
 
     /// Runs `f` on a thread inside the namespace; sockets it makes stay there.
-    pub fn enter<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> anyhow::Result<T> {
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
         let path = self.path();
         std::thread::spawn(move || -> anyhow::Result<T> {
             let file = File::open(&path).with_context(|| path.display().to_string())?;
             // SAFETY: a namespace fd; only this thread changes namespace.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "setns {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
+                bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
             }
             Ok(f())
         })
@@ -149,31 +131,16 @@ impl Netns {
         self.enter(move || -> anyhow::Result<(u16, String)> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
-            let code = out
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            Ok((
-                code,
-                out.split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default(),
-            ))
+            let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            Ok((code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
         })?
     }
 }
 
 /// A veth pair between two namespaces.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> {
-    ip(&[
-        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
-        &b.name,
-    ])
+    ip(&["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name])
 }

@@ -36,9 +36,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
     let mut missing = Vec::new();
     for p in PACKAGES {
-        let out = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", p])
-            .output();
+        let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
         let installed = matches!(&out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
         if !installed {
             missing.push(*p);
@@ -51,18 +49,14 @@ pub fn setup() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !have("dpkg-query") {
-        bail!(
-            "this setup knows Debian (12, bookworm); install the packages in xtask/src/setup.rs by hand elsewhere"
-        );
+        bail!("this setup knows Debian (12, bookworm); install the packages in xtask/src/setup.rs by hand elsewhere");
     }
     let missing = missing_packages()?;
     if missing.is_empty() {
         println!("setup: Debian packages present");
     } else {
         if !root {
-            bail!(
-                "setup: packages {missing:?} are missing and installing them needs root (run as root)"
-            );
+            bail!("setup: packages {missing:?} are missing and installing them needs root (run as root)");
         }
         println!("setup: installing {}", missing.join(" "));
         // Keep Debian from starting the DNS servers we install for tests.
@@ -99,15 +93,7 @@ pub fn setup() -> anyhow::Result<()> {
         println!("setup: nightly rust-src present");
     } else {
         println!("setup: installing the nightly toolchain with rust-src");
-        run(cmd("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+        run(cmd("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
     }
 
     // Stable's rustfmt and clippy, for `cargo xtask test`.
@@ -115,11 +101,7 @@ pub fn setup() -> anyhow::Result<()> {
         let present = Command::new("rustup")
             .args(["component", "list", "--installed"])
             .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.starts_with(component))
-            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(component)))
             .unwrap_or(false);
         if !present {
             println!("setup: installing {component}");
@@ -127,22 +109,12 @@ pub fn setup() -> anyhow::Result<()> {
         }
     }
 
-    if Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
         println!("setup: bpf-linker present");
     } else {
         println!("setup: building bpf-linker against LLVM 22 (about a minute)");
         run(cmd("cargo")
-            .args([
-                "install",
-                "bpf-linker@0.13.0",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
+            .args(["install", "bpf-linker@0.13.0", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
         .context("installing bpf-linker")?;

@@ -12,42 +12,20 @@ pub fn test() -> anyhow::Result<()> {
         c
     };
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
-    run(&mut cargo(&[
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "dns-ebpf",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run(&mut cargo(&["clippy", "--workspace", "--exclude", "dns-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
     // The XDP program, linted for its own target.
     run(&mut cargo(&[
-        "+nightly",
-        "clippy",
-        "-p",
-        "dns-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--target-dir",
-        "target/ebpf-clippy",
-        "--",
-        "-D",
-        "warnings",
+        "+nightly", "clippy", "-p", "dns-ebpf", "--release", "--target", "bpfel-unknown-none",
+        "-Z", "build-std=core", "--target-dir", "target/ebpf-clippy", "--", "-D", "warnings",
     ]))?;
     // Unit tests, then the root tests: BPF_PROG_TEST_RUN of the XDP program and real queries
     // in network namespaces. One at a time: they load programs and make namespaces.
-    run(&mut cargo(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "dns-ebpf",
-        "--",
-        "--test-threads=1",
-    ]))?;
+    run(&mut cargo(&["test", "--workspace", "--exclude", "dns-ebpf", "--", "--test-threads=1"]))?;
+    // Last, the benchmark in its quick mode: it keeps working, and every system it compares
+    // must answer correctly. Speed is never asserted.
+    crate::bench::bench(crate::bench::Options {
+        quick: true,
+        publish: false,
+    })?;
     Ok(())
 }

@@ -31,19 +31,14 @@ pub fn have(program: &str) -> bool {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
 }
 
 /// Fails unless running as root, saying why root is needed.
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "{what} needs root (XDP programs, network namespaces): run it as root, e.g. `sudo -E cargo xtask ...`"
-        );
+        bail!("{what} needs root (XDP programs, network namespaces): run it as root, e.g. `sudo -E cargo xtask ...`");
     }
     Ok(())
 }

@@ -146,10 +146,9 @@ async fn exchange_udp(
         // Replies that do not match are ignored, not fatal: a spoofer must not be able to
         // cut the real answer short.
         if let Ok(reply) = Message::from_vec(&buf[..n])
-            && matches(query, &reply)
-        {
-            return Ok(reply);
-        }
+            && matches(query, &reply) {
+                return Ok(reply);
+            }
     }
 }
 

@@ -815,21 +815,23 @@ impl ZoneModel {
                     answers.push(rec(RData::TXT(TXT::new(vec![t.to_string()]))));
                 }
             }
-            T_SOA if rr.soa => {
-                answers.push(Record::from_rdata(
-                    owner.clone(),
-                    self.settings.negative_ttl,
-                    self.soa_rdata(),
-                ));
-            }
-            T_NS if rr.ns => {
-                let ns = self.zone_name(&["ns", "dns"]);
-                answers.push(rec(RData::NS(NS(to_name(&ns)))));
-                let name = to_name(&ns);
-                for ip in &self.settings.ns_addrs {
-                    additionals.push(Record::from_rdata(name.clone(), ttl, address_rdata(*ip)));
+            T_SOA
+                if rr.soa => {
+                    answers.push(Record::from_rdata(
+                        owner.clone(),
+                        self.settings.negative_ttl,
+                        self.soa_rdata(),
+                    ));
                 }
-            }
+            T_NS
+                if rr.ns => {
+                    let ns = self.zone_name(&["ns", "dns"]);
+                    answers.push(rec(RData::NS(NS(to_name(&ns)))));
+                    let name = to_name(&ns);
+                    for ip in &self.settings.ns_addrs {
+                        additionals.push(Record::from_rdata(name.clone(), ttl, address_rdata(*ip)));
+                    }
+                }
             _ => {}
         }
         (answers, additionals)

@@ -60,8 +60,36 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// One kxdpgun run. Removes the XDP program kxdpgun leaves on the interface.
+/// One kxdpgun run, tried up to three times when kxdpgun itself fails (it can fail to set
+/// up its AF_XDP socket while the kernel is still tearing down the previous one).
+#[allow(clippy::too_many_arguments)]
 pub fn trial(
+    topo: &Topology,
+    link: &Link,
+    link_index: usize,
+    server: std::net::Ipv4Addr,
+    query_file: &Path,
+    expect_rcode: &str,
+    qps: u64,
+    secs: u32,
+) -> anyhow::Result<Trial> {
+    let mut last = None;
+    for _ in 0..3 {
+        match trial_once(topo, link, link_index, server, query_file, expect_rcode, qps, secs) {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                eprintln!("  kxdpgun failed, retrying: {e:#}");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    Err(last.expect("three attempts"))
+}
+
+/// One kxdpgun run. Removes the XDP program kxdpgun leaves on the interface.
+#[allow(clippy::too_many_arguments)]
+fn trial_once(
     topo: &Topology,
     link: &Link,
     link_index: usize,
@@ -107,7 +135,9 @@ pub fn trial(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let sent = number_after(&text, "total queries:").context("kxdpgun: no `total queries`")?;
+    let sent = number_after(&text, "total queries:").with_context(|| {
+        format!("kxdpgun printed no `total queries`: {text}{}", String::from_utf8_lossy(&out.stderr))
+    })?;
     let replies = number_after(&text, "total replies:").unwrap_or(0);
     let valid = number_after(&text, &format!("responded {expect_rcode}:")).unwrap_or(0);
     let servfail = if expect_rcode == "SERVFAIL" {
@@ -191,5 +221,10 @@ impl Search {
     /// Answered queries per second at the best passing trial.
     pub fn result(&self) -> Option<f64> {
         self.best.as_ref().map(Trial::valid_pps)
+    }
+
+    /// The most valid answers per second of any trial, whatever its loss.
+    pub fn peak(&self) -> Option<f64> {
+        self.trials.iter().map(Trial::valid_pps).reduce(f64::max)
     }
 }
