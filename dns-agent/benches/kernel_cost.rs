@@ -2,7 +2,9 @@
 //! real verifier, the real kernel, the agent's real zone and map code.
 //!
 //! `cargo bench -p dns-agent --bench kernel_cost [-- --quick] [--tsv FILE]` (root).
-//! `cargo xtask bench` runs it and puts its table in the report.
+//! `cargo xtask bench` runs it and puts its table in the report. For profiling one case:
+//! `-- --case hit --services 100000 --runs 2000000` prints the program id and waits 3 s, time
+//! to start `bpftool prog profile id ID duration 5 cycles instructions llc_misses`.
 //!
 //! Method: **many runs with `repeat = 1`, averaging the duration the kernel reports for each**.
 //! With `repeat > 1` the kernel runs the program again and again on the same buffer, and an
@@ -53,23 +55,48 @@ const NAMES_PER_CASE: usize = 1024;
 struct Options {
     quick: bool,
     tsv: Option<PathBuf>,
+    /// Profiling: only this case (and the baseline), only this many Services, this many runs.
+    case: Option<String>,
+    services: Option<usize>,
+    runs: Option<usize>,
 }
 
 fn options() -> Options {
     let mut o = Options {
         quick: false,
         tsv: None,
+        case: None,
+        services: None,
+        runs: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--tsv" => o.tsv = args.next().map(PathBuf::from),
-            // `cargo bench` adds `--bench`; filters are not used.
+            "--case" => o.case = args.next(),
+            "--services" => o.services = args.next().and_then(|n| n.parse().ok()),
+            "--runs" => o.runs = args.next().and_then(|n| n.parse().ok()),
+            // `cargo bench` adds `--bench`.
             _ => {}
         }
     }
     o
+}
+
+/// IDs of the BPF programs this process holds (for `bpftool prog profile id …`).
+fn program_ids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
 }
 
 /// The Service `svc-<i>` in namespace `ns-<i % 50>`: a ClusterIP with one named port, as most
@@ -103,8 +130,10 @@ struct Case {
 }
 
 fn cases(services: usize) -> Vec<Case> {
-    // Spread over the whole zone, the same spread at every size.
-    let pick = |k: usize| (k * 7919 + 13) % services;
+    // Spread over the whole zone, the same spread at every size. Each case asks its own
+    // names (`offset`): a case that asked the names the previous case just asked would find
+    // their map entries in the CPU cache, and look cheaper than it is.
+    let pick = |k: usize, offset: usize| ((k + offset) * 7919 + 13) % services;
     let a = 1u16;
     let query = |id: usize, name: &str, edns: bool| {
         query_frame(
@@ -128,10 +157,17 @@ fn cases(services: usize) -> Vec<Case> {
             counter: "pass_not_dns",
         },
         Case {
+            name: "hit_same",
+            what: "A of one Service, again and again (its entry stays in the CPU cache): answered",
+            frames: vec![query(1, &service_name(pick(0, 3 * NAMES_PER_CASE)), false)],
+            verdict: XDP_TX,
+            counter: "answered",
+        },
+        Case {
             name: "hit",
             what: "A of a Service, no EDNS: answered",
             frames: (0..NAMES_PER_CASE)
-                .map(|k| query(k, &service_name(pick(k)), false))
+                .map(|k| query(k, &service_name(pick(k, 0)), false))
                 .collect(),
             verdict: XDP_TX,
             counter: "answered",
@@ -140,7 +176,7 @@ fn cases(services: usize) -> Vec<Case> {
             name: "hit_edns",
             what: "A of a Service, EDNS 1232: answered with OPT",
             frames: (0..NAMES_PER_CASE)
-                .map(|k| query(k, &service_name(pick(k)), true))
+                .map(|k| query(k, &service_name(pick(k, NAMES_PER_CASE)), true))
                 .collect(),
             verdict: XDP_TX,
             counter: "answered",
@@ -222,7 +258,7 @@ struct SizeResult {
     rows: Vec<(String, String, Samples, Option<f64>)>,
 }
 
-fn measure(services: usize, runs: usize) -> SizeResult {
+fn measure(services: usize, runs: usize, only: Option<&str>) -> SizeResult {
     let mut objects: Vec<ClusterObject> = (0..NAMESPACES)
         .map(|n| ClusterObject::Namespace(format!("ns-{n}").into()))
         .collect();
@@ -248,7 +284,15 @@ fn measure(services: usize, runs: usize) -> SizeResult {
     let fill_secs = started.elapsed().as_secs_f64();
     let map_bytes = map_memory();
 
-    let cases = cases(services);
+    let mut cases = cases(services);
+    if let Some(only) = only {
+        cases.retain(|c| c.name == "baseline" || c.name == only);
+        eprintln!(
+            "profiling {only} at {services} Services: program ids {:?}; starting in 3 s",
+            program_ids()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
     // Check every frame once: the verdict and the counter that moved. A benchmark of the
     // wrong path is worse than none.
     for case in &cases {
@@ -330,7 +374,7 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let runs = if o.quick { 2_000 } else { 20_000 };
+    let runs = o.runs.unwrap_or(if o.quick { 2_000 } else { 20_000 });
     let mut table = String::new();
     let mut tsv = String::from("services\tcase\tmean_ns\tp50_ns\tp99_ns\tnet_ns\tamortized_ns\n");
     writeln!(
@@ -340,8 +384,12 @@ fn main() {
     .unwrap();
     writeln!(table, "|---:|---|---|---:|---:|---:|---:|---:|").unwrap();
     let mut sizes = String::new();
-    for services in [1_000, 100_000] {
-        let r = measure(services, runs);
+    let sizes_to_run = match o.services {
+        Some(n) => vec![n],
+        None => vec![1_000, 100_000],
+    };
+    for services in sizes_to_run {
+        let r = measure(services, runs, o.case.as_deref());
         let baseline = r.rows[0].2.mean();
         for (name, what, s, amortized) in &r.rows {
             let net = s.mean() - baseline;

@@ -77,13 +77,24 @@ impl Plan {
                 services: 5000,
                 external: 200,
                 trial_secs: 1,
-                max_trials: 6,
+                max_trials: 5,
                 start_rate: 200_000,
-                loads: vec![(1000, 3.0), (10_000, 1.5), (50_000, 1.0)],
+                loads: vec![(1000, 2.5), (10_000, 1.25), (50_000, 0.75)],
                 rounds: 2,
             }
         }
     }
+}
+
+/// Memory of one server process, bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub rss_ready: u64,
+    pub rss_end: u64,
+    /// Peak RSS (VmHWM).
+    pub hwm: u64,
+    /// BPF maps the process holds (kernel `memlock` accounting).
+    pub maps: u64,
 }
 
 pub struct Measurements {
@@ -92,8 +103,7 @@ pub struct Measurements {
     /// (system, set) → (answered in the kernel, queries checked, the other counters that
     /// moved).
     pub kernel_share: BTreeMap<(&'static str, &'static str), (u64, u64, String)>,
-    /// system → (RSS bytes, BPF map bytes).
-    pub memory: BTreeMap<&'static str, (u64, u64)>,
+    pub memory: BTreeMap<&'static str, Memory>,
 }
 
 /// Systems measured on a query set: the reflectors only on cluster names (they answer every
@@ -314,6 +324,10 @@ fn measure(
         );
     }
 
+    for (id, p) in &processes {
+        m.memory.entry(id).or_default().rss_ready = p.rss();
+    }
+
     // Throughput, per set, the systems' searches interleaved.
     for set in &workload.sets {
         let systems = systems_for(set.id);
@@ -430,7 +444,10 @@ fn measure(
         check::check_set(&topo, &s, &workload.sets[0])?;
     }
     for (id, p) in &processes {
-        m.memory.insert(id, (p.rss(), p.map_memory()));
+        let mem = m.memory.entry(id).or_default();
+        mem.rss_end = p.rss();
+        mem.hwm = p.hwm();
+        mem.maps = p.map_memory();
     }
     Ok(m)
 }

@@ -326,7 +326,7 @@ pub fn markdown(r: &Results) -> String {
             .map(|q| {
                 let a = r.p(q.id, "xdns-generic", load, 0.99);
                 let b = r.p(q.id, "unbound", load, 0.99);
-                fmt_opt(ratio(a, b), |x| format!("{x:.2}"))
+                fmt_opt(ratio(a, b), |x| format!("{x:.3}"))
             })
             .collect();
         let _ = writeln!(
@@ -356,7 +356,7 @@ pub fn markdown(r: &Results) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {load} | {:.0} | {secs:.0} | {} | {} | {} | {} | {:.2}% |",
+                    "| {} | {load} | {:.0} | {secs:.1} | {} | {} | {} | {} | {:.2}% |",
                     sys.id,
                     run.achieved_qps(),
                     us(run.pct_us(0.5)),
@@ -378,23 +378,22 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n### Memory after the run\n\n| system | RSS MiB | BPF maps MiB |\n|---|---:|---:|"
+        "\n### Memory\n\n| system | RSS MiB, zone loaded | RSS MiB, after the run | peak RSS MiB | BPF maps MiB |\n|---|---:|---:|---:|---:|"
     );
-    for (id, (rss, maps)) in &r.m.memory {
+    let mib = |b: u64| format!("{:.1}", b as f64 / 1048576.0);
+    for (id, mem) in &r.m.memory {
         let _ = writeln!(
             s,
-            "| {id} | {:.1} | {} |",
-            *rss as f64 / 1048576.0,
-            if *maps > 0 {
-                format!("{:.1}", *maps as f64 / 1048576.0)
-            } else {
-                "—".into()
-            }
+            "| {id} | {} | {} | {} | {} |",
+            mib(mem.rss_ready),
+            mib(mem.rss_end),
+            mib(mem.hwm),
+            if mem.maps > 0 { mib(mem.maps) } else { "—".into() }
         );
     }
     let _ = writeln!(
         s,
-        "\nThe reflectors have no process. BPF map memory is the kernel's `memlock` accounting of the maps the agent holds."
+        "\nThe reflectors have no process. \"Zone loaded\": after the correctness check, before any load. BPF map memory is the kernel's `memlock` accounting of the maps the agent holds."
     );
 
     let _ = writeln!(

@@ -329,6 +329,11 @@ impl Process {
         status_kib(self.pid(), "VmRSS:") * 1024
     }
 
+    /// Peak resident memory (VmHWM), bytes.
+    pub fn hwm(&self) -> u64 {
+        status_kib(self.pid(), "VmHWM:") * 1024
+    }
+
     /// Sum of the kernel's `memlock` accounting over the BPF maps this process holds.
     pub fn map_memory(&self) -> u64 {
         let mut total = 0;
