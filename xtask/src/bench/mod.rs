@@ -140,11 +140,8 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     let workload = Workload::new(plan.services, plan.external);
 
     netns::cleanup_on_ctrl_c();
-    let measured = (|| {
-        let m = measure(&plan, &workload, &dir, &agent_bin, &reflector);
-        netns::cleanup();
-        m
-    })();
+    let measured = measure(&plan, &workload, &dir, &agent_bin, &reflector);
+    netns::cleanup();
     let measured = measured?;
     let network_secs = started.elapsed().as_secs_f64();
 
