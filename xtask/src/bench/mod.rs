@@ -337,7 +337,10 @@ fn measure(
         let mut searches: Vec<Search> = systems
             .iter()
             .map(|s| {
-                let known = m.throughput.get(&("cluster", s.id)).and_then(Search::result);
+                let known = m
+                    .throughput
+                    .get(&("cluster", s.id))
+                    .and_then(Search::result);
                 let start = match known {
                     Some(v) if plan.max_trials > 1 => (v as u64).clamp(10_000, plan.start_rate),
                     _ => plan.start_rate,

@@ -75,7 +75,16 @@ pub fn trial(
 ) -> anyhow::Result<Trial> {
     let mut last = None;
     for _ in 0..3 {
-        match trial_once(topo, link, link_index, server, query_file, expect_rcode, qps, secs) {
+        match trial_once(
+            topo,
+            link,
+            link_index,
+            server,
+            query_file,
+            expect_rcode,
+            qps,
+            secs,
+        ) {
             Ok(t) => return Ok(t),
             Err(e) => {
                 eprintln!("  kxdpgun failed, retrying: {e:#}");
@@ -136,7 +145,10 @@ fn trial_once(
         );
     }
     let sent = number_after(&text, "total queries:").with_context(|| {
-        format!("kxdpgun printed no `total queries`: {text}{}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "kxdpgun printed no `total queries`: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })?;
     let replies = number_after(&text, "total replies:").unwrap_or(0);
     let valid = number_after(&text, &format!("responded {expect_rcode}:")).unwrap_or(0);
