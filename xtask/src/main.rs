@@ -1,5 +1,6 @@
 //! Developer commands for xdns. `cargo xtask --help` lists them.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod netns;
@@ -27,6 +28,17 @@ enum Command {
     Demo,
     /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests.
     Test,
+    /// Benchmark xdns against unbound, dnsmasq and a bare XDP reflector in network
+    /// namespaces: throughput, latency percentiles, in-kernel cost, memory. Results go to
+    /// results/<timestamp>/.
+    Bench {
+        /// A short run that checks every system answers correctly (CI); not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results into docs/benchmarks.md and docs/benchmarks.svg.
+        #[arg(long)]
+        publish: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo => demo::demo(),
         Command::Test => test::test(),
+        Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
     }
 }

@@ -49,5 +49,11 @@ pub fn test() -> anyhow::Result<()> {
         "--",
         "--test-threads=1",
     ]))?;
+    // Last, the benchmark in its quick mode: it keeps working, and every system it compares
+    // must answer correctly. Speed is never asserted.
+    crate::bench::bench(crate::bench::Options {
+        quick: true,
+        publish: false,
+    })?;
     Ok(())
 }

@@ -1,0 +1,447 @@
+//! In-kernel cost per query of the XDP program, from `BPF_PROG_TEST_RUN`: no network, the
+//! real verifier, the real kernel, the agent's real zone and map code.
+//!
+//! `cargo bench -p dns-agent --bench kernel_cost [-- --quick] [--tsv FILE]` (root).
+//! `cargo xtask bench` runs it and puts its table in the report. For profiling one case:
+//! `-- --case hit --services 100000 --runs 2000000` prints the program id and waits 3 s, time
+//! to start `bpftool prog profile id ID duration 5 cycles instructions llc_misses`.
+//!
+//! Method: **many runs with `repeat = 1`, averaging the duration the kernel reports for each**.
+//! With `repeat > 1` the kernel runs the program again and again on the same buffer, and an
+//! answered query has by then been rewritten in place into a response (QR=1), so every run
+//! after the first would measure the pass path. The live-frames mode
+//! (`BPF_F_TEST_XDP_LIVE_FRAMES`) resets frames between runs, but its timer also covers
+//! resetting the page-pool frame and really transmitting (`XDP_TX` becomes a redirect) or
+//! injecting (`XDP_PASS`) every frame, so it does not isolate the program either.
+//! A `repeat = 1` run includes the timer's own overhead (two clock reads, bottom halves off and
+//! on): the baseline case, a frame passed at the program's first check (not IPv4/IPv6),
+//! measures exactly that plus the program's entry and counter update, so `case − baseline`
+//! is the DNS work. For the cases that pass the frame untouched the table also shows the
+//! amortized figure from one `repeat = N` run, as a cross-check of that overhead.
+//!
+//! Each case cycles through many different names (a different hash bucket each run), so map
+//! lookups are not all served from one hot cache line.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Instant,
+};
+
+use dns_agent::{
+    kernel::{
+        Capacity, Kernel,
+        sync::{KernelSync, entries_of},
+    },
+    zone::objects::{ClusterObject, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind},
+};
+use support::{
+    LISTEN_V4, LISTEN_V6,
+    frames::{dns_query, query_frame},
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+const SERVER: IpAddr = IpAddr::V4(LISTEN_V4);
+const NAMESPACES: usize = 50;
+/// Distinct names each case cycles through.
+const NAMES_PER_CASE: usize = 1024;
+
+struct Options {
+    quick: bool,
+    tsv: Option<PathBuf>,
+    /// Profiling: only this case (and the baseline), only this many Services, this many runs.
+    case: Option<String>,
+    services: Option<usize>,
+    runs: Option<usize>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        quick: false,
+        tsv: None,
+        case: None,
+        services: None,
+        runs: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--tsv" => o.tsv = args.next().map(PathBuf::from),
+            "--case" => o.case = args.next(),
+            "--services" => o.services = args.next().and_then(|n| n.parse().ok()),
+            "--runs" => o.runs = args.next().and_then(|n| n.parse().ok()),
+            // `cargo bench` adds `--bench`.
+            _ => {}
+        }
+    }
+    o
+}
+
+/// IDs of the BPF programs this process holds (for `bpftool prog profile id …`).
+fn program_ids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// The Service `svc-<i>` in namespace `ns-<i % 50>`: a ClusterIP with one named port, as most
+/// Services are.
+fn service(i: usize) -> ClusterObject {
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32);
+    ClusterObject::Service(
+        ObjectKey::new(&format!("ns-{}", i % NAMESPACES), &format!("svc-{i}")),
+        ServiceInfo {
+            kind: ServiceKind::ClusterIp(vec![IpAddr::V4(ip)]),
+            ports: vec![Port {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+        },
+    )
+}
+
+fn service_name(i: usize) -> String {
+    format!("svc-{i}.ns-{}.svc.cluster.local", i % NAMESPACES)
+}
+
+/// One kind of frame, and what the program must do with it.
+struct Case {
+    name: &'static str,
+    what: &'static str,
+    frames: Vec<Vec<u8>>,
+    verdict: u32,
+    counter: &'static str,
+}
+
+fn cases(services: usize) -> Vec<Case> {
+    // Spread over the whole zone, the same spread at every size. Each case asks its own
+    // names (`offset`): a case that asked the names the previous case just asked would find
+    // their map entries in the CPU cache, and look cheaper than it is.
+    let pick = |k: usize, offset: usize| ((k + offset) * 7919 + 13) % services;
+    let a = 1u16;
+    let query = |id: usize, name: &str, edns: bool| {
+        query_frame(
+            CLIENT,
+            SERVER,
+            &dns_query(id as u16, name, a, edns.then_some((1232, 0, false))),
+        )
+    };
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&support::frames::CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&support::frames::CLIENT_MAC);
+    arp.extend_from_slice(&[192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 169, 254, 20, 10]);
+    vec![
+        Case {
+            name: "baseline",
+            what: "ARP frame, passed at the first check",
+            frames: vec![arp],
+            verdict: XDP_PASS,
+            counter: "pass_not_dns",
+        },
+        Case {
+            name: "hit_same",
+            what: "A of one Service, again and again (its entry stays in the CPU cache): answered",
+            frames: vec![query(1, &service_name(pick(0, 3 * NAMES_PER_CASE)), false)],
+            verdict: XDP_TX,
+            counter: "answered",
+        },
+        Case {
+            name: "hit",
+            what: "A of a Service, no EDNS: answered",
+            frames: (0..NAMES_PER_CASE)
+                .map(|k| query(k, &service_name(pick(k, 0)), false))
+                .collect(),
+            verdict: XDP_TX,
+            counter: "answered",
+        },
+        Case {
+            name: "hit_edns",
+            what: "A of a Service, EDNS 1232: answered with OPT",
+            frames: (0..NAMES_PER_CASE)
+                .map(|k| query(k, &service_name(pick(k, NAMES_PER_CASE)), true))
+                .collect(),
+            verdict: XDP_TX,
+            counter: "answered",
+        },
+        Case {
+            name: "nxdomain",
+            what: "search-path expansion (ext.example.org.<ns>.svc.<zone>): NXDOMAIN",
+            frames: (0..NAMES_PER_CASE)
+                .map(|k| {
+                    let name = format!(
+                        "ext-{}.example.org.ns-{}.svc.cluster.local",
+                        k % 200,
+                        k % NAMESPACES
+                    );
+                    query(k, &name, false)
+                })
+                .collect(),
+            verdict: XDP_TX,
+            counter: "answered_nxdomain",
+        },
+        Case {
+            name: "miss",
+            what: "external name (ext.example.org): passed to userspace",
+            frames: (0..NAMES_PER_CASE)
+                .map(|k| query(k, &format!("ext-{k}.example.org"), false))
+                .collect(),
+            verdict: XDP_PASS,
+            counter: "pass_miss",
+        },
+    ]
+}
+
+/// Per-run durations of one case, in ns.
+#[derive(Default)]
+struct Samples {
+    ns: Vec<u64>,
+}
+
+impl Samples {
+    fn mean(&self) -> f64 {
+        self.ns.iter().sum::<u64>() as f64 / self.ns.len().max(1) as f64
+    }
+    fn pct(&self, p: f64) -> u64 {
+        let mut v = self.ns.clone();
+        v.sort_unstable();
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Sum of `memlock` over this process's BPF map fds, as the kernel accounts them.
+fn map_memory() -> u64 {
+    let mut total = 0;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        if !text.contains("map_type:") {
+            continue;
+        }
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+struct SizeResult {
+    services: usize,
+    entries: usize,
+    fill_secs: f64,
+    map_bytes: u64,
+    rows: Vec<(String, String, Samples, Option<f64>)>,
+}
+
+fn measure(services: usize, runs: usize, only: Option<&str>) -> SizeResult {
+    let mut objects: Vec<ClusterObject> = (0..NAMESPACES)
+        .map(|n| ClusterObject::Namespace(format!("ns-{n}").into()))
+        .collect();
+    objects.extend((0..services).map(service));
+    let started = Instant::now();
+    let zone = support::zone_from(objects);
+    let pin = PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-kc"));
+    let capacity = Capacity {
+        short: (services as u32 * 8).max(1 << 16),
+        long: 1 << 16,
+        blobs: 1 << 16,
+    };
+    let (kernel, maps) = Kernel::load(capacity, &pin).expect("loading the XDP program (root?)");
+    let mut sync = KernelSync::new(maps);
+    sync.maps_mut()
+        .set_listen(&[LISTEN_V4.octets()], &[LISTEN_V6.octets()])
+        .expect("listen addresses");
+    sync.write_config(&zone).expect("zone config");
+    let names = zone.all_names();
+    let stats = sync.apply(Vec::new(), entries_of(&zone, &names));
+    assert_eq!(stats.failed, 0, "every entry fits: {stats:?}");
+    sync.set_synced().expect("synced");
+    let fill_secs = started.elapsed().as_secs_f64();
+    let map_bytes = map_memory();
+
+    let mut cases = cases(services);
+    if let Some(only) = only {
+        cases.retain(|c| c.name == "baseline" || c.name == only);
+        eprintln!(
+            "profiling {only} at {services} Services: program ids {:?}; starting in 3 s",
+            program_ids()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    // Check every frame once: the verdict and the counter that moved. A benchmark of the
+    // wrong path is worse than none.
+    for case in &cases {
+        for f in &case.frames {
+            let before: std::collections::HashMap<_, _> = sync
+                .maps()
+                .counters()
+                .expect("counters")
+                .into_iter()
+                .collect();
+            let out = kernel.test_run(f, 1).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(out.action, case.verdict, "{}: verdict", case.name);
+            let after: std::collections::HashMap<_, _> = sync
+                .maps()
+                .counters()
+                .expect("counters")
+                .into_iter()
+                .collect();
+            assert_eq!(
+                after[case.counter],
+                before[case.counter] + 1,
+                "{}: counter {}",
+                case.name,
+                case.counter
+            );
+        }
+    }
+
+    // Interleave the cases in chunks, so that noise from other work on the machine spreads
+    // over all of them.
+    let mut samples: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
+    let chunk = 500;
+    let mut done = 0;
+    while done < runs {
+        for (case, s) in cases.iter().zip(samples.iter_mut()) {
+            for k in 0..chunk.min(runs - done) {
+                let f = &case.frames[(done + k) % case.frames.len()];
+                let out = kernel.test_run(f, 1).expect("BPF_PROG_TEST_RUN");
+                assert_eq!(out.action, case.verdict, "{}", case.name);
+                s.ns.push(out.duration.as_nanos() as u64);
+            }
+        }
+        done += chunk;
+    }
+    let repeat = if runs >= 10_000 { 100_000 } else { 10_000 };
+    let rows = cases
+        .iter()
+        .zip(samples)
+        .map(|(case, s)| {
+            // Untouched frames can be repeated in one call: the amortized figure.
+            let amortized = (case.verdict == XDP_PASS).then(|| {
+                let out = kernel
+                    .test_run(&case.frames[0], repeat)
+                    .expect("BPF_PROG_TEST_RUN");
+                out.duration.as_nanos() as f64
+            });
+            (case.name.to_string(), case.what.to_string(), s, amortized)
+        })
+        .collect();
+    let entries = sync.entries();
+    drop(kernel);
+    let _ = std::fs::remove_dir_all(&pin);
+    SizeResult {
+        services,
+        entries,
+        fill_secs,
+        map_bytes,
+        rows,
+    }
+}
+
+fn main() {
+    let o = options();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "kernel_cost loads the XDP program with BPF_PROG_TEST_RUN: run it as root \
+             (`sudo -E cargo bench -p dns-agent --bench kernel_cost`)"
+        );
+        std::process::exit(1);
+    }
+    let runs = o.runs.unwrap_or(if o.quick { 2_000 } else { 20_000 });
+    let mut table = String::new();
+    let mut tsv = String::from("services\tcase\tmean_ns\tp50_ns\tp99_ns\tnet_ns\tamortized_ns\n");
+    writeln!(
+        table,
+        "| Services | case | what | mean ns | p50 ns | p99 ns | mean − baseline ns | amortized ns (repeat=N) |"
+    )
+    .unwrap();
+    writeln!(table, "|---:|---|---|---:|---:|---:|---:|---:|").unwrap();
+    let mut sizes = String::new();
+    let sizes_to_run = match o.services {
+        Some(n) => vec![n],
+        None => vec![1_000, 100_000],
+    };
+    for services in sizes_to_run {
+        let r = measure(services, runs, o.case.as_deref());
+        let baseline = r.rows[0].2.mean();
+        for (name, what, s, amortized) in &r.rows {
+            let net = s.mean() - baseline;
+            writeln!(
+                table,
+                "| {} | {name} | {what} | {:.0} | {} | {} | {} | {} |",
+                r.services,
+                s.mean(),
+                s.pct(0.5),
+                s.pct(0.99),
+                if name == "baseline" {
+                    "—".to_string()
+                } else {
+                    format!("{net:.0}")
+                },
+                amortized.map_or("—".to_string(), |a| format!("{a:.0}")),
+            )
+            .unwrap();
+            writeln!(
+                tsv,
+                "{}\t{name}\t{:.1}\t{}\t{}\t{net:.1}\t{}",
+                r.services,
+                s.mean(),
+                s.pct(0.5),
+                s.pct(0.99),
+                amortized.map_or("".to_string(), |a| format!("{a:.1}")),
+            )
+            .unwrap();
+        }
+        writeln!(
+            sizes,
+            "- {} Services: {} kernel entries, zone built and maps filled in {:.1} s, BPF map memory {:.1} MiB (kernel `memlock` accounting)",
+            r.services,
+            r.entries,
+            r.fill_secs,
+            r.map_bytes as f64 / (1024.0 * 1024.0)
+        )
+        .unwrap();
+        writeln!(
+            tsv,
+            "{}\t#map_bytes\t{}\t\t\t\t\n{}\t#entries\t{}\t\t\t\t",
+            r.services, r.map_bytes, r.services, r.entries
+        )
+        .unwrap();
+    }
+    println!(
+        "In-kernel cost per query (BPF_PROG_TEST_RUN, {runs} runs with repeat=1 per case, \
+         kernel-reported ns per run)\n"
+    );
+    println!("{table}");
+    println!("{sizes}");
+    if let Some(path) = o.tsv {
+        std::fs::write(&path, tsv).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

@@ -1,0 +1,800 @@
+//! The run's report: Markdown tables, one SVG plot (throughput; latency percentiles per
+//! system), raw TSV files, and the published copy under docs/.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, bail};
+
+use super::{Measurements, systems_for, throughput::MAX_LOSS, topo, workload::Workload};
+
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub load_before: String,
+    pub tools: Vec<(String, String)>,
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+impl Machine {
+    pub fn probe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| {
+                        v.split_whitespace()
+                            .next()
+                            .and_then(|n| n.parse::<f64>().ok())
+                    })
+            })
+            .unwrap_or(0.0)
+            / (1024.0 * 1024.0);
+        Self {
+            cpu,
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            kernel: first_line("uname", &["-r"]),
+            memory_gib,
+            load_before: loadavg(),
+            tools: vec![
+                ("unbound".into(), first_line("unbound", &["-V"])),
+                ("dnsmasq".into(), first_line("dnsmasq", &["--version"])),
+                ("kxdpgun".into(), first_line("kxdpgun", &["-V"])),
+            ],
+        }
+    }
+}
+
+/// Rows of the kernel_cost bench's TSV.
+pub struct KernelCost {
+    /// (services, case) → (mean ns, p50 ns, p99 ns, mean − baseline ns)
+    pub rows: BTreeMap<(u64, String), (f64, f64, f64, f64)>,
+}
+
+impl KernelCost {
+    pub fn parse(tsv: &str) -> Self {
+        let mut rows = BTreeMap::new();
+        for line in tsv.lines().skip(1) {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() < 6 || f[1].starts_with('#') {
+                continue;
+            }
+            let n = |i: usize| f[i].parse::<f64>().unwrap_or(f64::NAN);
+            if let Ok(services) = f[0].parse() {
+                rows.insert((services, f[1].to_string()), (n(2), n(3), n(4), n(5)));
+            }
+        }
+        Self { rows }
+    }
+}
+
+pub struct Results<'a> {
+    pub machine: Machine,
+    pub quick: bool,
+    pub command: String,
+    pub services: usize,
+    pub external: usize,
+    /// (offered load, seconds measured per system in all).
+    pub loads: Vec<(u32, f64)>,
+    pub trial_secs: u32,
+    pub workload: &'a Workload,
+    pub m: Measurements,
+    pub kernel_cost_md: String,
+    pub kernel_cost: KernelCost,
+    pub programming: Option<String>,
+    pub network_secs: f64,
+    pub total_secs: f64,
+}
+
+impl Results<'_> {
+    fn tput(&self, set: &str, system: &str) -> Option<f64> {
+        self.m
+            .throughput
+            .get(&(set, system))
+            .and_then(|s| s.result())
+    }
+
+    fn tput_cell(&self, set: &str, system: &str) -> String {
+        let Some(s) = self.m.throughput.get(&(set, system)) else {
+            return "—".into();
+        };
+        match s.result() {
+            Some(v) => format!(
+                "{}{:.0}k",
+                if s.generator_limited { "≥ " } else { "" },
+                v / 1000.0
+            ),
+            None => {
+                let lowest = s.trials.iter().map(|t| t.offered).min().unwrap_or(0);
+                format!("< {:.0}k", lowest as f64 / 1000.0)
+            }
+        }
+    }
+
+    fn p(&self, set: &str, system: &str, load: u32, q: f64) -> Option<f64> {
+        self.m.latency.get(&(set, system, load))?.pct_us(q)
+    }
+
+    /// Only correctness failures: speed is never asserted.
+    pub fn failures(&self) -> anyhow::Result<()> {
+        let wrong: u64 = self.m.latency.values().map(|r| r.wrong).sum::<u64>()
+            + self
+                .m
+                .throughput
+                .values()
+                .flat_map(|s| &s.trials)
+                .map(|t| t.wrong)
+                .sum::<u64>();
+        if wrong > 0 {
+            bail!("{wrong} wrong replies during the run (see the report)");
+        }
+        Ok(())
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "—".into())
+}
+
+fn us(v: Option<f64>) -> String {
+    fmt_opt(v, |x| {
+        if x < 100.0 {
+            format!("{x:.1}")
+        } else {
+            format!("{x:.0}")
+        }
+    })
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let systems = topo::systems();
+    let _ = writeln!(
+        s,
+        "### Run\n\n\
+         - command: `{}` ({}), network part {:.0} s, whole run {:.0} s\n\
+         - machine: {} × {}, {:.0} GiB, kernel {}; load average at start {} (other work on the machine shares the cores)\n\
+         - tools: {}\n\
+         - zone: {} ClusterIP Services with a named port in 50 namespaces; the same A, SRV and PTR records in the xdns zone file, unbound `local-data` and dnsmasq `host-record`/`srv-host`; {} external names on an upstream dnsmasq (TTL 3600), warmed into every cache before measuring\n\
+         - client: a second network namespace over a veth pair per setup; server and client share the cores\n",
+        r.command,
+        if r.quick {
+            "quick: one short trial per system; checks answers, measures nothing"
+        } else {
+            "full"
+        },
+        r.network_secs,
+        r.total_secs,
+        r.machine.cores,
+        r.machine.cpu,
+        r.machine.memory_gib,
+        r.machine.kernel,
+        r.machine.load_before,
+        r.machine
+            .tools
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+        r.services,
+        r.external,
+    );
+
+    let _ = writeln!(
+        s,
+        "### Throughput\n\nHighest rate answered with under {}% loss (answers of the expected rcode per second; kxdpgun, one thread, AF_XDP on the pod's veth, {} s trials). \"≥\": the system answered everything kxdpgun could send.\n",
+        MAX_LOSS * 100.0,
+        r.trial_secs
+    );
+    let _ = writeln!(
+        s,
+        "| system | {} |",
+        r.workload
+            .sets
+            .iter()
+            .map(|q| q.title)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(r.workload.sets.len()));
+    for sys in &systems {
+        let cells: Vec<String> = r
+            .workload
+            .sets
+            .iter()
+            .map(|q| r.tput_cell(q.id, sys.id))
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", sys.title, cells.join(" | "));
+    }
+    let _ = writeln!(
+        s,
+        "\nFor context, the most valid answers per second any trial got, whatever its loss (the search does not look far above its first failing rate, so this is a lower bound of the peak):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| system | {} |",
+        r.workload
+            .sets
+            .iter()
+            .map(|q| q.id)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(r.workload.sets.len()));
+    for sys in &systems {
+        let cells: Vec<String> = r
+            .workload
+            .sets
+            .iter()
+            .map(|q| {
+                let peak = r.m.throughput.get(&(q.id, sys.id)).and_then(|x| x.peak());
+                fmt_opt(peak, |v| format!("{:.0}k", v / 1000.0))
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", sys.id, cells.join(" | "));
+    }
+
+    let _ = writeln!(s, "\n### Ratios (same run)\n");
+    let pairs = [
+        (
+            "xdns-generic",
+            "reflector-generic",
+            "of the reflector (generic)",
+            "≥ 80%",
+        ),
+        (
+            "xdns-driver",
+            "reflector-driver",
+            "of the reflector (driver)",
+            "≥ 80%",
+        ),
+        ("xdns-generic", "unbound", "× unbound", "≥ 3×"),
+        ("xdns-driver", "unbound", "× unbound", "≥ 3×"),
+        ("xdns-generic", "dnsmasq", "× dnsmasq", ""),
+        ("xdns-userspace", "unbound", "× unbound", ""),
+    ];
+    let _ = writeln!(
+        s,
+        "| throughput | {} | target |",
+        r.workload
+            .sets
+            .iter()
+            .map(|q| q.id)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(s, "|---|{}---|", "---:|".repeat(r.workload.sets.len()));
+    for (a, b, what, target) in pairs {
+        let cells: Vec<String> = r
+            .workload
+            .sets
+            .iter()
+            .map(|q| {
+                fmt_opt(ratio(r.tput(q.id, a), r.tput(q.id, b)), |x| {
+                    if what.starts_with("of") {
+                        format!("{:.0}%", x * 100.0)
+                    } else {
+                        format!("{x:.2}×")
+                    }
+                })
+            })
+            .collect();
+        let _ = writeln!(s, "| {a} {what} | {} | {target} |", cells.join(" | "));
+    }
+    for load in r.loads.iter().map(|l| l.0) {
+        let cells: Vec<String> = r
+            .workload
+            .sets
+            .iter()
+            .map(|q| {
+                let a = r.p(q.id, "xdns-generic", load, 0.99);
+                let b = r.p(q.id, "unbound", load, 0.99);
+                fmt_opt(ratio(a, b), |x| format!("{x:.3}"))
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "| p99 latency xdns-generic / unbound at {load}/s | {} | {} |",
+            cells.join(" | "),
+            if load == 10_000 { "≤ 0.1" } else { "" }
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n### Latency\n\nMicroseconds from the client's `send()` to the reply's arrival in its socket (kernel receive timestamp), at fixed offered loads from the project's open-loop generator; loss = queries without a valid reply within 1 s. Measured in {} rotation(s) per load.\n",
+        if r.quick { 1 } else { 2 }
+    );
+    for q in &r.workload.sets {
+        let _ = writeln!(s, "**{}**\n", q.title);
+        let _ = writeln!(
+            s,
+            "| system | load/s | sent/s | measured s | p50 | p90 | p99 | p99.9 | loss |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for sys in systems_for(q.id) {
+            for &(load, secs) in &r.loads {
+                let Some(run) = r.m.latency.get(&(q.id, sys.id, load)) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {load} | {:.0} | {secs:.1} | {} | {} | {} | {} | {:.2}% |",
+                    sys.id,
+                    run.achieved_qps(),
+                    us(run.pct_us(0.5)),
+                    us(run.pct_us(0.9)),
+                    us(run.pct_us(0.99)),
+                    us(run.pct_us(0.999)),
+                    run.loss() * 100.0
+                );
+            }
+        }
+        let _ = writeln!(s);
+    }
+
+    let _ = writeln!(
+        s,
+        "### In-kernel cost per query\n\n{}",
+        r.kernel_cost_md.trim()
+    );
+
+    let _ = writeln!(
+        s,
+        "\n### Memory\n\n| system | RSS MiB, zone loaded | RSS MiB, after the run | peak RSS MiB | BPF maps MiB |\n|---|---:|---:|---:|---:|"
+    );
+    let mib = |b: u64| format!("{:.1}", b as f64 / 1048576.0);
+    for (id, mem) in &r.m.memory {
+        let _ = writeln!(
+            s,
+            "| {id} | {} | {} | {} | {} |",
+            mib(mem.rss_ready),
+            mib(mem.rss_end),
+            mib(mem.hwm),
+            if mem.maps > 0 {
+                mib(mem.maps)
+            } else {
+                "—".into()
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe reflectors have no process. \"Zone loaded\": after the correctness check, before any load. BPF map memory is the kernel's `memlock` accounting of the maps the agent holds."
+    );
+
+    let _ = writeln!(
+        s,
+        "\n### Who answered\n\nDuring the correctness check (one query each), answered by the XDP program of each xdns kernel-path system, and the program's other counters that moved (`pass_*`: handed to userspace, which answered):\n\n| system | set | answered in kernel | other counters |\n|---|---|---:|---|"
+    );
+    for ((sys, set), (k, n, others)) in &r.m.kernel_share {
+        let _ = writeln!(s, "| {sys} | {set} | {k} of {n} | {others} |");
+    }
+    let _ = writeln!(
+        s,
+        "\nxdns has no cache for external names yet: each one is forwarded upstream by the agent, while unbound and dnsmasq answer them from their caches."
+    );
+
+    let _ = writeln!(
+        s,
+        "\n### Targets (reported, not asserted)\n\n| target | measured | met |\n|---|---|---|"
+    );
+    let mut target =
+        |name: &str, v: Option<f64>, fmt: &dyn Fn(f64) -> String, ok: &dyn Fn(f64) -> bool| {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} |",
+                fmt_opt(v, fmt),
+                v.map_or("—", |v| if ok(v) { "yes" } else { "no" })
+            );
+        };
+    for (a, b) in [
+        ("xdns-generic", "reflector-generic"),
+        ("xdns-driver", "reflector-driver"),
+    ] {
+        target(
+            &format!("{a} ≥ 80% of {b} throughput (cluster names)"),
+            ratio(r.tput("cluster", a), r.tput("cluster", b)),
+            &|x| format!("{:.0}%", x * 100.0),
+            &|x| x >= 0.8,
+        );
+    }
+    for a in ["xdns-generic", "xdns-driver"] {
+        target(
+            &format!("{a} ≥ 3× unbound throughput (cluster names)"),
+            ratio(r.tput("cluster", a), r.tput("cluster", "unbound")),
+            &|x| format!("{x:.2}×"),
+            &|x| x >= 3.0,
+        );
+        target(
+            &format!("{a} p99 at 10k/s ≤ 1/10 of unbound's (cluster names)"),
+            ratio(
+                r.p("cluster", a, 10_000, 0.99),
+                r.p("cluster", "unbound", 10_000, 0.99),
+            ),
+            &|x| format!("{x:.2}"),
+            &|x| x <= 0.1,
+        );
+    }
+    target(
+        "in-kernel hit ≤ 250 ns at 100,000 Services (mean, repeat=1 runs)",
+        r.kernel_cost
+            .rows
+            .get(&(100_000, "hit".to_string()))
+            .map(|v| v.0),
+        &|x| {
+            format!(
+                "{x:.0} ns ({:.0} ns over the baseline)",
+                x - r
+                    .kernel_cost
+                    .rows
+                    .get(&(100_000, "baseline".to_string()))
+                    .map_or(0.0, |b| b.0)
+            )
+        },
+        &|x| x <= 250.0,
+    );
+
+    if let Some(p) = &r.programming {
+        let _ = writeln!(
+            s,
+            "\n### Kubernetes API programming latency\n\n{}",
+            p.trim()
+        );
+    }
+    s
+}
+
+const COLORS: [&str; 7] = [
+    "#7f7f7f", "#1f77b4", "#bcbd22", "#17becf", "#9467bd", "#d62728", "#ff7f0e",
+];
+
+/// One SVG: throughput per system and set (top), latency percentiles per system at each
+/// load for cluster names (bottom, log scale).
+pub fn svg(r: &Results) -> String {
+    let systems = topo::systems();
+    let (w, h) = (1000.0, 760.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">xdns benchmark: {} × {}, kernel {} ({})</text>",
+        w / 2.0,
+        r.machine.cores,
+        esc(&r.machine.cpu),
+        esc(&r.machine.kernel),
+        if r.quick { "quick run" } else { "full run" }
+    );
+
+    // Throughput bars.
+    let (x0, y0, pw, ph) = (70.0, 50.0, 900.0, 260.0);
+    let max =
+        r.m.throughput
+            .values()
+            .filter_map(|s| s.result())
+            .fold(1.0f64, f64::max)
+            * 1.1;
+    let _ = writeln!(
+        s,
+        "<text x=\"{x0}\" y=\"{}\" font-size=\"13\">Throughput, &lt; 0.1% loss (thousand answers/s; ≥: all kxdpgun could send)</text>",
+        y0 - 6.0
+    );
+    axis_y_linear(&mut s, x0, y0, pw, ph, max / 1000.0);
+    let group = pw / systems.len() as f64;
+    let set_colors = ["#1f77b4", "#2ca02c", "#ff7f0e"];
+    for (i, sys) in systems.iter().enumerate() {
+        let gx = x0 + i as f64 * group;
+        for (j, q) in r.workload.sets.iter().enumerate() {
+            let bw = group * 0.8 / r.workload.sets.len() as f64;
+            let bx = gx + group * 0.1 + j as f64 * bw;
+            if let Some(v) = r.tput(q.id, sys.id) {
+                let bh = v / max * ph;
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {:.0}/s</title></rect>",
+                    y0 + ph - bh,
+                    bw - 2.0,
+                    set_colors[j % 3],
+                    sys.id,
+                    q.id,
+                    v
+                );
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}{:.0}</text>",
+                    bx + bw / 2.0 - 1.0,
+                    y0 + ph - bh - 3.0,
+                    if r.m
+                        .throughput
+                        .get(&(q.id, sys.id))
+                        .is_some_and(|x| x.generator_limited)
+                    {
+                        "≥"
+                    } else {
+                        ""
+                    },
+                    v / 1000.0
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
+            gx + group / 2.0,
+            y0 + ph + 16.0,
+            sys.id
+        );
+    }
+    for (j, q) in r.workload.sets.iter().enumerate() {
+        let lx = x0 + 520.0 + j as f64 * 125.0;
+        let ly = y0 - 6.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            ly - 9.0,
+            set_colors[j % 3],
+            lx + 14.0,
+            ly,
+            match q.id {
+                "cluster" => "cluster names",
+                "nxdomain" => "search-path junk",
+                _ => "cached external names",
+            }
+        );
+    }
+
+    // Latency percentiles, cluster names, one panel per load.
+    let (ly0, lph) = (380.0, 300.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"{x0}\" y=\"{}\" font-size=\"13\">Latency percentiles, cluster names (µs, log scale; client send() → reply in its socket)</text>",
+        ly0 - 12.0
+    );
+    let loads: Vec<u32> = r.loads.iter().map(|l| l.0).collect();
+    let all: Vec<f64> = systems
+        .iter()
+        .flat_map(|sys| {
+            loads
+                .iter()
+                .flat_map(move |&l| [0.5, 0.9, 0.99, 0.999].map(|q| (sys.id, l, q)))
+        })
+        .filter_map(|(id, l, q)| r.p("cluster", id, l, q))
+        .collect();
+    let lo = all.iter().cloned().fold(f64::INFINITY, f64::min).max(0.1);
+    let hi = all.iter().cloned().fold(1.0f64, f64::max);
+    let (dlo, dhi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    let panel_w = (pw - 20.0 * (loads.len().max(1) - 1) as f64) / loads.len().max(1) as f64;
+    let pcts = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")];
+    for (k, &load) in loads.iter().enumerate() {
+        let px = x0 + k as f64 * (panel_w + 20.0);
+        let _ = writeln!(
+            s,
+            "<rect x=\"{px}\" y=\"{ly0}\" width=\"{panel_w:.1}\" height=\"{lph}\" fill=\"none\" stroke=\"#999\"/>\
+             <text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{load} queries/s offered</text>",
+            px + panel_w / 2.0,
+            ly0 + 14.0
+        );
+        let mut d = dlo;
+        while d <= dhi {
+            let y = ly0 + lph - (d - dlo) / (dhi - dlo) * lph;
+            let _ = writeln!(
+                s,
+                "<line x1=\"{px}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>",
+                px + panel_w
+            );
+            if k == 0 {
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+                    px - 4.0,
+                    y + 4.0,
+                    10f64.powf(d)
+                );
+            }
+            d += 1.0;
+        }
+        for (i, (_, label)) in pcts.iter().enumerate() {
+            let x = px + (i as f64 + 0.5) / pcts.len() as f64 * panel_w;
+            let _ = writeln!(
+                s,
+                "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+                ly0 + lph + 14.0
+            );
+        }
+        for (c, sys) in systems.iter().enumerate() {
+            let pts: Vec<(f64, f64)> = pcts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (q, _))| {
+                    let v = r.p("cluster", sys.id, load, *q)?;
+                    let x = px + (i as f64 + 0.5) / pcts.len() as f64 * panel_w;
+                    let y = ly0 + lph - (v.max(0.1).log10() - dlo) / (dhi - dlo) * lph;
+                    Some((x, y))
+                })
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+            let _ = writeln!(
+                s,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"><title>{}</title></polyline>",
+                path.join(" "),
+                COLORS[c % COLORS.len()],
+                sys.id
+            );
+            for (x, y) in pts {
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{}\"/>",
+                    COLORS[c % COLORS.len()]
+                );
+            }
+        }
+    }
+    for (c, sys) in systems.iter().enumerate() {
+        let lx = x0 + (c % 4) as f64 * 225.0;
+        let ly = ly0 + lph + 34.0 + (c / 4) as f64 * 16.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{}</text>",
+            ly - 5.0,
+            COLORS[c % COLORS.len()],
+            lx + 18.0,
+            esc(sys.title)
+        );
+    }
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+fn axis_y_linear(s: &mut String, x0: f64, y0: f64, pw: f64, ph: f64, max: f64) {
+    let step = nice_step(max / 5.0);
+    let mut v = 0.0;
+    while v <= max {
+        let y = y0 + ph - v / max * ph;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x0}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>",
+            x0 + pw,
+            x0 - 4.0,
+            y + 4.0
+        );
+        v += step;
+    }
+    let _ = writeln!(
+        s,
+        "<line x1=\"{x0}\" x2=\"{x0}\" y1=\"{y0}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{x0}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"#999\"/>",
+        y0 + ph,
+        x0 + pw,
+        y0 + ph,
+        y0 + ph
+    );
+}
+
+fn nice_step(raw: f64) -> f64 {
+    let mag = 10f64.powf(raw.max(1e-9).log10().floor());
+    for m in [1.0, 2.0, 5.0, 10.0] {
+        if m * mag >= raw {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Raw figures, one TSV per kind.
+pub fn write_raw(r: &Results, dir: &Path) -> anyhow::Result<()> {
+    let mut t = String::from("set\tsystem\toffered\tsent\treplies\tvalid\twrong\tsecs\tloss\n");
+    for ((set, sys), search) in &r.m.throughput {
+        for x in &search.trials {
+            let _ = writeln!(
+                t,
+                "{set}\t{sys}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}",
+                x.offered,
+                x.sent,
+                x.replies,
+                x.valid,
+                x.wrong,
+                x.secs,
+                x.loss()
+            );
+        }
+    }
+    std::fs::write(dir.join("throughput.tsv"), t)?;
+    let mut l = String::from(
+        "set\tsystem\tload\tsent\tvalid\tservfail\twrong\tp50_us\tp90_us\tp99_us\tp999_us\n",
+    );
+    for ((set, sys, load), run) in &r.m.latency {
+        let _ = writeln!(
+            l,
+            "{set}\t{sys}\t{load}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            run.sent,
+            run.valid,
+            run.servfail,
+            run.wrong,
+            us(run.pct_us(0.5)),
+            us(run.pct_us(0.9)),
+            us(run.pct_us(0.99)),
+            us(run.pct_us(0.999))
+        );
+    }
+    std::fs::write(dir.join("latency.tsv"), l)?;
+    Ok(())
+}
+
+const BEGIN: &str = "<!-- bench:begin (generated by `cargo xtask bench --publish`) -->";
+const END: &str = "<!-- bench:end -->";
+
+/// Replaces the generated section of docs/benchmarks.md and writes docs/benchmarks.svg.
+pub fn publish(root: &Path, md: &str, svg: &str) -> anyhow::Result<()> {
+    let docs = root.join("docs");
+    std::fs::create_dir_all(&docs)?;
+    std::fs::write(docs.join("benchmarks.svg"), svg)?;
+    let path = docs.join("benchmarks.md");
+    let old = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| format!("# Benchmarks\n\n{BEGIN}\n{END}\n"));
+    let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
+        bail!("{}: no generated section ({BEGIN} … {END})", path.display());
+    };
+    let new = format!(
+        "{}{BEGIN}\n\n![benchmark plot](benchmarks.svg)\n\n{md}\n{}",
+        &old[..b],
+        &old[e..]
+    );
+    std::fs::write(&path, new).with_context(|| path.display().to_string())?;
+    Ok(())
+}
