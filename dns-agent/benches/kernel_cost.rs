@@ -266,11 +266,7 @@ fn measure(services: usize, runs: usize, only: Option<&str>) -> SizeResult {
     let started = Instant::now();
     let zone = support::zone_from(objects);
     let pin = PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-kc"));
-    let capacity = Capacity {
-        short: (services as u32 * 8).max(1 << 16),
-        long: 1 << 16,
-        blobs: 1 << 16,
-    };
+    let capacity = Capacity::scaled((services as u32 * 8).max(1 << 16));
     let (kernel, maps) = Kernel::load(capacity, &pin).expect("loading the XDP program (root?)");
     let mut sync = KernelSync::new(maps);
     sync.maps_mut()

@@ -60,10 +60,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const SERVICES: u32 = 10_000;
 const ENDPOINTS_PER_SERVICE: u32 = 10;
 const NAMESPACES: u32 = 50;
-const CHANGES: u32 = 200;
+/// `--quick` (what `cargo xtask bench --quick` passes in CI): a tenth of the cluster and a
+/// quarter of the changes, to check the bench works; the figures are the full run's.
+static QUICK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn quick() -> bool {
+    QUICK.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn services() -> u32 {
+    if quick() { 1_000 } else { 10_000 }
+}
+
+fn changes() -> u32 {
+    if quick() { 50 } else { 200 }
+}
 const TARGET_P99: Duration = Duration::from_millis(10);
 const BUDGET: Duration = Duration::from_secs(300);
 const PER_CHANGE_DEADLINE: Duration = Duration::from_secs(5);
@@ -190,7 +203,7 @@ fn zone_model_heap() -> u64 {
         let ns = serde_json::from_value(fake_api::namespace(&format!("bench-{n}"))).expect("ns");
         namespaces.push(project_namespace(&ns).expect("projects"));
     }
-    for i in 0..SERVICES {
+    for i in 0..services() {
         let svc = serde_json::from_value(fake_api::service(
             &namespace_of(i),
             &format!("svc-{i}"),
@@ -225,7 +238,7 @@ fn zone_model_heap() -> u64 {
     let live = LIVE.load(Ordering::Relaxed) - before;
     assert_eq!(
         zone.endpoint_count(),
-        (SERVICES * ENDPOINTS_PER_SERVICE) as usize
+        (services() * ENDPOINTS_PER_SERVICE) as usize
     );
     drop(zone);
     live.max(0) as u64
@@ -281,6 +294,9 @@ fn timed_change(
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--quick") {
+        QUICK.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let started = Instant::now();
     support::require_root();
     // First, while no other thread allocates.
@@ -303,7 +319,7 @@ fn main() {
     for n in 0..NAMESPACES {
         api.apply(fake_api::namespace(&format!("bench-{n}")));
     }
-    for i in 0..SERVICES {
+    for i in 0..services() {
         api.apply(fake_api::service(
             &namespace_of(i),
             &format!("svc-{i}"),
@@ -313,10 +329,11 @@ fn main() {
     }
     // The initial objects are listed, not replayed from history.
     api.compact();
-    let objects = u64::from(NAMESPACES + SERVICES * (1 + ENDPOINTS_PER_SERVICE));
+    let objects = u64::from(NAMESPACES + services() * (1 + ENDPOINTS_PER_SERVICE));
     eprintln!(
-        "fake API: {SERVICES} services, {} endpoints",
-        SERVICES * ENDPOINTS_PER_SERVICE
+        "fake API: {} services, {} endpoints",
+        services(),
+        services() * ENDPOINTS_PER_SERVICE
     );
 
     let kubeconfig = api.kubeconfig(dir.path());
@@ -336,8 +353,8 @@ fn main() {
     let mut service_changes = Vec::new();
     let kernel_before = agent.kernel_answered();
     let user_before = agent.userspace_answers();
-    for c in 0..CHANGES {
-        let i = (c * 7919) % SERVICES;
+    for c in 0..changes() {
+        let i = (c * 7919) % services();
         let new_ip = format!("10.98.{}.{}", c / 250, c % 250 + 1);
         let name = format!("svc-{i}.{}.svc.cluster.local.", namespace_of(i));
         service_changes.push(timed_change(
@@ -351,8 +368,8 @@ fn main() {
     }
     // Single-EndpointSlice changes: one endpoint's address replaced, polled at its name.
     let mut slice_changes = Vec::new();
-    for c in 0..CHANGES {
-        let i = (c * 104_729 + 13) % SERVICES;
+    for c in 0..changes() {
+        let i = (c * 104_729 + 13) % services();
         let mut addresses = endpoints_of(i);
         let new_ip = format!("10.250.{}.{}", c / 250, c % 250 + 1);
         addresses[0] = new_ip.clone();
@@ -384,7 +401,8 @@ fn main() {
     api.set_down(true);
 
     println!(
-        "\n### Programming latency ({CHANGES} changes each, fake API event written → kernel answers)\n"
+        "\n### Programming latency ({} changes each, fake API event written → kernel answers)\n",
+        changes()
     );
     println!("| change | n | first | p50 | p90 | p99 | max | p99 target |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
@@ -422,8 +440,9 @@ fn main() {
     );
 
     println!(
-        "\n### Memory ({SERVICES} Services, {} endpoints, {NAMESPACES} namespaces: {objects} objects; {kernel_entries} kernel entries)\n",
-        SERVICES * ENDPOINTS_PER_SERVICE
+        "\n### Memory ({} Services, {} endpoints, {NAMESPACES} namespaces: {objects} objects; {kernel_entries} kernel entries)\n",
+        services(),
+        services() * ENDPOINTS_PER_SERVICE
     );
     println!("| | total | per object | per kernel entry |");
     println!("|---|---:|---:|---:|");
