@@ -4,7 +4,7 @@
 //! address (polled with real queries from the pod's namespace).
 //!
 //! `cargo bench -p dns-agent --bench programming` as root. Prints Markdown tables. Bounded:
-//! at most `CHANGES` changes per series and five minutes in all.
+//! at most `changes()` changes per series and five minutes in all.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -70,7 +70,7 @@ fn quick() -> bool {
     QUICK.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn services() -> u32 {
+fn service_count() -> u32 {
     if quick() { 1_000 } else { 10_000 }
 }
 
@@ -203,7 +203,7 @@ fn zone_model_heap() -> u64 {
         let ns = serde_json::from_value(fake_api::namespace(&format!("bench-{n}"))).expect("ns");
         namespaces.push(project_namespace(&ns).expect("projects"));
     }
-    for i in 0..services() {
+    for i in 0..service_count() {
         let svc = serde_json::from_value(fake_api::service(
             &namespace_of(i),
             &format!("svc-{i}"),
@@ -238,7 +238,7 @@ fn zone_model_heap() -> u64 {
     let live = LIVE.load(Ordering::Relaxed) - before;
     assert_eq!(
         zone.endpoint_count(),
-        (services() * ENDPOINTS_PER_SERVICE) as usize
+        (service_count() * ENDPOINTS_PER_SERVICE) as usize
     );
     drop(zone);
     live.max(0) as u64
@@ -319,7 +319,7 @@ fn main() {
     for n in 0..NAMESPACES {
         api.apply(fake_api::namespace(&format!("bench-{n}")));
     }
-    for i in 0..services() {
+    for i in 0..service_count() {
         api.apply(fake_api::service(
             &namespace_of(i),
             &format!("svc-{i}"),
@@ -329,11 +329,11 @@ fn main() {
     }
     // The initial objects are listed, not replayed from history.
     api.compact();
-    let objects = u64::from(NAMESPACES + services() * (1 + ENDPOINTS_PER_SERVICE));
+    let objects = u64::from(NAMESPACES + service_count() * (1 + ENDPOINTS_PER_SERVICE));
     eprintln!(
         "fake API: {} services, {} endpoints",
-        services(),
-        services() * ENDPOINTS_PER_SERVICE
+        service_count(),
+        service_count() * ENDPOINTS_PER_SERVICE
     );
 
     let kubeconfig = api.kubeconfig(dir.path());
@@ -354,7 +354,7 @@ fn main() {
     let kernel_before = agent.kernel_answered();
     let user_before = agent.userspace_answers();
     for c in 0..changes() {
-        let i = (c * 7919) % services();
+        let i = (c * 7919) % service_count();
         let new_ip = format!("10.98.{}.{}", c / 250, c % 250 + 1);
         let name = format!("svc-{i}.{}.svc.cluster.local.", namespace_of(i));
         service_changes.push(timed_change(
@@ -369,7 +369,7 @@ fn main() {
     // Single-EndpointSlice changes: one endpoint's address replaced, polled at its name.
     let mut slice_changes = Vec::new();
     for c in 0..changes() {
-        let i = (c * 104_729 + 13) % services();
+        let i = (c * 104_729 + 13) % service_count();
         let mut addresses = endpoints_of(i);
         let new_ip = format!("10.250.{}.{}", c / 250, c % 250 + 1);
         addresses[0] = new_ip.clone();
@@ -441,8 +441,8 @@ fn main() {
 
     println!(
         "\n### Memory ({} Services, {} endpoints, {NAMESPACES} namespaces: {objects} objects; {kernel_entries} kernel entries)\n",
-        services(),
-        services() * ENDPOINTS_PER_SERVICE
+        service_count(),
+        service_count() * ENDPOINTS_PER_SERVICE
     );
     println!("| | total | per object | per kernel entry |");
     println!("|---|---:|---:|---:|");
