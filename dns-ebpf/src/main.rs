@@ -19,7 +19,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
@@ -84,10 +85,16 @@ struct Scratch {
     label_starts: [u64; 4],
     /// The name's length, passed through memory on purpose (see `parse_name`).
     name_len: u64,
+    /// The key's bytes past the short-key prefix were written: zero them before the next
+    /// packet (they are zero at the start of every run, so short names zero only the prefix).
+    tail_dirty: u64,
 }
 // Power-of-two sizes let `& (LEN - 1)` prove every index in bounds (no panic paths).
 const RAW_LEN: usize = 512;
 const KEY_WORDS: usize = (core::mem::size_of::<LongKey>() + 4) / 8;
+const SHORT_KEY_WORDS: usize = core::mem::size_of::<ShortKey>() / 8;
+/// Labels in a name of at most 255 bytes (one byte each, plus the root).
+const MAX_LABELS: usize = 128;
 const _: () = assert!(core::mem::offset_of!(Scratch, key) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Scratch, label_starts) == RAW_LEN + KEY_WORDS * 8);
 
@@ -128,6 +135,20 @@ const fn pass(counter: u32) -> Outcome {
 #[xdp]
 pub fn xdns_xdp(ctx: XdpContext) -> u32 {
     let outcome = handle(&ctx);
+    if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU scratch, not shared with any other program run.
+        let scratch = unsafe { &mut *scratch };
+        if scratch.tail_dirty != 0 {
+            let words = (&mut scratch.key as *mut LongKey).cast::<u64>();
+            let mut w = SHORT_KEY_WORDS;
+            while w < KEY_WORDS {
+                // SAFETY: `key` and the padding after it are KEY_WORDS 8-aligned words.
+                unsafe { words.add(w).write_volatile(0) };
+                w += 1;
+            }
+            scratch.tail_dirty = 0;
+        }
+    }
     if let Some(c) = COUNTERS.get_ptr_mut(outcome.counter) {
         // SAFETY: per-CPU slot, and XDP programs do not nest on one CPU.
         unsafe { *c += 1 };
@@ -537,7 +558,6 @@ fn answer(ctx: &XdpContext, layers: &Layers) -> Result<Outcome, Outcome> {
     sum += id as u32 + rflags as u32 + 1 + an as u32 + ns as u32 + ar_total as u32;
     // Question: name bytes as received (even start), then type and class after the name.
     sum += parsed.csum;
-    sum += at_parity(qtype as u32 + qclass as u32, name_len);
     let sections_off = DNS_HLEN + name_len + 4;
     // Negative answers only exist for names in the zone (checked above), so this is the
     // offset of the zone's name inside the question.
@@ -625,7 +645,7 @@ fn answer(ctx: &XdpContext, layers: &Layers) -> Result<Outcome, Outcome> {
 struct ParsedName {
     /// Wire length, root label included.
     len: usize,
-    /// Partial checksum of the name bytes as received, from an even offset.
+    /// Partial checksum of the question as received (name, type, class), from an even offset.
     csum: u32,
 }
 
@@ -633,73 +653,124 @@ struct ParsedName {
 /// key (zero-padded), marks label starts, and sums the received bytes for the checksum.
 #[inline(always)]
 fn parse_name(scratch: &mut Scratch, load: usize) -> Result<ParsedName, u32> {
-    // The lookup hashes the whole key: the bytes after the name must be zero. Volatile word
-    // stores, because a plain loop would be turned into a call to memset.
+    // The lookup hashes the whole key: the bytes after the name must be zero. The tail past
+    // the short prefix is zero on entry (xdns_xdp cleans it after a long name); the prefix is
+    // zeroed here. Volatile word stores, because a plain loop would become a call to memset.
     let words = (&mut scratch.key as *mut LongKey).cast::<u64>();
     let mut w = 0;
-    while w < KEY_WORDS {
-        // SAFETY: `key` and the padding after it are KEY_WORDS 8-aligned words (asserted).
+    while w < SHORT_KEY_WORDS {
+        // SAFETY: `key` starts with SHORT_KEY_WORDS 8-aligned words (asserted).
         unsafe { words.add(w).write_volatile(0) };
         w += 1;
     }
+    if load > SHORT_NAME_LEN {
+        // The loop may write past the prefix.
+        scratch.tail_dirty = 1;
+    }
     scratch.label_starts = [0; 4];
 
-    let mut next_label = 0usize;
-    let mut csum = 0u32;
-    let mut found = false;
+    // Walk the labels by their length bytes: a handful of steps, not one per byte.
     let mut i = 0usize;
-    while i < MAX_NAME_LEN {
+    let mut found = false;
+    let mut steps = 0;
+    while steps < MAX_LABELS {
         if i >= load {
             return Err(counter::PASS_MALFORMED);
         }
-        let b = at(&scratch.raw, i);
-        csum += if i & 1 == 0 {
-            (b as u32) << 8
-        } else {
-            b as u32
-        };
-        let out = if i == next_label {
-            if b == 0 {
-                // The verifier knows `i` exactly here, and would verify everything after the
-                // loop once per possible length. A round trip through map memory makes the
-                // length an unknown scalar again, so it verifies the rest once.
-                // SAFETY: plain field of the scratch value.
-                unsafe { core::ptr::write_volatile(&mut scratch.name_len, (i + 1) as u64) };
-                found = true;
-                break;
-            }
-            // Compression pointers (0xC0) and the obsolete extended labels (0x40, 0x80).
-            if b as usize > MAX_LABEL_LEN {
-                return Err(counter::PASS_UNSUPPORTED);
-            }
-            let word = bounded(i >> 6, 3);
-            // SAFETY: bounded() keeps the index below 4.
-            unsafe { *scratch.label_starts.get_unchecked_mut(word) |= 1u64 << (i & 63) };
-            next_label = i + 1 + b as usize;
-            b
-        } else if b.wrapping_sub(b'A') < 26 {
-            b | 0x20
-        } else {
-            b
-        };
-        // SAFETY: bounded() keeps the index below LONG_NAME_LEN.
-        unsafe {
-            *scratch
-                .key
-                .name
-                .get_unchecked_mut(bounded(i, LONG_NAME_LEN - 1)) = out
-        };
-        i += 1;
+        let len = at(&scratch.raw, i) as usize;
+        if len == 0 {
+            // The verifier would otherwise verify everything after the loop once per path
+            // that reaches here; a round trip through map memory makes the length an unknown
+            // scalar again, so it verifies the rest once.
+            // SAFETY: plain field of the scratch value.
+            unsafe { core::ptr::write_volatile(&mut scratch.name_len, (i + 1) as u64) };
+            found = true;
+            break;
+        }
+        // Compression pointers (0xC0) and the obsolete extended labels (0x40, 0x80).
+        if len > MAX_LABEL_LEN {
+            return Err(counter::PASS_UNSUPPORTED);
+        }
+        let word = bounded(i >> 6, 3);
+        // SAFETY: bounded() keeps the index below 4.
+        unsafe { *scratch.label_starts.get_unchecked_mut(word) |= 1u64 << (i & 63) };
+        i += 1 + len;
+        // The root label must fit in 255 bytes.
+        if i >= MAX_NAME_LEN {
+            return Err(counter::PASS_MALFORMED);
+        }
+        steps += 1;
     }
     if !found {
-        // Longer than 255 bytes.
         return Err(counter::PASS_MALFORMED);
     }
     // SAFETY: plain field of the scratch value.
     let len = unsafe { core::ptr::read_volatile(&scratch.name_len) } as usize;
-    if len == 0 || len > MAX_NAME_LEN {
+    if len == 0 || len > MAX_NAME_LEN || len > load {
         return Err(counter::PASS_MALFORMED);
     }
+    // Copy into the key, lowercased eight bytes at a time. Length bytes (1..=63) and bytes
+    // outside A..Z are left as they are, so labels need no separate treatment; the bytes of the
+    // last word past the name are masked off (the key must be zero there).
+    let words = (len + 7) / 8;
+    let mut w = 0;
+    while w < LONG_NAME_LEN / 8 {
+        if w >= words {
+            break;
+        }
+        let at_byte = bounded(w * 8, RAW_LEN - 8);
+        // SAFETY: `raw` is 8-aligned with RAW_LEN bytes; bounded() keeps the word inside.
+        let x = unsafe { scratch.raw.as_ptr().add(at_byte).cast::<u64>().read() };
+        let mut y = lowercase8(x);
+        let rest = len - w * 8;
+        if rest < 8 {
+            // Little-endian: the first bytes in memory are the low ones.
+            y &= (1u64 << (rest * 8)) - 1;
+        }
+        let to = bounded(w * 8, LONG_NAME_LEN - 8);
+        // SAFETY: the key's name has LONG_NAME_LEN bytes; bounded() keeps the word inside.
+        unsafe {
+            scratch
+                .key
+                .name
+                .as_mut_ptr()
+                .add(to)
+                .cast::<u64>()
+                .write_unaligned(y)
+        };
+        w += 1;
+    }
+    // The question's type and class follow the name.
+    let qlen = len + 4;
+    if qlen > load {
+        return Err(counter::PASS_MALFORMED);
+    }
+    // Checksum of the question as received, in one helper call over whole 32-bit words: the
+    // up to three bytes after it are zeroed (nothing reads them from here; the OPT record is
+    // read from the packet).
+    let padded = (qlen + 3) & !3;
+    let mut p = qlen;
+    while p < padded {
+        // SAFETY: bounded() keeps the index below RAW_LEN.
+        unsafe { *scratch.raw.get_unchecked_mut(bounded(p, RAW_LEN - 1)) = 0 };
+        p += 1;
+    }
+    // SAFETY: `raw` holds RAW_LEN bytes and the size is a multiple of 4 below it.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            scratch.raw.as_mut_ptr().cast(),
+            bounded(padded, RAW_LEN - 4) as u32,
+            0,
+        )
+    };
+    if sum < 0 {
+        return Err(counter::PASS_MALFORMED);
+    }
+    // The helper sums 16-bit words in the CPU's byte order; the rest of this program sums them
+    // big-endian, which is the same sum with its bytes swapped (RFC 1071).
+    let csum = fold(sum as u32).swap_bytes() as u32;
     Ok(ParsedName { len, csum })
 }
 
@@ -804,6 +875,19 @@ fn at_parity(sum: u32, offset: usize) -> u32 {
     } else {
         ((s & 0xff) << 8) | (s >> 8)
     }
+}
+
+/// ASCII `A..=Z` to lowercase in each byte of `x`, other bytes unchanged (SWAR).
+#[inline(always)]
+fn lowercase8(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low7 = x & !HIGH;
+    // High bit set in a byte above 'Z' (0x5A), and in a byte at least 'A' (0x41).
+    let above_z = low7 + ONES * (0x7f - b'Z' as u64);
+    let from_a = low7 + ONES * (0x80 - b'A' as u64);
+    let upper = (from_a & !above_z) & !x & HIGH;
+    x | (upper >> 2)
 }
 
 #[inline(always)]
