@@ -712,7 +712,7 @@ fn parse_name(scratch: &mut Scratch, load: usize) -> Result<ParsedName, u32> {
     // Copy into the key, lowercased eight bytes at a time. Length bytes (1..=63) and bytes
     // outside A..Z are left as they are, so labels need no separate treatment; the bytes of the
     // last word past the name are masked off (the key must be zero there).
-    let words = (len + 7) / 8;
+    let words = len.div_ceil(8);
     let mut w = 0;
     while w < LONG_NAME_LEN / 8 {
         if w >= words {
