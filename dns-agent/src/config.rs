@@ -317,6 +317,28 @@ impl RunArgs {
         if self.listen.is_empty() {
             return Err(refuse("listen", "at least one listen address is needed"));
         }
+        for (family, count) in [
+            ("IPv4", self.listen.iter().filter(|a| a.is_ipv4()).count()),
+            ("IPv6", self.listen.iter().filter(|a| a.is_ipv6()).count()),
+        ] {
+            if count > dns_common::MAX_LISTEN {
+                return Err(refuse(
+                    "listen",
+                    format!(
+                        "{count} {family} addresses; the kernel path takes at most {}",
+                        dns_common::MAX_LISTEN
+                    ),
+                ));
+            }
+        }
+        if let Some(a) = self.listen.iter().find(|a| a.is_unspecified()) {
+            return Err(refuse(
+                "listen",
+                format!(
+                    "{a} is not an address queries can be sent to; give the node-local address (169.254.20.10)"
+                ),
+            ));
+        }
         if self.kernel_capacity < 1024 {
             return Err(refuse(
                 "kernel-capacity",

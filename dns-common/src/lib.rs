@@ -44,24 +44,18 @@ pub const MAP_ANSWERS_LONG: &str = "XDNS_ANS_LONG";
 pub const MAP_BLOBS_S: &str = "XDNS_BLOBS_S";
 pub const MAP_BLOBS_M: &str = "XDNS_BLOBS_M";
 pub const MAP_BLOBS_L: &str = "XDNS_BLOBS_L";
-/// `HashMap<u32, u32>`: IPv4 listen addresses (key: the address bytes in network order).
-pub const MAP_LISTEN_V4: &str = "XDNS_LISTEN4";
-/// `HashMap<[u8; 16], u32>`: IPv6 listen addresses.
-pub const MAP_LISTEN_V6: &str = "XDNS_LISTEN6";
 /// `Array<ZoneConfig>` with one entry.
 pub const MAP_CONFIG: &str = "XDNS_CONFIG";
 /// `PerCpuArray<u64>` indexed by [`counter`].
 pub const MAP_COUNTERS: &str = "XDNS_COUNTERS";
 
 /// Every map the program has, for pinning and reopening.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_ANSWERS_SHORT,
     MAP_ANSWERS_LONG,
     MAP_BLOBS_S,
     MAP_BLOBS_M,
     MAP_BLOBS_L,
-    MAP_LISTEN_V4,
-    MAP_LISTEN_V6,
     MAP_CONFIG,
     MAP_COUNTERS,
 ];
@@ -111,7 +105,9 @@ pub const DEFAULT_ANSWERS_LONG_MAX: u32 = 1 << 17;
 pub const DEFAULT_BLOBS_S_MAX: u32 = 1 << 18;
 pub const DEFAULT_BLOBS_M_MAX: u32 = 1 << 15;
 pub const DEFAULT_BLOBS_L_MAX: u32 = 1 << 13;
-pub const LISTEN_MAX: u32 = 64;
+/// Listen addresses per family, held in [`ZoneConfig`]: the program compares a packet's
+/// destination with them directly, cheaper than a map lookup per packet.
+pub const MAX_LISTEN: usize = 8;
 
 // ---------------------------------------------------------------------------------------------
 // Keys.
@@ -243,6 +239,10 @@ pub struct ZoneConfig {
     pub nxdomain_flags: u16,
     /// Header bits of a NODATA reply besides QR, RD and CD.
     pub nodata_flags: u16,
+    /// The addresses the program answers queries to, network byte order; unused slots are
+    /// zero (the unspecified address is never a listen address).
+    pub listen_v4: [[u8; 4]; MAX_LISTEN],
+    pub listen_v6: [[u8; 16]; MAX_LISTEN],
     /// The cluster zone, lowercased wire format, zero-padded.
     pub zone: [u8; LONG_NAME_LEN],
     /// The SOA record of negative answers, pointer slots zero.
@@ -317,8 +317,9 @@ const _: () = assert!(core::mem::size_of::<AnswerValue>() == 128);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
 const _: () = assert!(core::mem::size_of::<BlobL>() == BLOB_DATA_LEN);
-const _: () =
-    assert!(core::mem::size_of::<ZoneConfig>() == 12 + LONG_NAME_LEN + SOA_RECORD_LEN + 2);
+const _: () = assert!(
+    core::mem::size_of::<ZoneConfig>() == 12 + MAX_LISTEN * 20 + LONG_NAME_LEN + SOA_RECORD_LEN + 2
+);
 const _: () = assert!(BLOB_DATA_LEN + 12 + 5 + OPT_RECORD_LEN >= MAX_UDP_REPLY);
 const _: () = assert!(INLINE_DATA_LEN < BLOB_DATA_LEN);
 
@@ -381,6 +382,8 @@ impl ZoneConfig {
             soa_csum: 0,
             nxdomain_flags: 0,
             nodata_flags: 0,
+            listen_v4: [[0; 4]; MAX_LISTEN],
+            listen_v6: [[0; 16]; MAX_LISTEN],
             zone: [0; LONG_NAME_LEN],
             soa: [0; SOA_RECORD_LEN],
             _pad: [0; 2],

@@ -31,7 +31,7 @@ use dns_common::{
     BLOB_CLASS_SHIFT, Blob, BlobL, BlobM, BlobS, CLASSIC_UDP_LIMIT, CONFIG_NXDOMAIN, CONFIG_SYNCED,
     DEFAULT_ANSWERS_LONG_MAX, DEFAULT_ANSWERS_SHORT_MAX, DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX,
     DEFAULT_BLOBS_S_MAX, EDNS_UDP_SIZE, FLAG_CD, FLAG_QR, FLAG_RD, FLAG_TC, INLINE_DATA_LEN,
-    LISTEN_MAX, LONG_NAME_LEN, LongKey, MAX_KERNEL_QUERY, MAX_LABEL_LEN, MAX_NAME_LEN,
+    LONG_NAME_LEN, LongKey, MAX_KERNEL_QUERY, MAX_LABEL_LEN, MAX_LISTEN, MAX_NAME_LEN,
     MAX_UDP_REPLY, OPCODE_MASK, OPT_RECORD_LEN, QTYPE_OTHER, SHORT_NAME_LEN, SOA_PTR_OFFSETS,
     SOA_RECORD_LEN, ShortKey, ZoneConfig, counter,
 };
@@ -60,12 +60,6 @@ static BLOBS_M: HashMap<u32, BlobM> =
 #[map(name = "XDNS_BLOBS_L")]
 static BLOBS_L: HashMap<u32, BlobL> =
     HashMap::with_max_entries(DEFAULT_BLOBS_L_MAX, BPF_F_NO_PREALLOC);
-
-#[map(name = "XDNS_LISTEN4")]
-static LISTEN_V4: HashMap<u32, u32> = HashMap::with_max_entries(LISTEN_MAX, 0);
-
-#[map(name = "XDNS_LISTEN6")]
-static LISTEN_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(LISTEN_MAX, 0);
 
 #[map(name = "XDNS_CONFIG")]
 static CONFIG: Array<ZoneConfig> = Array::with_max_entries(1, 0);
@@ -221,18 +215,65 @@ struct Layers {
 
 #[inline(always)]
 fn handle(ctx: &XdpContext) -> Outcome {
-    let layers = match parse_layers(ctx) {
+    let Some(config) = CONFIG.get_ptr(0) else {
+        return pass(counter::PASS_NOT_DNS);
+    };
+    // SAFETY: array map values live as long as the map.
+    let config = unsafe { &*config };
+    let layers = match parse_layers(ctx, config) {
         Ok(l) => l,
         Err(o) => return o,
     };
-    match answer(ctx, &layers) {
+    match answer(ctx, &layers, config) {
         Ok(o) | Err(o) => o,
     }
 }
 
+/// Is `dst` one of the listen addresses? (A short scan of the config: cheaper than a lookup.)
+#[inline(always)]
+fn listens_v4(config: &ZoneConfig, dst: [u8; 4]) -> bool {
+    let dst = u32::from_ne_bytes(dst);
+    let mut i = 0;
+    while i < MAX_LISTEN {
+        let a = u32::from_ne_bytes(config.listen_v4[i]);
+        if a == 0 {
+            return false;
+        }
+        if a == dst {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn listens_v6(config: &ZoneConfig, dst: &[u8; 16]) -> bool {
+    let d0 = u64::from_ne_bytes([
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+    ]);
+    let d1 = u64::from_ne_bytes([
+        dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+    ]);
+    let mut i = 0;
+    while i < MAX_LISTEN {
+        let a = &config.listen_v6[i];
+        let a0 = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+        let a1 = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+        if a0 == 0 && a1 == 0 {
+            return false;
+        }
+        if a0 == d0 && a1 == d1 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Ethernet, IP and UDP: is this a UDP packet for a listen address on port 53?
 #[inline(always)]
-fn parse_layers(ctx: &XdpContext) -> Result<Layers, Outcome> {
+fn parse_layers(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
     let not_dns = pass(counter::PASS_NOT_DNS);
     let unsupported = pass(counter::PASS_UNSUPPORTED);
     let malformed = pass(counter::PASS_MALFORMED);
@@ -249,7 +290,7 @@ fn parse_layers(ctx: &XdpContext) -> Result<Layers, Outcome> {
             return Err(not_dns);
         }
         let dst = [ip[16], ip[17], ip[18], ip[19]];
-        if LISTEN_V4.get_ptr(u32::from_ne_bytes(dst)).is_none() {
+        if !listens_v4(config, dst) {
             return Err(not_dns);
         }
         if ip[0] >> 4 != 4 {
@@ -281,7 +322,7 @@ fn parse_layers(ctx: &XdpContext) -> Result<Layers, Outcome> {
         let ip = unsafe { &*ip };
         let mut dst = [0u8; 16];
         dst.copy_from_slice(&ip[24..40]);
-        if LISTEN_V6.get_ptr(dst).is_none() {
+        if !listens_v6(config, &dst) {
             return Err(not_dns);
         }
         let next = ip[6];
@@ -346,7 +387,7 @@ enum Sections {
 
 /// DNS header, question and OPT: look the question up and, on a hit, rewrite and send.
 #[inline(always)]
-fn answer(ctx: &XdpContext, layers: &Layers) -> Result<Outcome, Outcome> {
+fn answer(ctx: &XdpContext, layers: &Layers, config: &ZoneConfig) -> Result<Outcome, Outcome> {
     let unsupported = pass(counter::PASS_UNSUPPORTED);
     let malformed = pass(counter::PASS_MALFORMED);
 
@@ -368,9 +409,6 @@ fn answer(ctx: &XdpContext, layers: &Layers) -> Result<Outcome, Outcome> {
         return Err(unsupported);
     }
 
-    let config = CONFIG.get_ptr(0).ok_or(pass(counter::PASS_NOT_SYNCED))?;
-    // SAFETY: array map values live as long as the map.
-    let config = unsafe { &*config };
     if config.flags & CONFIG_SYNCED == 0 {
         return Err(pass(counter::PASS_NOT_SYNCED));
     }

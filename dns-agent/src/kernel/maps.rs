@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray
 use dns_common::{
     ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
     BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_S_LEN, Blob, BlobL, BlobM, BlobS,
-    INLINE_DATA_LEN, LONG_NAME_LEN, LongKey, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig,
-    blob_class, counter, csum,
+    INLINE_DATA_LEN, LONG_NAME_LEN, LongKey, MAX_LISTEN, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey,
+    ZoneConfig, blob_class, counter, csum,
 };
 
 use super::KernelError;
@@ -24,8 +24,8 @@ pub struct KernelMaps {
     pub(super) blobs_s: HashMap<MapData, u32, BlobS>,
     pub(super) blobs_m: HashMap<MapData, u32, BlobM>,
     pub(super) blobs_l: HashMap<MapData, u32, BlobL>,
-    pub(super) listen_v4: HashMap<MapData, u32, u32>,
-    pub(super) listen_v6: HashMap<MapData, [u8; 16], u32>,
+    /// Listen addresses, written into the zone config with it.
+    pub(super) listen: ([[u8; 4]; MAX_LISTEN], [[u8; 16]; MAX_LISTEN]),
     pub(super) config: Array<MapData, ZoneConfig>,
     pub(super) counters: PerCpuArray<MapData, u64>,
 }
@@ -246,30 +246,24 @@ impl KernelMaps {
         c.soa_csum = data_csum(soa_template);
         c.nodata_flags = nodata_flags;
         c.nxdomain_flags = nxdomain_flags;
+        (c.listen_v4, c.listen_v6) = self.listen;
         self.config.set(0, c, 0).map_err(|source| KernelError::Map {
             name: dns_common::MAP_CONFIG,
             source,
         })
     }
 
-    /// The program answers queries to these addresses only.
+    /// The program answers queries to these addresses only (at most [`MAX_LISTEN`] of each
+    /// family, checked at start). Takes effect with the next [`KernelMaps::write_config`].
     pub fn set_listen(&mut self, v4: &[[u8; 4]], v6: &[[u8; 16]]) -> Result<(), KernelError> {
-        for a in v4 {
-            self.listen_v4
-                .insert(u32::from_ne_bytes(*a), 1, 0)
-                .map_err(|source| KernelError::Map {
-                    name: dns_common::MAP_LISTEN_V4,
-                    source,
-                })?;
+        if v4.len() > MAX_LISTEN || v6.len() > MAX_LISTEN {
+            return Err(KernelError::Bpffs(format!(
+                "at most {MAX_LISTEN} listen addresses per family"
+            )));
         }
-        for a in v6 {
-            self.listen_v6
-                .insert(*a, 1, 0)
-                .map_err(|source| KernelError::Map {
-                    name: dns_common::MAP_LISTEN_V6,
-                    source,
-                })?;
-        }
+        self.listen = ([[0; 4]; MAX_LISTEN], [[0; 16]; MAX_LISTEN]);
+        self.listen.0[..v4.len()].copy_from_slice(v4);
+        self.listen.1[..v6.len()].copy_from_slice(v6);
         Ok(())
     }
 

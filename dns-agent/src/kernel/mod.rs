@@ -20,8 +20,8 @@ use aya::{
 };
 use dns_common::{
     AnswerValue, BlobL, BlobM, BlobS, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
-    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, MAP_LISTEN_V4, MAP_LISTEN_V6,
-    PROGRAM_NAME, ShortKey, ZoneConfig, counter,
+    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, PROGRAM_NAME, ShortKey,
+    ZoneConfig, counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -224,12 +224,7 @@ impl Kernel {
             blobs_s: take_map::<HashMap<MapData, u32, BlobS>>(&mut ebpf, MAP_BLOBS_S, &pin_dir)?,
             blobs_m: take_map::<HashMap<MapData, u32, BlobM>>(&mut ebpf, MAP_BLOBS_M, &pin_dir)?,
             blobs_l: take_map::<HashMap<MapData, u32, BlobL>>(&mut ebpf, MAP_BLOBS_L, &pin_dir)?,
-            listen_v4: take_map::<HashMap<MapData, u32, u32>>(&mut ebpf, MAP_LISTEN_V4, &pin_dir)?,
-            listen_v6: take_map::<HashMap<MapData, [u8; 16], u32>>(
-                &mut ebpf,
-                MAP_LISTEN_V6,
-                &pin_dir,
-            )?,
+            listen: Default::default(),
             config: take_map::<Array<MapData, ZoneConfig>>(&mut ebpf, MAP_CONFIG, &pin_dir)?,
             counters: take_map::<PerCpuArray<MapData, u64>>(&mut ebpf, MAP_COUNTERS, &pin_dir)?,
         };
