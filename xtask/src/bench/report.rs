@@ -414,7 +414,7 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nxdns has no cache for external names yet: each one is forwarded upstream by the agent, while unbound and dnsmasq answer them from their caches."
+        "\nExternal names reach the agent (the kernel holds only the cluster zone) and are answered from its cache of upstream answers, warmed before measuring like unbound's and dnsmasq's."
     );
 
     let _ = writeln!(
