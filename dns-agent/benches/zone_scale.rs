@@ -19,7 +19,7 @@ use dns_agent::{
     zone::{
         Change, ZoneModel, ZoneSettings,
         objects::{
-            ClusterObject, EndpointInfo, Kind, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind,
+            ClusterObject, EndpointInfo, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind,
             SliceInfo,
         },
     },
@@ -127,19 +127,7 @@ fn main() {
         ns_addrs: vec![IpAddr::V4(Ipv4Addr::new(169, 254, 20, 10))],
         serial: 1,
     });
-    let mut by_kind: [(Kind, Vec<ClusterObject>); 3] = [
-        (Kind::Namespace, vec![]),
-        (Kind::Service, vec![]),
-        (Kind::EndpointSlice, vec![]),
-    ];
-    for o in objects {
-        let i = match o {
-            ClusterObject::Namespace(_) => 0,
-            ClusterObject::Service(..) => 1,
-            ClusterObject::Slice(..) => 2,
-        };
-        by_kind[i].1.push(o);
-    }
+    let by_kind = dns_agent::zone::objects::by_kind(objects);
     for (kind, objs) in by_kind {
         let changes = zone.diff_relist(kind, objs);
         zone.apply(changes);

@@ -82,8 +82,9 @@ fn read_question_name(msg: &[u8], mut off: usize) -> Option<(WireName, usize)> {
     (name.len() <= MAX_NAME_LEN).then_some((name, off))
 }
 
-/// Skips a possibly compressed name; returns the offset after it.
-fn skip_name(msg: &[u8], mut off: usize) -> Option<usize> {
+/// Skips a possibly compressed name; returns the offset after it. 128 labels is more than any
+/// legal name has: a bound, not a pointer chase.
+pub(crate) fn skip_name(msg: &[u8], mut off: usize) -> Option<usize> {
     for _ in 0..128 {
         let len = *msg.get(off)?;
         match len {

@@ -601,10 +601,7 @@ pub fn answers(m: &Message) -> Vec<String> {
 pub fn zone_from(
     objects: Vec<dns_agent::zone::objects::ClusterObject>,
 ) -> dns_agent::zone::ZoneModel {
-    use dns_agent::zone::{
-        ZoneModel, ZoneSettings,
-        objects::{ClusterObject, Kind},
-    };
+    use dns_agent::zone::{ZoneModel, ZoneSettings};
     let mut zone = ZoneModel::new(ZoneSettings {
         domain: "cluster.local".into(),
         ttl: 30,
@@ -612,21 +609,8 @@ pub fn zone_from(
         ns_addrs: vec![IpAddr::V4(LISTEN_V4), IpAddr::V6(LISTEN_V6)],
         serial: 1234,
     });
-    let mut by_kind: HashMap<&str, Vec<ClusterObject>> = HashMap::new();
-    for o in objects {
-        let k = match o {
-            ClusterObject::Namespace(_) => "ns",
-            ClusterObject::Service(..) => "svc",
-            ClusterObject::Slice(..) => "slice",
-        };
-        by_kind.entry(k).or_default().push(o);
-    }
-    for (k, kind) in [
-        ("ns", Kind::Namespace),
-        ("svc", Kind::Service),
-        ("slice", Kind::EndpointSlice),
-    ] {
-        let changes = zone.diff_relist(kind, by_kind.remove(k).unwrap_or_default());
+    for (kind, objects) in dns_agent::zone::objects::by_kind(objects) {
+        let changes = zone.diff_relist(kind, objects);
         zone.apply(changes);
     }
     zone.set_synced();

@@ -122,25 +122,8 @@ impl Netns {
     }
 
     /// Runs `f` on a thread inside the namespace; sockets it makes stay there.
-    pub fn enter<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> anyhow::Result<T> {
-        let path = self.path();
-        std::thread::spawn(move || -> anyhow::Result<T> {
-            let file = File::open(&path).with_context(|| path.display().to_string())?;
-            // SAFETY: a namespace fd; only this thread changes namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "setns {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        in_netns(&self.path(), f)
     }
 
     /// GET `path` from an HTTP server reachable inside the namespace.
@@ -168,6 +151,30 @@ impl Netns {
             ))
         })?
     }
+}
+
+/// Runs `f` on a scoped thread that has joined the network namespace at `path` (sockets it
+/// makes, and interface names and indexes it resolves, are the namespace's).
+pub fn in_netns<T: Send>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send,
+) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<T> {
+            let file = File::open(path).with_context(|| path.display().to_string())?;
+            // SAFETY: a namespace fd; only this thread changes namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!(
+                    "setns {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", path.display()))?
+    })
 }
 
 /// A veth pair between two namespaces.

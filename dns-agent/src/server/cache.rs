@@ -112,7 +112,7 @@ fn walk_records(
     let mut out = Vec::with_capacity(count.min(msg.len() / 11));
     for _ in 0..count {
         let start = off;
-        off = skip_name(msg, off)?;
+        off = crate::dns::skip_name(msg, off)?;
         let rtype = u16::from_be_bytes([*msg.get(off)?, *msg.get(off + 1)?]);
         let rdlen = u16::from_be_bytes([*msg.get(off + 8)?, *msg.get(off + 9)?]) as usize;
         let end = off + 10 + rdlen;
@@ -123,24 +123,6 @@ fn walk_records(
         off = end;
     }
     Some(out)
-}
-
-/// The offset after a name that may end in a compression pointer.
-fn skip_name(msg: &[u8], mut off: usize) -> Option<usize> {
-    // 128 labels is more than any legal name has: a bound, not a pointer chase.
-    for _ in 0..128 {
-        let len = *msg.get(off)?;
-        match len {
-            0 => return Some(off + 1),
-            l if l & 0xc0 == 0xc0 => {
-                msg.get(off + 1)?;
-                return Some(off + 2);
-            }
-            l if l & 0xc0 != 0 => return None,
-            l => off += 1 + l as usize,
-        }
-    }
-    None
 }
 
 /// The offset after an uncompressed question name.

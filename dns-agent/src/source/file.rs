@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::SourceEvent;
-use crate::zone::objects::{self, ClusterObject, Kind};
+use crate::zone::objects::{self, ClusterObject};
 
 /// A zone file that cannot be used, with the place and field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -180,19 +180,7 @@ async fn send_relists(
     objects: Vec<ClusterObject>,
 ) -> Result<(), ()> {
     let seen = Instant::now();
-    let mut by_kind: [(Kind, Vec<ClusterObject>); 3] = [
-        (Kind::Namespace, vec![]),
-        (Kind::Service, vec![]),
-        (Kind::EndpointSlice, vec![]),
-    ];
-    for o in objects {
-        let i = match o {
-            ClusterObject::Namespace(_) => 0,
-            ClusterObject::Service(..) => 1,
-            ClusterObject::Slice(..) => 2,
-        };
-        by_kind[i].1.push(o);
-    }
+    let by_kind = objects::by_kind(objects);
     for (kind, objects) in by_kind {
         tx.send(SourceEvent::Relist {
             kind,

@@ -122,6 +122,25 @@ pub enum Kind {
     EndpointSlice,
 }
 
+/// Objects sorted into one listing per kind, in the order a full load applies them
+/// (namespaces, Services, then their EndpointSlices).
+pub fn by_kind(objects: Vec<ClusterObject>) -> [(Kind, Vec<ClusterObject>); 3] {
+    let mut out = [
+        (Kind::Namespace, vec![]),
+        (Kind::Service, vec![]),
+        (Kind::EndpointSlice, vec![]),
+    ];
+    for o in objects {
+        let i = match o {
+            ClusterObject::Namespace(_) => 0,
+            ClusterObject::Service(..) => 1,
+            ClusterObject::Slice(..) => 2,
+        };
+        out[i].1.push(o);
+    }
+    out
+}
+
 /// What is wrong with an object, naming the field.
 #[derive(Debug, thiserror::Error)]
 #[error("{field}: {problem}")]

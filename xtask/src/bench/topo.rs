@@ -17,7 +17,6 @@
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -141,27 +140,6 @@ pub struct Topology {
     pass_links: Vec<(usize, XdpLinkId)>,
 }
 
-/// Runs `f` on a thread that has joined the network namespace at `path` (the namespace
-/// interface names and ifindexes resolve in).
-pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<T> {
-            let file = File::open(path).with_context(|| path.display().to_string())?;
-            // SAFETY: a namespace fd; only this thread changes namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "setns {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", path.display()))?
-    })
-}
-
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
     let p: &mut Xdp = ebpf
         .program_mut(name)
@@ -263,7 +241,7 @@ impl Topology {
             if let Kind::Reflector(mode) = s.kind {
                 let iface = topo.links[s.link].host_if.clone();
                 let prog = xdp_program(&mut topo.programs, "xdns_reflect")?;
-                in_netns(&topo.node.path(), || prog.attach(&iface, mode))?
+                crate::netns::in_netns(&topo.node.path(), || prog.attach(&iface, mode))?
                     .with_context(|| format!("attaching the reflector to {iface} ({mode:?})"))?;
             }
         }
@@ -287,8 +265,9 @@ impl Topology {
             }
             let iface = self.links[link].pod_if.clone();
             let prog = xdp_program(&mut self.programs, "xdns_pass")?;
-            let id = in_netns(&self.pod.path(), || prog.attach(&iface, XdpMode::Driver))?
-                .with_context(|| format!("attaching xdns_pass to {iface}"))?;
+            let id =
+                crate::netns::in_netns(&self.pod.path(), || prog.attach(&iface, XdpMode::Driver))?
+                    .with_context(|| format!("attaching xdns_pass to {iface}"))?;
             self.pass_links.push((link, id));
         }
         Ok(())
@@ -299,7 +278,7 @@ impl Topology {
         let pod = self.pod.path();
         for (_, id) in std::mem::take(&mut self.pass_links) {
             let prog = xdp_program(&mut self.programs, "xdns_pass")?;
-            in_netns(&pod, || prog.detach(id))??;
+            crate::netns::in_netns(&pod, || prog.detach(id))??;
         }
         Ok(())
     }
