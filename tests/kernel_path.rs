@@ -334,3 +334,98 @@ fn an_agent_replaced_by_another_drops_no_query() {
         "still attached"
     );
 }
+
+#[test]
+fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
+    use support::{Netns, run, unique};
+    let topo = Topology::new();
+    // New pods' host-side veths are named xg<pid>x<n>: the pattern matches them only.
+    let probe = unique("xg");
+    let pattern = format!("{}*", &probe[..probe.rfind('x').unwrap() + 1]);
+    let agent = Agent::start(
+        &topo,
+        &support::example_cluster(),
+        &["--interface-pattern", &pattern],
+    );
+
+    let pod = Netns::new("xp");
+    let plug = |host: &str, guest: &str| {
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                host,
+                "netns",
+                &topo.node.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                guest,
+                "netns",
+                &pod.name,
+            ],
+        );
+        topo.node
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", host]);
+        topo.node.ip(&["link", "set", host, "up"]);
+        pod.ip(&["addr", "add", "203.0.113.2/24", "dev", guest]);
+        pod.ip(&["link", "set", guest, "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            &format!("{LISTEN_V4}/32"),
+            "via",
+            "203.0.113.1",
+        ]);
+    };
+    let wait_log = |what: &str, needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !agent.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let host = unique("xg");
+    let guest = unique("xq");
+    for round in 0..2 {
+        // The pod appears after the agent started (the second time with the same names).
+        let attached = format!("XDP program attached (interface pattern) interface={host}");
+        let count = agent.log().matches(&attached).count();
+        plug(&host, &guest);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while agent.log().matches(&attached).count() == count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {host} not attached:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let client = Client::new(&pod, IpAddr::V4(LISTEN_V4));
+        let (kernel, user) = (agent.kernel_answered(), agent.userspace_answers());
+        let m = client.query("web.shop.svc.cluster.local.", RecordType::A, false);
+        assert_eq!(answers(&m), vec!["A 10.96.10.20"]);
+        assert_eq!(
+            agent.kernel_answered(),
+            kernel + 1,
+            "round {round}: the new veth's program answered"
+        );
+        assert_eq!(agent.userspace_answers(), user);
+        // The pod goes away.
+        topo.node.ip(&["link", "del", &host]);
+        wait_log(
+            "the interface's removal is noticed",
+            &format!("interface gone; its XDP attachment with it interface={host}"),
+        );
+        if round == 0 {
+            // Its pin is gone too.
+            assert!(!agent.pin_path.join("links").join(&host).exists());
+        }
+    }
+}

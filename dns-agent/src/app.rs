@@ -15,7 +15,7 @@ use tokio::{
 
 use crate::{
     config::{ObjectSource, RunConfig},
-    kernel::{Capacity, Kernel, sync::KernelSync},
+    kernel::{Capacity, Kernel, links::LinkEvent, sync::KernelSync},
     metrics::Metrics,
     server::{
         Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, tcp, udp,
@@ -179,6 +179,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "serving"
     );
 
+    // Interfaces matching --interface-pattern, as they come and go.
+    let (link_tx, mut link_rx) = mpsc::channel(256);
+    if kernel.is_some() && !config.interface_patterns.is_empty() {
+        tasks.spawn(crate::kernel::links::watch(link_tx));
+    } else {
+        drop(link_tx);
+    }
+    // Matching interfaces seen before the zone was loaded: attached once it is.
+    let mut pending_links: Vec<String> = Vec::new();
+    let patterns = &config.interface_patterns;
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut synced_rx = Some(synced_rx);
     let outcome = 'serve: loop {
@@ -209,6 +220,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                             Err(e) => break 'serve Err(e.into()),
                         }
                     }
+                    for iface in pending_links.drain(..) {
+                        attach_matching(k, &iface, args.attach_mode);
+                    }
+                }
+            }
+            Some(event) = link_rx.recv() => {
+                let Some(k) = kernel.as_mut() else { continue };
+                match event {
+                    LinkEvent::Up(iface) if patterns.iter().any(|p| p.matches(&iface)) => {
+                        if synced_rx.is_some() {
+                            if !pending_links.contains(&iface) {
+                                pending_links.push(iface);
+                            }
+                        } else {
+                            attach_matching(k, &iface, args.attach_mode);
+                        }
+                    }
+                    LinkEvent::Gone(iface) => {
+                        pending_links.retain(|p| *p != iface);
+                        if k.is_attached(&iface) {
+                            k.forget(&iface);
+                            tracing::info!(interface = %iface, "interface gone; its XDP attachment with it");
+                        }
+                    }
+                    LinkEvent::Up(_) => {}
                 }
             }
         }
@@ -284,6 +320,22 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 enum Source {
     File(std::path::PathBuf, Vec<crate::zone::objects::ClusterObject>),
     Api(kube::Client, Arc<source::kubernetes::ResponseCounts>),
+}
+
+/// Attaches to an interface that matched `--interface-pattern` (once). A pod's veth may vanish
+/// between its notification and the attach: that is logged, not fatal.
+fn attach_matching(kernel: &mut Kernel, iface: &str, mode: crate::kernel::AttachMode) {
+    if kernel.is_attached(iface) {
+        return;
+    }
+    match kernel.attach(iface, mode) {
+        Ok(how) => {
+            tracing::info!(interface = %iface, %mode, ?how, "XDP program attached (interface pattern)")
+        }
+        Err(e) => {
+            tracing::warn!(interface = %iface, error = %e, "attaching to a matching interface failed")
+        }
+    }
 }
 
 /// Applies source events to the model and the kernel maps, in order.

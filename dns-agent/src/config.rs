@@ -65,6 +65,12 @@ pub struct RunArgs {
     #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
 
+    /// Attach the XDP program to every interface whose name matches (repeatable; `*` and `?`
+    /// as in the shell), those there now and those that appear later: pod veths, e.g.
+    /// `cali*` (Calico), `lxc*` (Cilium), `veth*` (bridge CNIs' host sides).
+    #[arg(long = "interface-pattern", value_name = "GLOB")]
+    pub interface_patterns: Vec<String>,
+
     /// XDP attach mode: generic works everywhere and is the right one for veths; driver for NICs
     /// whose driver supports XDP.
     #[arg(long, value_enum, default_value_t = AttachMode::Generic)]
@@ -265,6 +271,8 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub forward: ForwardSettings,
     pub cache: CacheSettings,
+    /// `--interface-pattern`s, checked.
+    pub interface_patterns: Vec<crate::kernel::links::Pattern>,
 }
 
 /// Kubernetes sets this in every container: the agent runs in a pod and can use its service
@@ -377,6 +385,19 @@ impl RunArgs {
                 ));
             }
         };
+        let patterns = self
+            .interface_patterns
+            .iter()
+            .map(|p| {
+                crate::kernel::links::Pattern::new(p).map_err(|e| refuse("interface-pattern", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !patterns.is_empty() && self.no_kernel {
+            return Err(refuse(
+                "interface-pattern",
+                "--no-kernel serves from userspace only; drop --interface-pattern or --no-kernel",
+            ));
+        }
         if !self.interfaces.is_empty() && self.no_kernel {
             return Err(refuse(
                 "interface",
@@ -410,6 +431,7 @@ impl RunArgs {
         let forward = self.forward_settings()?;
         let cache = self.cache_settings()?;
         Ok(RunConfig {
+            interface_patterns: patterns,
             source,
             cluster_domain: domain,
             upstreams,

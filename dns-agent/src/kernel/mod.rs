@@ -1,5 +1,6 @@
 //! The kernel fast path: loading the XDP program, attaching it, and its maps.
 
+pub mod links;
 pub mod maps;
 pub mod sync;
 
@@ -320,6 +321,19 @@ impl Kernel {
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.links.iter().map(|(i, _)| i.as_str())
+    }
+
+    pub fn is_attached(&self, interface: &str) -> bool {
+        self.links.iter().any(|(i, _)| i == interface)
+    }
+
+    /// The interface is gone: the kernel has released the program's attachment with it; drop
+    /// our handle and its pin.
+    pub fn forget(&mut self, interface: &str) {
+        if let Some(at) = self.links.iter().position(|(i, _)| i == interface) {
+            let (_, pinned) = self.links.remove(at);
+            let _ = pinned.unpin();
+        }
     }
 
     /// Runs the program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
