@@ -2,9 +2,6 @@
 fn main() {
     match which::which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
-        Err(_) => println!(
-            "cargo:warning=bpf-linker not found in PATH: run `cargo xtask setup` (or \
-             `cargo install bpf-linker --no-default-features --features llvm-22`)"
-        ),
+        Err(_) => println!("cargo:warning=bpf-linker not found in PATH: run `cargo xtask setup`"),
     }
 }

@@ -96,7 +96,7 @@ const QUERIES: &[(&str, RecordType, &str)] = &[
 ];
 
 pub fn demo() -> anyhow::Result<()> {
-    crate::setup::setup()?;
+    crate::setup::setup(crate::setup::Scope::All)?;
     require_root("the demo")?;
     let root = root();
     run(cmd("cargo")

@@ -19,9 +19,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what building and testing need (Debian 12): LLVM 22, nightly rust-src,
-    /// bpf-linker, DNS and network tools. Skips what is already there.
-    Setup,
+    /// Install what building and testing need (Debian 12), pinned: LLVM, the XDP toolchain
+    /// (dns-ebpf/rust-toolchain.toml) with rust-src, bpf-linker, DNS and network tools. Skips
+    /// what is already there; leaves other toolchains alone.
+    Setup {
+        /// Only what building the agent needs (the container image).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the XDP object alone, to target/bpfel-unknown-none/release/dns-ebpf.
     BuildEbpf,
     /// Run xdns on the built-in example cluster in network namespaces and query it.
@@ -41,11 +46,26 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Setup => setup::setup(),
+fn main() -> std::process::ExitCode {
+    // The cause chain on one line each, without a backtrace: these errors say what to do.
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Setup { build_only } => setup::setup(if build_only {
+            setup::Scope::Build
+        } else {
+            setup::Scope::All
+        }),
         Command::BuildEbpf => {
-            setup::setup()?;
+            setup::setup(setup::Scope::Build)?;
             build_ebpf::build_ebpf().map(|_| ())
         }
         Command::Demo => demo::demo(),

@@ -1,21 +1,20 @@
 //! `cargo xtask setup`: installs what building and testing xdns needs on a Debian 12 machine,
-//! skipping what is already there.
+//! pinned, skipping what is already there.
+//!
+//! The pins: the workspace toolchain (`rust-toolchain.toml`), the XDP toolchain
+//! (`dns-ebpf/rust-toolchain.toml`), and in `dns-ebpf-build` the LLVM major they share with
+//! bpf-linker and Debian's `llvm-N-dev`, and bpf-linker's version. A user's own toolchains
+//! (a floating `nightly` among them) are left alone.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
+use dns_ebpf_build::{BPF_LINKER_VERSION, LLVM_MAJOR, Toolchain};
 
-use crate::util::{cmd, have, run};
+use crate::util::{cmd, have, root, run};
 
-/// Debian packages: LLVM 22 for bpf-linker (it must match nightly rustc's LLVM), network and
-/// DNS tools for the tests, the demo and the benchmarks.
-const PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libclang-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    "pkg-config",
+/// What the tests, the demo and the benchmarks run besides xdns.
+const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "ethtool",
@@ -31,121 +30,174 @@ const PACKAGES: &[&str] = &[
 /// inside network namespaces, never the machine's.
 const SERVICES: &[&str] = &["unbound"];
 
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-
-fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
-    let mut missing = Vec::new();
-    for p in PACKAGES {
-        let out = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", p])
-            .output();
-        let installed = matches!(&out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
-        if !installed {
-            missing.push(*p);
-        }
-    }
-    Ok(missing)
+/// What building needs: bpf-linker links against LLVM `LLVM_MAJOR` (Debian 12 has it from
+/// bookworm-security).
+fn build_packages() -> Vec<String> {
+    let mut p: Vec<String> = ["llvm", "libclang", "libpolly"]
+        .iter()
+        .map(|n| format!("{n}-{LLVM_MAJOR}-dev"))
+        .collect();
+    p.extend(["libzstd-dev", "zlib1g-dev", "pkg-config"].map(String::from));
+    p
 }
 
-pub fn setup() -> anyhow::Result<()> {
+fn llvm_prefix() -> String {
+    format!("/usr/lib/llvm-{LLVM_MAJOR}")
+}
+
+/// What to install.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Building the agent only (the Containerfile).
+    Build,
+    /// Building, testing, the demo and the benchmarks.
+    All,
+}
+
+pub fn setup(scope: Scope) -> anyhow::Result<()> {
+    apt_packages(scope)?;
+    workspace_components()?;
+    let toolchain = Toolchain::pinned()?;
+    xdp_toolchain(&toolchain)?;
+    bpf_linker()?;
+    // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
+    dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;
+    Ok(())
+}
+
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_packages(scope: Scope) -> anyhow::Result<()> {
     if !have("dpkg-query") {
         bail!(
-            "this setup knows Debian (12, bookworm); install the packages in xtask/src/setup.rs by hand elsewhere"
+            "this setup knows Debian 12 (bookworm); elsewhere install by hand what \
+             xtask/src/setup.rs lists, with LLVM {LLVM_MAJOR}"
         );
     }
-    let missing = missing_packages()?;
+    let mut wanted = build_packages();
+    if scope == Scope::All {
+        wanted.extend(TEST_PACKAGES.iter().map(|p| p.to_string()));
+    }
+    let missing: Vec<String> = wanted.into_iter().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         println!("setup: Debian packages present");
-    } else {
-        if !root {
-            bail!(
-                "setup: packages {missing:?} are missing and installing them needs root (run as root)"
-            );
-        }
-        println!("setup: installing {}", missing.join(" "));
-        // Keep Debian from starting the DNS servers we install for tests.
-        let policy = Path::new("/usr/sbin/policy-rc.d");
-        let placed_policy = !policy.exists();
-        if placed_policy {
-            std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
-            run(cmd("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
-        }
-        let result = run(cmd("apt-get").args(["update", "-qq"])).and_then(|()| {
-            run(cmd("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        });
-        if placed_policy {
-            let _ = std::fs::remove_file(policy);
-        }
-        result.context("installing Debian packages")?;
-        if have("systemctl") {
-            for s in SERVICES {
-                let _ = cmd("systemctl").args(["disable", "--now", s]).output();
-            }
-        }
+        return Ok(());
     }
-
-    // Nightly with the core sources: the XDP program is built with -Z build-std=core.
-    let has_rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
-        .unwrap_or(false);
-    if has_rust_src {
-        println!("setup: nightly rust-src present");
-    } else {
-        println!("setup: installing the nightly toolchain with rust-src");
-        run(cmd("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+    if !is_root() {
+        bail!(
+            "setup: packages {missing:?} are missing and installing them needs root (run as root)"
+        );
     }
-
-    // Stable's rustfmt and clippy, for `cargo xtask test`.
-    for component in ["rustfmt", "clippy"] {
-        let present = Command::new("rustup")
-            .args(["component", "list", "--installed"])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.starts_with(component))
-            })
-            .unwrap_or(false);
-        if !present {
-            println!("setup: installing {component}");
-            run(cmd("rustup").args(["component", "add", component]))?;
+    println!("setup: installing {}", missing.join(" "));
+    // Keep Debian from starting the DNS servers we install for tests.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed_policy = !policy.exists();
+    if placed_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        run(cmd("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
+    }
+    let result = run(cmd("apt-get").args(["update", "-qq"])).and_then(|()| {
+        run(cmd("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    });
+    if placed_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result.with_context(|| {
+        format!(
+            "installing Debian packages (llvm-{LLVM_MAJOR}-dev comes from bookworm-security: is \
+             `deb http://deb.debian.org/debian-security bookworm-security main` in the apt sources?)"
+        )
+    })?;
+    if have("systemctl") {
+        for s in SERVICES {
+            let _ = cmd("systemctl").args(["disable", "--now", s]).output();
         }
-    }
-
-    if Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        println!("setup: bpf-linker present");
-    } else {
-        println!("setup: building bpf-linker against LLVM 22 (about a minute)");
-        run(cmd("cargo")
-            .args([
-                "install",
-                "bpf-linker@0.13.0",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
-        .context("installing bpf-linker")?;
     }
     Ok(())
+}
+
+/// rustfmt and clippy for the workspace toolchain (rustup installs the toolchain itself from
+/// `rust-toolchain.toml` the first time cargo runs here).
+fn workspace_components() -> anyhow::Result<()> {
+    let listed = Command::new("rustup")
+        .current_dir(root())
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("running rustup: xdns is built with rustup's toolchains (https://rustup.rs)")?;
+    let text = String::from_utf8_lossy(&listed.stdout);
+    for component in ["rustfmt", "clippy"] {
+        if !text.lines().any(|l| l.starts_with(component)) {
+            println!("setup: installing {component}");
+            run(cmd("rustup")
+                .current_dir(root())
+                .args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
+}
+
+fn xdp_toolchain(toolchain: &Toolchain) -> anyhow::Result<()> {
+    if toolchain.is_installed() {
+        println!("setup: XDP toolchain {toolchain} present");
+        return Ok(());
+    }
+    println!("setup: installing the XDP toolchain {toolchain}");
+    let mut c = cmd("rustup");
+    c.args([
+        "toolchain",
+        "install",
+        &toolchain.channel,
+        "--profile",
+        "minimal",
+    ]);
+    if !toolchain.components.is_empty() {
+        c.arg("--component").arg(toolchain.components.join(","));
+    }
+    run(&mut c)
+}
+
+/// bpf-linker at the pinned version, built against the pinned LLVM: anything else is rebuilt.
+fn bpf_linker() -> anyhow::Result<()> {
+    let present = dns_ebpf_build::bpf_linker().ok().and_then(|path| {
+        let version = dns_ebpf_build::bpf_linker_version(&path)?;
+        let llvm = dns_ebpf_build::bpf_linker_llvm_major(&path).ok()?;
+        Some((path, version, llvm))
+    });
+    match &present {
+        Some((_, version, llvm)) if version == BPF_LINKER_VERSION && *llvm == LLVM_MAJOR => {
+            println!("setup: bpf-linker {version} (LLVM {llvm}) present");
+            return Ok(());
+        }
+        Some((path, version, llvm)) => println!(
+            "setup: {} is bpf-linker {version} with LLVM {llvm}; installing {BPF_LINKER_VERSION} \
+             with LLVM {LLVM_MAJOR}",
+            path.display()
+        ),
+        None => {
+            println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}")
+        }
+    }
+    let prefix = llvm_prefix();
+    run(cmd("cargo")
+        .current_dir(root())
+        .args(["install", "--locked", "--force"])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{LLVM_MAJOR}"))
+        .env("LLVM_PREFIX", &prefix)
+        .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix))
+    .context("installing bpf-linker")
 }

@@ -3,7 +3,7 @@
 use crate::util::{cmd, require_root, root, run};
 
 pub fn test() -> anyhow::Result<()> {
-    crate::setup::setup()?;
+    crate::setup::setup(crate::setup::Scope::All)?;
     require_root("the test suite (it loads XDP programs and builds network namespaces)")?;
     let root = root();
     let cargo = |args: &[&str]| {
@@ -22,23 +22,15 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The XDP program, linted for its own target.
-    run(&mut cargo(&[
-        "+nightly",
-        "clippy",
-        "-p",
-        "dns-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--target-dir",
-        "target/ebpf-clippy",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    // The XDP program, linted for its own target with its own toolchain.
+    let xdp = dns_ebpf_build::Toolchain::pinned()?;
+    run(xdp
+        .cargo(
+            "clippy",
+            &root.join("target/ebpf-clippy"),
+            std::env::consts::ARCH,
+        )
+        .args(["--", "-D", "warnings"]))?;
     // Unit tests, then the root tests: BPF_PROG_TEST_RUN of the XDP program and real queries
     // in network namespaces. One at a time: they load programs and make namespaces.
     run(&mut cargo(&[

@@ -117,15 +117,15 @@ fn systems_for(set: &str) -> Vec<System> {
 
 pub fn bench(opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    crate::setup::setup()?;
+    crate::setup::setup(crate::setup::Scope::All)?;
     require_root("the benchmark")?;
     let root = root();
     run(cmd("cargo")
         .current_dir(&root)
         .args(["build", "--release", "-p", "dns-agent"]))?;
-    crate::build_ebpf::build_ebpf()?;
+    let objects = crate::build_ebpf::build_ebpf()?;
     let agent_bin = root.join("target/release/dns-agent");
-    let reflector = root.join("target/bpfel-unknown-none/release/reflector");
+    let reflector = objects.join("reflector");
 
     let stamp = String::from_utf8(
         Command::new("date")
