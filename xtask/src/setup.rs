@@ -55,13 +55,25 @@ pub enum Scope {
 }
 
 pub fn setup(scope: Scope) -> anyhow::Result<()> {
-    apt_packages(scope)?;
-    workspace_components()?;
+    timed("Debian packages", || apt_packages(scope))?;
+    timed("workspace components", workspace_components)?;
     let toolchain = Toolchain::pinned()?;
-    xdp_toolchain(&toolchain)?;
-    bpf_linker()?;
+    timed("XDP toolchain", || xdp_toolchain(&toolchain))?;
+    timed("bpf-linker", bpf_linker)?;
     // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
     dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;
+    Ok(())
+}
+
+/// Runs one step, and says how long it took when it had something to do (a fresh machine's
+/// set-up time, step by step).
+fn timed(step: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    f()?;
+    let took = started.elapsed();
+    if took > std::time::Duration::from_secs(1) {
+        println!("setup: {step}: {:.1} s", took.as_secs_f64());
+    }
     Ok(())
 }
 
