@@ -1,0 +1,163 @@
+//! Ethernet, IPv4/IPv6 and UDP: is this frame a UDP datagram to a listen address on port 53,
+//! and where does its DNS message start?
+
+use aya_ebpf::programs::XdpContext;
+use dns_common::{MAX_KERNEL_QUERY, MAX_LISTEN, ZoneConfig, counter};
+
+use crate::{
+    Outcome, csum,
+    packet::{
+        DNS_HLEN, DNS_PORT, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+        UDP_HLEN, ptr_at, read_be16,
+    },
+    pass,
+};
+
+/// Where the layers of a query start, and what the checksum needs of its addresses.
+pub struct Layers {
+    pub ipv6: bool,
+    /// Offset of the UDP header.
+    pub l4: usize,
+    /// Length of the DNS message per the UDP header.
+    pub dns_len: usize,
+    /// Partial sum of the source and destination addresses (unchanged by swapping them).
+    pub addr_sum: u32,
+}
+
+/// Is `dst` one of the listen addresses? (A short scan of the config: cheaper than a lookup.)
+#[inline(always)]
+fn listens_v4(config: &ZoneConfig, dst: [u8; 4]) -> bool {
+    let dst = u32::from_ne_bytes(dst);
+    let mut i = 0;
+    while i < MAX_LISTEN {
+        let a = u32::from_ne_bytes(config.listen_v4[i]);
+        if a == 0 {
+            return false;
+        }
+        if a == dst {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn listens_v6(config: &ZoneConfig, dst: &[u8; 16]) -> bool {
+    let d0 = u64::from_ne_bytes([
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+    ]);
+    let d1 = u64::from_ne_bytes([
+        dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+    ]);
+    let mut i = 0;
+    while i < MAX_LISTEN {
+        let a = &config.listen_v6[i];
+        let a0 = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+        let a1 = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+        if a0 == 0 && a1 == 0 {
+            return false;
+        }
+        if a0 == d0 && a1 == d1 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Ethernet, IP and UDP: is this a UDP packet for a listen address on port 53?
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
+    let not_dns = pass(counter::PASS_NOT_DNS);
+    let unsupported = pass(counter::PASS_UNSUPPORTED);
+    let malformed = pass(counter::PASS_MALFORMED);
+
+    // VLAN-tagged frames land here too: their ethertype is 0x8100, not ours.
+    let ethertype = read_be16(ctx, 12).ok_or(pass(counter::PASS_NOT_DNS))?;
+    let frame_len = ctx.data_end() - ctx.data();
+
+    let (ipv6, l4, ip_payload_len, addr_sum) = if ethertype == ETH_P_IP {
+        let ip = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN).ok_or(pass(counter::PASS_NOT_DNS))?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        if ip[9] != IPPROTO_UDP {
+            return Err(not_dns);
+        }
+        let dst = [ip[16], ip[17], ip[18], ip[19]];
+        if !listens_v4(config, dst) {
+            return Err(not_dns);
+        }
+        if ip[0] >> 4 != 4 {
+            return Err(malformed);
+        }
+        // Options (IHL > 5) could ask for source routing or recording: not ours to reflect.
+        if ip[0] & 0x0f != 5 {
+            return Err(unsupported);
+        }
+        // Fragments: the DNS message is not all here.
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        if frag & 0x3fff != 0 {
+            return Err(unsupported);
+        }
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if total < IPV4_HLEN || ETH_HLEN + total > frame_len {
+            return Err(malformed);
+        }
+        let sum = csum::words(ip, 12, 20);
+        (false, ETH_HLEN + IPV4_HLEN, total - IPV4_HLEN, sum)
+    } else if ethertype == ETH_P_IPV6 {
+        let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN).ok_or(pass(counter::PASS_NOT_DNS))?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let mut dst = [0u8; 16];
+        dst.copy_from_slice(&ip[24..40]);
+        if !listens_v6(config, &dst) {
+            return Err(not_dns);
+        }
+        let next = ip[6];
+        if next != IPPROTO_UDP {
+            // Extension headers: perhaps a query for us, but outside the kernel's rules.
+            if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135) {
+                return Err(unsupported);
+            }
+            return Err(not_dns);
+        }
+        if ip[0] >> 4 != 6 {
+            return Err(malformed);
+        }
+        let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        if ETH_HLEN + IPV6_HLEN + payload > frame_len {
+            return Err(malformed);
+        }
+        let sum = csum::words(ip, 8, 40);
+        (true, ETH_HLEN + IPV6_HLEN, payload, sum)
+    } else {
+        return Err(not_dns);
+    };
+
+    let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, l4).ok_or(pass(counter::PASS_NOT_DNS))?;
+    // SAFETY: bounds checked by ptr_at.
+    let udp = unsafe { &*udp };
+    if u16::from_be_bytes([udp[2], udp[3]]) != DNS_PORT {
+        return Err(not_dns);
+    }
+    // A reply to port 0 cannot be delivered.
+    if u16::from_be_bytes([udp[0], udp[1]]) == 0 {
+        return Err(unsupported);
+    }
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    // Bytes after the UDP datagram inside the IP packet are not part of any DNS message.
+    if udp_len != ip_payload_len || udp_len < UDP_HLEN + DNS_HLEN {
+        return Err(malformed);
+    }
+    if udp_len > UDP_HLEN + MAX_KERNEL_QUERY {
+        return Err(unsupported);
+    }
+    Ok(Layers {
+        ipv6,
+        l4,
+        dns_len: udp_len - UDP_HLEN,
+        addr_sum,
+    })
+}
