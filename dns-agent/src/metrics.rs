@@ -162,6 +162,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The zone's size after a change.
+    pub fn set_zone_size(&self, services: usize, endpoints: usize) {
+        self.zone_services.store(services as u64, Relaxed);
+        self.zone_endpoints.store(endpoints as u64, Relaxed);
+    }
+
+    /// What a kernel map sync did: entries written or removed, writes that failed, entries now.
+    pub fn kernel_synced(&self, changed: usize, failed: usize, entries: usize) {
+        self.kernel_writes.fetch_add(changed as u64, Relaxed);
+        self.kernel_write_failures.fetch_add(failed as u64, Relaxed);
+        self.kernel_entries.store(entries as u64, Relaxed);
+    }
+
     pub fn request(&self, t: Transport) {
         match t {
             Transport::Udp => &self.requests_udp,

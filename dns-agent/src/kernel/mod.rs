@@ -1,5 +1,6 @@
 //! The kernel fast path: loading the XDP program, attaching it, and its maps.
 
+pub mod attach;
 pub mod links;
 pub mod maps;
 pub mod sync;
@@ -46,6 +47,8 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("--interface {0}: no such interface in this network namespace")]
+    NoInterface(String),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]

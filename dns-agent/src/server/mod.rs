@@ -5,6 +5,7 @@ pub mod cache;
 pub mod external;
 pub mod forward;
 pub mod handover;
+pub mod sockets;
 pub mod tcp;
 pub mod udp;
 
