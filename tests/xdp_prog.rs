@@ -65,7 +65,8 @@ fn fixture_with(synced: bool) -> Fixture {
     objects.extend(support::headless_with(100));
     let zone = support::zone_from(objects);
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-p"));
-    let (kernel, maps) = Kernel::load(Capacity::default(), &pin).expect("loading the XDP program");
+    let (kernel, maps) =
+        Kernel::load(Capacity::default(), &pin, true).expect("loading the XDP program");
     let mut sync = KernelSync::new(maps);
     sync.maps_mut()
         .set_listen(&[LISTEN_V4.octets()], &[LISTEN_V6.octets()])
@@ -78,6 +79,9 @@ fn fixture_with(synced: bool) -> Fixture {
     if synced {
         sync.set_synced().unwrap();
     }
+    // As a running agent does: the program answers only within the grace period after the
+    // agent's last heartbeat.
+    sync.maps().heartbeat().beat();
     Fixture {
         kernel,
         sync,

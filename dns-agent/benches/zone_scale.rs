@@ -138,7 +138,7 @@ fn main() {
 
     let pin = PathBuf::from("/sys/fs/bpf").join(format!("xdns-bench-{}", std::process::id()));
     let capacity = Capacity::scaled(1 << 20);
-    let (kernel, maps) = Kernel::load(capacity, &pin).expect("loading the XDP program");
+    let (kernel, maps) = Kernel::load(capacity, &pin, false).expect("loading the XDP program");
     let mut sync = KernelSync::new(maps);
     sync.write_config(&zone).expect("zone config");
 

@@ -6,6 +6,7 @@
 //! zone is loaded.
 
 use std::{
+    net::SocketAddr,
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -25,7 +26,8 @@ use crate::{
     },
     metrics::Metrics,
     server::{
-        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, sockets::Sockets,
+        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, heartbeat,
+        listen_address::ListenAddresses, sockets::Sockets,
     },
     source::{self, SourceEvent},
     zone::{Change, ZoneModel, ZoneSettings},
@@ -37,6 +39,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
+    let addresses = ListenAddresses::ensure(&config.args.listen)
+        .await
+        .context("putting the listen addresses on the node")?;
     let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
     check_interfaces(&config.args.interfaces)?;
     let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
@@ -50,6 +55,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let handler = userspace_server(&config, &model, &forwarder, &metrics);
 
     let mut tasks = Tasks::new();
+    let heartbeat = sync.as_ref().map(|s| s.maps().heartbeat());
+    if let Some(beat) = &heartbeat {
+        tasks.spawn(heartbeat::run(
+            beat.clone(),
+            config.args.listen[0],
+            handler.probe.clone(),
+        ));
+    }
     let zone_loaded = source.spawn(&mut tasks, model, sync, metrics.clone());
     sockets.serve(&mut tasks, &handler);
     let metrics_listener = sockets.metrics.take().expect("bound once");
@@ -66,7 +79,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let outcome = serve(&mut tasks, zone_loaded, &sockets, &forwarder, attachments).await;
     drain(&handler).await;
-    tasks.abort_all();
+    tasks.shutdown().await;
+    drop(sockets);
+    // Another agent bound beside this one (a handover) keeps serving on the addresses.
+    addresses
+        .release(|ip| handover::bound_before(SocketAddr::new(ip, 53), false) > 0)
+        .await;
     outcome
 }
 
@@ -217,10 +235,17 @@ fn load_kernel(
     if args.no_kernel {
         return Ok(None);
     }
-    let (kernel, maps) = Kernel::load(Capacity::scaled(args.kernel_capacity), &args.pin_path)?;
+    let (kernel, maps) = Kernel::load(
+        Capacity::scaled(args.kernel_capacity),
+        &args.pin_path,
+        !args.intercept.is_empty(),
+    )?;
     let mut sync = KernelSync::new(maps);
     let (v4, v6) = crate::kernel::split_listen(&args.listen);
     sync.maps_mut().set_listen(&v4, &v6)?;
+    let (v4, v6) = crate::kernel::split_listen(&args.intercept);
+    sync.maps_mut().set_intercept(&v4, &v6)?;
+    sync.maps_mut().set_grace(args.kernel_grace);
     sync.write_config(model)?;
     sync.apply(
         Vec::new(),
@@ -232,6 +257,7 @@ fn load_kernel(
         args.interfaces.clone(),
         config.interface_patterns.clone(),
         args.attach_mode,
+        sync.maps().heartbeat(),
     );
     Ok(Some((attachments, sync)))
 }
@@ -253,6 +279,7 @@ fn userspace_server(
         external,
         metrics: metrics.clone(),
         in_flight: Default::default(),
+        probe: heartbeat::Probe::new(&config.cluster_domain),
     })
 }
 

@@ -113,6 +113,19 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_kernel: bool,
 
+    /// Serve the queries pods send to this address — the kube-dns Service's cluster IP — without
+    /// it being assigned on the node and without iptables (repeatable; IPv4 and IPv6). The XDP
+    /// program answers what it holds; the rest it steers to the agent's listen address of the
+    /// same family while the agent answers, and otherwise leaves to the node's Service proxy, so
+    /// kube-dns answers as if xdns were not installed. UDP only: TCP goes to kube-dns.
+    #[arg(long = "intercept", value_name = "ADDR")]
+    pub intercept: Vec<IpAddr>,
+
+    /// How long the XDP program keeps answering from its maps after the agent stopped answering
+    /// (killed, hung, crash-looping); after that every query passes to the Service. At least 1s.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub kernel_grace: Duration,
+
     /// Order in which upstreams are tried for each query.
     #[arg(long, value_enum, default_value_t = Policy::Random, help_heading = "Forwarding")]
     pub upstream_policy: Policy,
@@ -426,6 +439,7 @@ impl RunArgs {
                 format!("{u} is one of this agent's own listen addresses: queries would loop"),
             ));
         }
+        self.check_intercept(&patterns)?;
         let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
             .map_err(|e| refuse("metrics-addr", e))?;
         let forward = self.forward_settings()?;
@@ -440,6 +454,81 @@ impl RunArgs {
             cache,
             args: self,
         })
+    }
+
+    fn check_intercept(
+        &self,
+        patterns: &[crate::kernel::links::Pattern],
+    ) -> Result<(), ConfigError> {
+        if self.kernel_grace < Duration::from_secs(1) {
+            return Err(refuse(
+                "kernel-grace",
+                format!(
+                    "{:?} is shorter than the agent's heartbeat may lag on a busy node; at least 1s",
+                    self.kernel_grace
+                ),
+            ));
+        }
+        if self.intercept.is_empty() {
+            return Ok(());
+        }
+        if self.no_kernel {
+            return Err(refuse(
+                "intercept",
+                "intercepting needs the XDP program; drop --no-kernel",
+            ));
+        }
+        if self.interfaces.is_empty() && patterns.is_empty() {
+            return Err(refuse(
+                "intercept",
+                "queries are intercepted on the interfaces the XDP program is attached to: give \
+                 --interface-pattern (e.g. veth* for bridge CNIs, cali* for Calico, lxc* for \
+                 Cilium) or --interface",
+            ));
+        }
+        for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+            let count = self.intercept.iter().filter(|a| a.is_ipv6() == v6).count();
+            if count > dns_common::MAX_INTERCEPT {
+                return Err(refuse(
+                    "intercept",
+                    format!(
+                        "{count} {family} addresses; the kernel path takes at most {}",
+                        dns_common::MAX_INTERCEPT
+                    ),
+                ));
+            }
+        }
+        for a in &self.intercept {
+            if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
+                return Err(refuse(
+                    "intercept",
+                    format!("{a} is not a Service address; give the kube-dns Service's cluster IP"),
+                ));
+            }
+            if self.listen.contains(a) {
+                return Err(refuse(
+                    "intercept",
+                    format!("{a} is also a --listen address; an address is one or the other"),
+                ));
+            }
+            if !self.listen.iter().any(|l| l.is_ipv6() == a.is_ipv6()) {
+                return Err(refuse(
+                    "intercept",
+                    format!(
+                        "{a}: queries the kernel does not answer are steered to the agent's \
+                         listen address of the same family, and no --listen address is {}; add one \
+                         (e.g. --listen {})",
+                        if a.is_ipv6() { "IPv6" } else { "IPv4" },
+                        if a.is_ipv6() {
+                            "fd00::10"
+                        } else {
+                            "169.254.20.10"
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn forward_settings(&self) -> Result<ForwardSettings, ConfigError> {

@@ -28,13 +28,16 @@
 
 /// Bumped whenever a layout below changes. Pinned maps live in a directory named after it, so
 /// an agent never reads maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Map and program names (ELF symbol names; the kernel keeps the first 15 bytes).
 
 /// Program name of the XDP entry point.
 pub const PROGRAM_NAME: &str = "xdns_xdp";
+/// Program name of the tc egress program that gives replies to intercepted queries their
+/// original source address back.
+pub const EGRESS_PROGRAM_NAME: &str = "xdns_egress";
 /// `HashMap<ShortKey, AnswerValue>`: answers for names of at most [`SHORT_NAME_LEN`] bytes.
 pub const MAP_ANSWERS_SHORT: &str = "XDNS_ANS_SHORT";
 /// `HashMap<LongKey, AnswerValue>`: answers for longer names (IPv6 reverse names, deep names).
@@ -48,9 +51,15 @@ pub const MAP_BLOBS_L: &str = "XDNS_BLOBS_L";
 pub const MAP_CONFIG: &str = "XDNS_CONFIG";
 /// `PerCpuArray<u64>` indexed by [`counter`].
 pub const MAP_COUNTERS: &str = "XDNS_COUNTERS";
+/// `Array<Liveness>` with one entry, memory-mapped by the agent (`BPF_F_MMAPABLE`): its
+/// heartbeat is one aligned 8-byte store, never torn, ten times a second.
+pub const MAP_LIVENESS: &str = "XDNS_LIVENESS";
+/// `LruHashMap<FlowKey, FlowValue>`: queries to an intercepted address steered to the agent,
+/// so that the egress program gives their replies the intercepted address back.
+pub const MAP_FLOWS: &str = "XDNS_FLOWS";
 
 /// Every map the program has, for pinning and reopening.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_ANSWERS_SHORT,
     MAP_ANSWERS_LONG,
     MAP_BLOBS_S,
@@ -58,6 +67,8 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_BLOBS_L,
     MAP_CONFIG,
     MAP_COUNTERS,
+    MAP_LIVENESS,
+    MAP_FLOWS,
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -108,6 +119,17 @@ pub const DEFAULT_BLOBS_L_MAX: u32 = 1 << 13;
 /// Listen addresses per family, held in [`ZoneConfig`]: the program compares a packet's
 /// destination with them directly, cheaper than a map lookup per packet.
 pub const MAX_LISTEN: usize = 8;
+/// Intercepted addresses (the kube-dns Service's cluster IPs) per family.
+pub const MAX_INTERCEPT: usize = 4;
+/// Steered flows remembered; the least recently used is forgotten first. A flow lives from
+/// a query to its reply (milliseconds), so this holds the flows of a very busy node.
+pub const DEFAULT_FLOWS_MAX: u32 = 1 << 16;
+/// A heartbeat older than this: the agent is not answering. Queries to intercepted addresses
+/// then pass untouched, to the cluster's DNS Service; the agent writes one every 100 ms.
+pub const DEFAULT_STALE_AFTER_NS: u64 = 500_000_000;
+/// How long after the agent's last heartbeat the program still answers from its maps: the
+/// default positive TTL, so no client holds an answer older than it would anyway.
+pub const DEFAULT_GRACE_NS: u64 = 30_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Keys.
@@ -248,6 +270,49 @@ pub struct ZoneConfig {
     /// The SOA record of negative answers, pointer slots zero.
     pub soa: [u8; SOA_RECORD_LEN],
     pub _pad: [u8; 2],
+    /// Addresses whose queries the program answers, and steers to the agent when it cannot,
+    /// while the agent is alive (the kube-dns Service's cluster IPs); network byte order,
+    /// unused slots zero.
+    pub intercept_v4: [[u8; 4]; MAX_INTERCEPT],
+    pub intercept_v6: [[u8; 16]; MAX_INTERCEPT],
+    pub _pad2: [u8; 4],
+    /// [`Liveness::heartbeat_ns`] older than this: the agent is not answering; queries to
+    /// intercepted addresses are not steered to it.
+    pub stale_after_ns: u64,
+    /// [`Liveness::heartbeat_ns`] older than this: the program answers nothing more from its
+    /// maps (they stopped following the cluster when the agent stopped).
+    pub grace_ns: u64,
+}
+
+/// Value of [`MAP_LIVENESS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) time of the agent's last answered self-probe.
+    pub heartbeat_ns: u64,
+}
+
+/// Key of [`MAP_FLOWS`]: the client of a steered query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    /// IPv4 addresses in the first four bytes, the rest zero.
+    pub client: [u8; 16],
+    /// Network byte order, as on the wire.
+    pub port: [u8; 2],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`MAP_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    /// The address the client asked (the reply's source must be this).
+    pub intercepted: [u8; 16],
+    /// The listen address the query was steered to (the agent's reply comes from it).
+    pub listen: [u8; 16],
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,8 +350,23 @@ pub mod counter {
     pub const PASS_NO_ROOM: u32 = 11;
     /// Writing the reply failed after the packet was resized: dropped, the client retries.
     pub const ERROR_WRITE: u32 = 12;
+    /// No heartbeat from the agent within the grace period: the maps no longer follow the
+    /// cluster, and every query passes untouched.
+    pub const PASS_AGENT_DOWN: u32 = 13;
 
-    pub const COUNT: u32 = 13;
+    /// Counters up to here are outcomes: every packet lands in exactly one.
+    pub const OUTCOMES: u32 = 14;
+
+    /// Of the passes above, queries to an intercepted address steered to the agent.
+    pub const STEERED: u32 = 14;
+    /// Of the passes above, queries to an intercepted address left untouched, for the node's
+    /// Service proxy to carry to the cluster's DNS Service: the agent is not answering (a stale
+    /// heartbeat, or no socket).
+    pub const LEFT_TO_SERVICE: u32 = 15;
+    /// Replies to steered queries given the intercepted address back (tc egress program).
+    pub const EGRESS_RESTORED: u32 = 16;
+
+    pub const COUNT: u32 = 17;
 
     /// Names for display and metrics, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -303,6 +383,10 @@ pub mod counter {
         "pass_expired",
         "pass_no_room",
         "error_write",
+        "pass_agent_down",
+        "steered",
+        "left_to_service",
+        "egress_restored",
     ];
 }
 
@@ -318,8 +402,17 @@ const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
 const _: () = assert!(core::mem::size_of::<BlobL>() == BLOB_DATA_LEN);
 const _: () = assert!(
-    core::mem::size_of::<ZoneConfig>() == 12 + MAX_LISTEN * 20 + LONG_NAME_LEN + SOA_RECORD_LEN + 2
+    core::mem::offset_of!(ZoneConfig, intercept_v4)
+        == 12 + MAX_LISTEN * 20 + LONG_NAME_LEN + SOA_RECORD_LEN + 2
 );
+const _: () = assert!(core::mem::offset_of!(ZoneConfig, stale_after_ns) % 8 == 0);
+const _: () = assert!(
+    core::mem::size_of::<ZoneConfig>()
+        == core::mem::offset_of!(ZoneConfig, intercept_v4) + MAX_INTERCEPT * 20 + 4 + 16
+);
+const _: () = assert!(core::mem::size_of::<Liveness>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
 const _: () = assert!(BLOB_DATA_LEN + 12 + 5 + OPT_RECORD_LEN >= MAX_UDP_REPLY);
 const _: () = assert!(INLINE_DATA_LEN < BLOB_DATA_LEN);
 
@@ -333,6 +426,9 @@ mod user {
     unsafe impl aya::Pod for AnswerValue {}
     unsafe impl<const N: usize> aya::Pod for Blob<N> {}
     unsafe impl aya::Pod for ZoneConfig {}
+    unsafe impl aya::Pod for Liveness {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
 }
 
 impl ShortKey {
@@ -387,6 +483,11 @@ impl ZoneConfig {
             zone: [0; LONG_NAME_LEN],
             soa: [0; SOA_RECORD_LEN],
             _pad: [0; 2],
+            intercept_v4: [[0; 4]; MAX_INTERCEPT],
+            intercept_v6: [[0; 16]; MAX_INTERCEPT],
+            _pad2: [0; 4],
+            stale_after_ns: 0,
+            grace_ns: 0,
         }
     }
 }

@@ -46,3 +46,17 @@ pub fn words<const N: usize>(b: &[u8; N], from: usize, to: usize) -> u32 {
     }
     sum
 }
+
+/// A checksum with the bytes `old` replaced by `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')),
+/// both at an even offset.
+#[inline(always)]
+pub fn replace<const N: usize>(check: u16, old: &[u8; N], new: &[u8; N]) -> u16 {
+    let mut sum = (!check) as u32;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += (!u16::from_be_bytes([old[i], old[i + 1]])) as u32;
+        sum += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    !fold(sum)
+}

@@ -1,11 +1,13 @@
-//! Ethernet, IPv4/IPv6 and UDP: is this frame a UDP datagram to a listen address on port 53,
-//! and where does its DNS message start?
+//! Ethernet, IPv4/IPv6 and UDP: is this frame a UDP datagram to a listen or an intercepted
+//! address on port 53, and where does its DNS message start?
 
 use aya_ebpf::programs::XdpContext;
-use dns_common::{MAX_KERNEL_QUERY, MAX_LISTEN, ZoneConfig, counter};
+use dns_common::{MAX_KERNEL_QUERY, ZoneConfig, counter};
 
 use crate::{
-    Outcome, csum,
+    Outcome,
+    addrs::{has_v4, has_v6},
+    csum,
     packet::{
         DNS_HLEN, DNS_PORT, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
         UDP_HLEN, ptr_at, read_be16,
@@ -22,51 +24,13 @@ pub struct Layers {
     pub dns_len: usize,
     /// Partial sum of the source and destination addresses (unchanged by swapping them).
     pub addr_sum: u32,
+    /// Sent to an intercepted address (not a listen address): what the kernel does not answer
+    /// is steered to the agent while it is alive, else left to the cluster's DNS Service.
+    pub intercepted: bool,
 }
 
-/// Is `dst` one of the listen addresses? (A short scan of the config: cheaper than a lookup.)
-#[inline(always)]
-fn listens_v4(config: &ZoneConfig, dst: [u8; 4]) -> bool {
-    let dst = u32::from_ne_bytes(dst);
-    let mut i = 0;
-    while i < MAX_LISTEN {
-        let a = u32::from_ne_bytes(config.listen_v4[i]);
-        if a == 0 {
-            return false;
-        }
-        if a == dst {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
-#[inline(always)]
-fn listens_v6(config: &ZoneConfig, dst: &[u8; 16]) -> bool {
-    let d0 = u64::from_ne_bytes([
-        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
-    ]);
-    let d1 = u64::from_ne_bytes([
-        dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
-    ]);
-    let mut i = 0;
-    while i < MAX_LISTEN {
-        let a = &config.listen_v6[i];
-        let a0 = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-        let a1 = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-        if a0 == 0 && a1 == 0 {
-            return false;
-        }
-        if a0 == d0 && a1 == d1 {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
-/// Ethernet, IP and UDP: is this a UDP packet for a listen address on port 53?
+/// Ethernet, IP and UDP: is this a UDP packet for a listen or an intercepted address on port
+/// 53?
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
     let not_dns = pass(counter::PASS_NOT_DNS);
@@ -76,6 +40,7 @@ pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
     // VLAN-tagged frames land here too: their ethertype is 0x8100, not ours.
     let ethertype = read_be16(ctx, 12).ok_or(pass(counter::PASS_NOT_DNS))?;
     let frame_len = ctx.data_end() - ctx.data();
+    let mut intercepted = false;
 
     let (ipv6, l4, ip_payload_len, addr_sum) = if ethertype == ETH_P_IP {
         let ip = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN).ok_or(pass(counter::PASS_NOT_DNS))?;
@@ -85,8 +50,11 @@ pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
             return Err(not_dns);
         }
         let dst = [ip[16], ip[17], ip[18], ip[19]];
-        if !listens_v4(config, dst) {
-            return Err(not_dns);
+        if !has_v4(&config.listen_v4, dst) {
+            if !has_v4(&config.intercept_v4, dst) {
+                return Err(not_dns);
+            }
+            intercepted = true;
         }
         if ip[0] >> 4 != 4 {
             return Err(malformed);
@@ -112,8 +80,11 @@ pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
         let ip = unsafe { &*ip };
         let mut dst = [0u8; 16];
         dst.copy_from_slice(&ip[24..40]);
-        if !listens_v6(config, &dst) {
-            return Err(not_dns);
+        if !has_v6(&config.listen_v6, &dst) {
+            if !has_v6(&config.intercept_v6, &dst) {
+                return Err(not_dns);
+            }
+            intercepted = true;
         }
         let next = ip[6];
         if next != IPPROTO_UDP {
@@ -159,5 +130,6 @@ pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
         l4,
         dns_len: udp_len - UDP_HLEN,
         addr_sum,
+        intercepted,
     })
 }

@@ -3,8 +3,10 @@
 //! Reads like the protocol, a module per stage: `layers` (ethernet → IPv4/IPv6 → UDP),
 //! `question` (DNS header → question → OPT), `lookup` (the answer maps the agent fills, see
 //! `dns-common`), `reply` (checksum from parts, then the query rewritten in place into the
-//! response and sent back out of the interface it came in on with `XDP_TX`). `packet`, `csum`
-//! and `maps` serve them all.
+//! response and sent back out of the interface it came in on with `XDP_TX`), and for queries
+//! to an intercepted address the kernel does not answer, `steer` (to the agent while it
+//! answers). `packet`, `csum`, `addrs` and `maps` serve them all. `egress` is the second
+//! program: a tc egress classifier that gives the replies to steered queries their address back.
 //!
 //! Rules (DESIGN.md): fail open. Anything not fully understood — and anything whose answer is
 //! not in the maps — goes up the stack untouched (`XDP_PASS`), where the agent answers it. The
@@ -15,13 +17,16 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+mod addrs;
 mod csum;
+mod egress;
 mod layers;
 mod lookup;
 mod maps;
 mod packet;
 mod question;
 mod reply;
+mod steer;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use dns_common::{CONFIG_SYNCED, counter};
@@ -43,7 +48,8 @@ pub const fn pass(counter: u32) -> Outcome {
 
 #[xdp]
 pub fn xdns_xdp(ctx: XdpContext) -> u32 {
-    let outcome = match handle(&ctx) {
+    let mut intercepted = false;
+    let outcome = match handle(&ctx, &mut intercepted) {
         Ok(o) | Err(o) => o,
     };
     if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
@@ -51,17 +57,40 @@ pub fn xdns_xdp(ctx: XdpContext) -> u32 {
         unsafe { (*scratch).clean_tail() };
     }
     maps::count(outcome.counter);
+    if intercepted && outcome.action == xdp_action::XDP_PASS {
+        // Steered to the agent, or left to the Service: decided last, from the packet alone,
+        // so that the verifier checks it once rather than once for every way the pipeline
+        // can pass.
+        steer::steer_or_leave(&ctx);
+    }
     outcome.action
 }
 
-/// The pipeline. `Err` is an early end (usually a pass up), `Ok` a reply sent.
+/// The pipeline. `Err` is an early end (usually a pass up), `Ok` a reply sent. `intercepted`:
+/// the query was to an intercepted address, and a pass must be steered or left.
 #[inline(always)]
-fn handle(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+fn handle(ctx: &XdpContext, intercepted: &mut bool) -> Result<Outcome, Outcome> {
     let config = CONFIG.get_ptr(0).ok_or(pass(counter::PASS_NOT_DNS))?;
     // SAFETY: array map values live as long as the map.
     let config = unsafe { &*config };
     let layers = layers::parse(ctx, config)?;
-    let header = question::header(ctx, &layers)?;
+    // Past the grace period the maps no longer follow the cluster: answer nothing from them,
+    // steer nothing.
+    if !steer::liveness(config).in_grace {
+        return Err(pass(counter::PASS_AGENT_DOWN));
+    }
+    *intercepted = layers.intercepted;
+    answer(ctx, &layers, config)
+}
+
+/// DNS header → question → lookup → reply.
+#[inline(always)]
+fn answer(
+    ctx: &XdpContext,
+    layers: &layers::Layers,
+    config: &dns_common::ZoneConfig,
+) -> Result<Outcome, Outcome> {
+    let header = question::header(ctx, layers)?;
     if config.flags & CONFIG_SYNCED == 0 {
         return Err(pass(counter::PASS_NOT_SYNCED));
     }
@@ -70,9 +99,9 @@ fn handle(ctx: &XdpContext) -> Result<Outcome, Outcome> {
         .ok_or(pass(counter::PASS_MALFORMED))?;
     // SAFETY: per-CPU scratch, not shared with any other program run.
     let scratch = unsafe { &mut *scratch };
-    let query = question::question(ctx, &layers, &header, scratch)?;
+    let query = question::question(ctx, layers, &header, scratch)?;
     let answer = lookup::answer(scratch, config, &query)?;
-    reply::send(ctx, &layers, config, scratch, &query, &answer)
+    reply::send(ctx, layers, config, scratch, &query, &answer)
 }
 
 #[cfg(not(test))]

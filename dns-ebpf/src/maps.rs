@@ -6,14 +6,14 @@
 //! update swaps the element atomically for concurrent readers.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dns_common::{
     AnswerValue, BlobL, BlobM, BlobS, DEFAULT_ANSWERS_LONG_MAX, DEFAULT_ANSWERS_SHORT_MAX,
-    DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX, DEFAULT_BLOBS_S_MAX, LongKey, ShortKey, ZoneConfig,
-    counter,
+    DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX, DEFAULT_BLOBS_S_MAX, DEFAULT_FLOWS_MAX, FlowKey,
+    FlowValue, Liveness, LongKey, ShortKey, ZoneConfig, counter,
 };
 
 #[map(name = "XDNS_ANS_SHORT")]
@@ -42,6 +42,13 @@ pub static CONFIG: Array<ZoneConfig> = Array::with_max_entries(1, 0);
 #[map(name = "XDNS_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+#[map(name = "XDNS_LIVENESS")]
+pub static LIVENESS: Array<Liveness> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map(name = "XDNS_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
+
 /// Per-CPU working memory: too big for the 512-byte BPF stack.
 #[repr(C, align(8))]
 pub struct Scratch {
@@ -59,6 +66,11 @@ pub struct Scratch {
     pub tail_dirty: u64,
     /// The question bytes loaded, passed through memory like `name_len`.
     pub load: u64,
+    /// A steered query's flow and socket lookup (`steer.rs`): too big for the stack beside
+    /// the rest.
+    pub flow_key: FlowKey,
+    pub flow_value: FlowValue,
+    pub tuple: aya_ebpf::bindings::bpf_sock_tuple,
 }
 // Power-of-two sizes let `& (LEN - 1)` prove every index in bounds (no panic paths).
 pub const RAW_LEN: usize = 512;

@@ -1,7 +1,13 @@
 //! Which interfaces get the XDP program, and when: the `--interface`s once the zone is loaded,
 //! and every interface matching an `--interface-pattern`, now and as it appears.
 
-use super::{AttachMode, Kernel, KernelError, links::LinkEvent, links::Pattern};
+use std::sync::Arc;
+
+use super::{
+    AttachMode, Kernel, KernelError,
+    links::{LinkEvent, Pattern},
+    maps::Heartbeat,
+};
 
 /// The loaded program and the interfaces it is for.
 pub struct Attachments {
@@ -13,6 +19,7 @@ pub struct Attachments {
     /// and matching interfaces wait in `pending`.
     loaded: bool,
     pending: Vec<String>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Attachments {
@@ -21,6 +28,7 @@ impl Attachments {
         interfaces: Vec<String>,
         patterns: Vec<Pattern>,
         mode: AttachMode,
+        heartbeat: Arc<Heartbeat>,
     ) -> Self {
         Self {
             kernel,
@@ -29,6 +37,7 @@ impl Attachments {
             mode,
             loaded: false,
             pending: Vec::new(),
+            heartbeat,
         }
     }
 
@@ -41,6 +50,9 @@ impl Attachments {
     /// program is atomic). An `--interface` that cannot be attached stops the agent.
     pub fn zone_loaded(&mut self) -> Result<(), KernelError> {
         self.loaded = true;
+        // This agent answers: the program must not find its heartbeat missing the moment it is
+        // attached (the heartbeat task's first beat may still be to come).
+        self.heartbeat.beat();
         for iface in &self.interfaces {
             let how = self.kernel.attach(iface, self.mode)?;
             tracing::info!(interface = %iface, mode = %self.mode, ?how, "XDP program attached");

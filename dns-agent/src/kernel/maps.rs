@@ -1,17 +1,23 @@
-//! Typed access to the XDP program's maps: answers, blobs, listen addresses, zone config,
-//! counters.
+//! Typed access to the XDP program's maps: answers, blobs, the zone config (with the listen
+//! and intercepted addresses), the agent's heartbeat, counters.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
     os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use dns_common::{
     ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
     BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_S_LEN, Blob, BlobL, BlobM, BlobS,
-    INLINE_DATA_LEN, LONG_NAME_LEN, LongKey, MAX_LISTEN, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey,
-    ZoneConfig, blob_class, counter, csum,
+    INLINE_DATA_LEN, LONG_NAME_LEN, Liveness, LongKey, MAX_INTERCEPT, MAX_LISTEN, SHORT_NAME_LEN,
+    SOA_RECORD_LEN, ShortKey, ZoneConfig, blob_class, counter, csum,
 };
 
 use super::KernelError;
@@ -24,10 +30,85 @@ pub struct KernelMaps {
     pub(super) blobs_s: HashMap<MapData, u32, BlobS>,
     pub(super) blobs_m: HashMap<MapData, u32, BlobM>,
     pub(super) blobs_l: HashMap<MapData, u32, BlobL>,
-    /// Listen addresses, written into the zone config with it.
-    pub(super) listen: ([[u8; 4]; MAX_LISTEN], [[u8; 16]; MAX_LISTEN]),
+    /// The parts of the zone config set once at start — listen and intercepted addresses,
+    /// liveness settings — written with the rest by [`KernelMaps::write_config`].
+    pub(super) addresses: ZoneConfig,
     pub(super) config: Array<MapData, ZoneConfig>,
     pub(super) counters: PerCpuArray<MapData, u64>,
+    pub(super) heartbeat: Arc<Heartbeat>,
+}
+
+/// The agent's heartbeat in the liveness map, memory-mapped: the program reads it per packet,
+/// the agent writes it ten times a second with one atomic 8-byte store (a map update would
+/// copy through the kernel, and a reader could see it half written).
+pub struct Heartbeat {
+    _map: Array<MapData, Liveness>,
+    value: NonNull<AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory written only through the atomic, and lives as long as
+// the struct.
+unsafe impl Send for Heartbeat {}
+// SAFETY: as above.
+unsafe impl Sync for Heartbeat {}
+
+impl Heartbeat {
+    pub(super) fn new(map: Array<MapData, Liveness>) -> std::io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a shared mapping of the map's one page of values (BPF_F_MMAPABLE); the
+        // first value (the heartbeat) is 8-aligned at offset 0.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            _map: map,
+            value: NonNull::new(ptr.cast()).expect("mmap gave a mapping"),
+            len,
+        })
+    }
+
+    /// The agent answers now.
+    pub fn beat(&self) {
+        // SAFETY: `value` points into the live mapping (see `new`).
+        unsafe { self.value.as_ref() }.store(monotonic_ns(), Ordering::Release);
+    }
+
+    /// The last heartbeat, `CLOCK_MONOTONIC` nanoseconds (0: none yet).
+    pub fn last(&self) -> u64 {
+        // SAFETY: as in `beat`.
+        unsafe { self.value.as_ref() }.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.value.as_ptr().cast(), self.len) };
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills the timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A map write that failed; the entry is not in the kernel.
@@ -246,7 +327,12 @@ impl KernelMaps {
         c.soa_csum = data_csum(soa_template);
         c.nodata_flags = nodata_flags;
         c.nxdomain_flags = nxdomain_flags;
-        (c.listen_v4, c.listen_v6) = self.listen;
+        c.listen_v4 = self.addresses.listen_v4;
+        c.listen_v6 = self.addresses.listen_v6;
+        c.intercept_v4 = self.addresses.intercept_v4;
+        c.intercept_v6 = self.addresses.intercept_v6;
+        c.stale_after_ns = self.addresses.stale_after_ns;
+        c.grace_ns = self.addresses.grace_ns;
         self.config.set(0, c, 0).map_err(|source| KernelError::Map {
             name: dns_common::MAP_CONFIG,
             source,
@@ -261,10 +347,38 @@ impl KernelMaps {
                 "at most {MAX_LISTEN} listen addresses per family"
             )));
         }
-        self.listen = ([[0; 4]; MAX_LISTEN], [[0; 16]; MAX_LISTEN]);
-        self.listen.0[..v4.len()].copy_from_slice(v4);
-        self.listen.1[..v6.len()].copy_from_slice(v6);
+        let a = &mut self.addresses;
+        (a.listen_v4, a.listen_v6) = ([[0; 4]; MAX_LISTEN], [[0; 16]; MAX_LISTEN]);
+        a.listen_v4[..v4.len()].copy_from_slice(v4);
+        a.listen_v6[..v6.len()].copy_from_slice(v6);
         Ok(())
+    }
+
+    /// Queries to these addresses are answered by the program, and steered to the agent when it
+    /// cannot answer them and the agent is alive (at most [`MAX_INTERCEPT`] of each family,
+    /// checked at start). Takes effect with the next [`KernelMaps::write_config`].
+    pub fn set_intercept(&mut self, v4: &[[u8; 4]], v6: &[[u8; 16]]) -> Result<(), KernelError> {
+        if v4.len() > MAX_INTERCEPT || v6.len() > MAX_INTERCEPT {
+            return Err(KernelError::Bpffs(format!(
+                "at most {MAX_INTERCEPT} intercepted addresses per family"
+            )));
+        }
+        let a = &mut self.addresses;
+        (a.intercept_v4, a.intercept_v6) = ([[0; 4]; MAX_INTERCEPT], [[0; 16]; MAX_INTERCEPT]);
+        a.intercept_v4[..v4.len()].copy_from_slice(v4);
+        a.intercept_v6[..v6.len()].copy_from_slice(v6);
+        Ok(())
+    }
+
+    /// How long after the agent's last heartbeat the program still answers from the maps.
+    /// Takes effect with the next [`KernelMaps::write_config`].
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.addresses.grace_ns = grace.as_nanos().min(u64::MAX as u128) as u64;
+    }
+
+    /// The heartbeat the program reads; the agent writes it while it answers.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// The kernel counters, summed over CPUs.

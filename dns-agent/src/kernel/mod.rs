@@ -15,15 +15,17 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        xdp::{XdpLink, XdpLinkId},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use dns_common::{
-    AnswerValue, BlobL, BlobM, BlobS, LAYOUT_VERSION, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
-    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, PROGRAM_NAME, ShortKey,
-    ZoneConfig, counter,
+    AnswerValue, BlobL, BlobM, BlobS, DEFAULT_GRACE_NS, DEFAULT_STALE_AFTER_NS,
+    EGRESS_PROGRAM_NAME, LAYOUT_VERSION, Liveness, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
+    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS,
+    PROGRAM_NAME, ShortKey, ZoneConfig, counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -49,6 +51,8 @@ pub enum KernelError {
     },
     #[error("--interface {0}: no such interface in this network namespace")]
     NoInterface(String),
+    #[error("{0}: an agent started after this one serves it already; leaving it to that agent")]
+    NewerAgent(String),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
@@ -150,12 +154,6 @@ pub enum Takeover {
     TookOver,
 }
 
-/// The program currently attached through the link pinned for `iface`.
-fn pinned_program_id(links_dir: &Path, iface: &str) -> Option<u32> {
-    let pinned = PinnedLink::from_pin(links_dir.join(iface)).ok()?;
-    FdLink::from(pinned).info().ok().map(|i| i.program_id())
-}
-
 /// What one `BPF_PROG_TEST_RUN` gave.
 #[derive(Debug)]
 pub struct TestRunOutcome {
@@ -166,28 +164,70 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
-/// The loaded program with its maps and attachments. Dropping it detaches the program, unless
-/// another agent has taken its attachments over.
+/// Where on an interface a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// The XDP program, on frames arriving from the pod.
+    Xdp,
+    /// The tc egress program, on frames leaving towards the pod (intercepted addresses only).
+    Egress,
+}
+
+impl Hook {
+    /// Directory of this hook's pinned links under `--pin-path`. Outside the layout's
+    /// directory, so that an agent with another map layout still takes the links over (the
+    /// swap replaces the whole program, maps included).
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Xdp => "links",
+            Self::Egress => "links-egress",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => PROGRAM_NAME,
+            Self::Egress => EGRESS_PROGRAM_NAME,
+        }
+    }
+}
+
+/// One attachment: a bpf_link pinned at `<pin-path>/<hook dir>/<interface>`.
+struct Attachment {
+    interface: String,
+    hook: Hook,
+    link: PinnedLink,
+}
+
+/// The loaded programs with their maps and attachments. Dropping it detaches the programs,
+/// unless another agent has taken its attachments over.
 ///
-/// Every attachment is a bpf_link pinned at `<pin-path>/links/<interface>`: it outlives this
-/// process, so the next agent takes it over (an atomic program swap) and no query goes
-/// unanswered while agents change. (bpf_links for XDP exist since Linux 5.9; the program needs
-/// 5.18 for bpf_xdp_load_bytes anyway.)
+/// Every attachment is a bpf_link pinned under `<pin-path>`: it outlives this process, so the
+/// next agent takes it over (an atomic program swap) and no query goes unanswered while agents
+/// change. (bpf_links for XDP exist since Linux 5.9, tcx links since 6.6; the XDP program
+/// needs 5.18 for bpf_xdp_load_bytes anyway.)
 pub struct Kernel {
     ebpf: Ebpf,
-    links: Vec<(String, PinnedLink)>,
+    links: Vec<Attachment>,
+    pin_path: PathBuf,
     pin_dir: PathBuf,
-    /// `<pin-path>/links`: outside the layout's directory, so an agent with another map layout
-    /// still takes the links over (the swap replaces the whole program, maps included).
-    links_dir: PathBuf,
+    /// Attach the egress program too: there are intercepted addresses.
+    egress: bool,
+    /// Id of this agent's counters map: pins that hold another id are another agent's.
+    counters_id: Option<u32>,
     /// `detach_all` has run: nothing of ours is left to remove.
     released: bool,
 }
 
 impl Kernel {
-    /// Loads and verifies the program, sizes its maps, and pins the maps under `pin_path` (so
-    /// `dns-agent stats` and operators' tools find them).
-    pub fn load(capacity: Capacity, pin_path: &Path) -> Result<(Self, KernelMaps), KernelError> {
+    /// Loads and verifies the programs, sizes their maps, and pins the maps under `pin_path`
+    /// (so `dns-agent stats` and operators' tools find them). `egress`: queries to intercepted
+    /// addresses are steered, and the egress program is attached beside the XDP program.
+    pub fn load(
+        capacity: Capacity,
+        pin_path: &Path,
+        egress: bool,
+    ) -> Result<(Self, KernelMaps), KernelError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_ANSWERS_SHORT, capacity.short)
             .map_max_entries(MAP_ANSWERS_LONG, capacity.long)
@@ -201,6 +241,14 @@ impl Kernel {
             .try_into()
             .map_err(KernelError::Verify)?;
         program.load().map_err(KernelError::Verify)?;
+        if egress {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(EGRESS_PROGRAM_NAME)
+                .ok_or(KernelError::MissingProgram(EGRESS_PROGRAM_NAME))?
+                .try_into()
+                .map_err(KernelError::Verify)?;
+            program.load().map_err(KernelError::Verify)?;
+        }
 
         ensure_bpffs(pin_path)?;
         let pin_dir = pin_dir(pin_path);
@@ -214,6 +262,7 @@ impl Kernel {
             let _ = fs::remove_file(pin_dir.join(name));
         }
 
+        let liveness: Array<MapData, Liveness> = take_map(&mut ebpf, MAP_LIVENESS, &pin_dir)?;
         let maps = KernelMaps {
             short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(
                 &mut ebpf,
@@ -228,23 +277,44 @@ impl Kernel {
             blobs_s: take_map::<HashMap<MapData, u32, BlobS>>(&mut ebpf, MAP_BLOBS_S, &pin_dir)?,
             blobs_m: take_map::<HashMap<MapData, u32, BlobM>>(&mut ebpf, MAP_BLOBS_M, &pin_dir)?,
             blobs_l: take_map::<HashMap<MapData, u32, BlobL>>(&mut ebpf, MAP_BLOBS_L, &pin_dir)?,
-            listen: Default::default(),
+            addresses: {
+                let mut c = ZoneConfig::zeroed();
+                c.stale_after_ns = DEFAULT_STALE_AFTER_NS;
+                c.grace_ns = DEFAULT_GRACE_NS;
+                c
+            },
             config: take_map::<Array<MapData, ZoneConfig>>(&mut ebpf, MAP_CONFIG, &pin_dir)?,
             counters: take_map::<PerCpuArray<MapData, u64>>(&mut ebpf, MAP_COUNTERS, &pin_dir)?,
+            heartbeat: std::sync::Arc::new(maps::Heartbeat::new(liveness).map_err(|source| {
+                KernelError::Pin {
+                    path: pin_dir.join(MAP_LIVENESS),
+                    source,
+                }
+            })?),
         };
+        // The flows map stays in the object (only the programs use it); pinned for tools.
+        if let Some(aya::maps::Map::LruHashMap(flows)) = ebpf.map(MAP_FLOWS) {
+            let _ = flows.pin(pin_dir.join(MAP_FLOWS));
+        }
+        let counters_id = MapData::from_pin(pin_dir.join(MAP_COUNTERS))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.id());
         Ok((
             Self {
                 ebpf,
                 links: Vec::new(),
+                pin_path: pin_path.to_path_buf(),
                 pin_dir,
-                links_dir: pin_path.join("links"),
+                egress,
+                counters_id,
                 released: false,
             },
             maps,
         ))
     }
 
-    fn program_mut(&mut self) -> &mut Xdp {
+    fn xdp_mut(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(PROGRAM_NAME)
             .expect("checked at load")
@@ -252,90 +322,166 @@ impl Kernel {
             .expect("checked at load")
     }
 
-    /// This program's kernel id.
-    fn program_id(&self) -> Option<u32> {
-        let program: &Xdp = self.ebpf.program(PROGRAM_NAME)?.try_into().ok()?;
-        program.info().ok().map(|i| i.id())
+    fn egress_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
     }
 
-    /// Attaches the program to `interface`. If a previous agent left a pinned link there, the
-    /// link is switched to this program in one step (the kernel swaps programs atomically),
-    /// so queries never find the interface without an answering program.
+    /// The kernel's view of one of this agent's programs.
+    fn program_info(&self, hook: Hook) -> Option<ProgramInfo> {
+        let program = self.ebpf.program(hook.program())?;
+        match hook {
+            Hook::Xdp => <&Xdp>::try_from(program).ok()?.info().ok(),
+            Hook::Egress => <&SchedClassifier>::try_from(program).ok()?.info().ok(),
+        }
+    }
+
+    fn link_pin(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.pin_path.join(hook.dir()).join(interface)
+    }
+
+    /// Attaches the programs to `interface`. If a previous agent left pinned links there, they
+    /// are switched to this agent's programs in one step each (the kernel swaps programs
+    /// atomically), so queries never find the interface without an answering program.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Takeover, KernelError> {
+        let takeover = self.attach_hook(interface, Hook::Xdp, mode)?;
+        if self.egress {
+            self.attach_hook(interface, Hook::Egress, mode)?;
+        }
+        Ok(takeover)
+    }
+
+    fn attach_hook(
+        &mut self,
+        interface: &str,
+        hook: Hook,
+        mode: AttachMode,
+    ) -> Result<Takeover, KernelError> {
         let attach_error = |source| KernelError::Attach {
             interface: interface.to_string(),
             mode,
             source,
         };
-        fs::create_dir_all(&self.links_dir).map_err(|source| KernelError::Pin {
-            path: self.links_dir.clone(),
-            source,
-        })?;
-        let link_pin = self.links_dir.join(interface);
-        let mut takeover = Takeover::Fresh;
-        let id = match self.take_over(&link_pin) {
-            Some(id) => {
-                takeover = Takeover::TookOver;
-                id
-            }
-            None => self
-                .program_mut()
-                .attach(interface, mode.into())
-                .map_err(attach_error)?,
+        let link_pin = self.link_pin(hook, interface);
+        let dir = link_pin
+            .parent()
+            .expect("a pin path has a parent")
+            .to_path_buf();
+        fs::create_dir_all(&dir).map_err(|source| KernelError::Pin { path: dir, source })?;
+        let found = self.pinned_link(hook, &link_pin);
+        if let PinnedState::Newer = found {
+            // Another agent started after this one and already serves the interface: it
+            // owns it. Taking it back would leave the interface with this agent's maps,
+            // frozen once this agent leaves.
+            return Err(KernelError::NewerAgent(interface.to_string()));
+        }
+        let takeover = if matches!(found, PinnedState::Older(_)) {
+            Takeover::TookOver
+        } else {
+            Takeover::Fresh
         };
-        let link = self.program_mut().take_link(id).map_err(attach_error)?;
-        let fd = FdLink::try_from(link).map_err(|e| {
+        let fd = match (hook, found) {
+            (Hook::Xdp, PinnedState::Older(link)) => {
+                let link =
+                    XdpLink::try_from(link).map_err(|e| KernelError::Bpffs(e.to_string()))?;
+                let id = self.xdp_mut().attach_to_link(link).map_err(attach_error)?;
+                FdLink::try_from(self.xdp_mut().take_link(id).map_err(attach_error)?)
+            }
+            (Hook::Xdp, _) => {
+                let id = self
+                    .xdp_mut()
+                    .attach(interface, mode.into())
+                    .map_err(attach_error)?;
+                FdLink::try_from(self.xdp_mut().take_link(id).map_err(attach_error)?)
+            }
+            (Hook::Egress, PinnedState::Older(link)) => {
+                let link = SchedClassifierLink::try_from(link)
+                    .map_err(|e| KernelError::Bpffs(e.to_string()))?;
+                let id = self
+                    .egress_mut()
+                    .attach_to_link(link)
+                    .map_err(attach_error)?;
+                FdLink::try_from(self.egress_mut().take_link(id).map_err(attach_error)?)
+            }
+            (Hook::Egress, _) => {
+                let id = self
+                    .egress_mut()
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Egress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(attach_error)?;
+                FdLink::try_from(self.egress_mut().take_link(id).map_err(attach_error)?)
+            }
+        }
+        .map_err(|e| {
             KernelError::Bpffs(format!(
-                "attaching to {interface} did not give a bpf_link ({e}): xdns needs Linux 5.18 or newer"
+                "attaching to {interface} did not give a bpf_link ({e}): xdns needs Linux 5.18 \
+                 or newer (6.6 for --intercept)"
             ))
         })?;
         // A taken-over link is already pinned there; pin our own handle afresh either way.
         let _ = fs::remove_file(&link_pin);
-        let pinned = fd.pin(&link_pin).map_err(|source| KernelError::PinMap {
-            name: "XDP link",
+        let link = fd.pin(&link_pin).map_err(|source| KernelError::PinMap {
+            name: "link",
             source,
         })?;
-        self.links.push((interface.to_string(), pinned));
+        self.links.push(Attachment {
+            interface: interface.to_string(),
+            hook,
+            link,
+        });
         Ok(takeover)
     }
 
-    /// Switches the link pinned at `path` (a previous agent's) to this program.
-    fn take_over(&mut self, path: &Path) -> Option<XdpLinkId> {
+    /// What is pinned for `hook` on an interface: nothing usable, a previous agent's link (to
+    /// take over), or a newer agent's (to leave alone).
+    fn pinned_link(&self, hook: Hook, path: &Path) -> PinnedState {
         if !path.exists() {
-            return None;
+            return PinnedState::None;
         }
-        let taken = PinnedLink::from_pin(path)
-            .map_err(|e| e.to_string())
-            .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string()))
-            .and_then(|link| {
-                self.program_mut()
-                    .attach_to_link(link)
-                    .map_err(|e| e.to_string())
-            });
-        match taken {
-            Ok(id) => Some(id),
+        let link = match PinnedLink::from_pin(path) {
+            Ok(pinned) => FdLink::from(pinned),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "a pinned XDP link cannot be taken over; attaching anew");
+                tracing::warn!(path = %path.display(), error = %e, "a pinned link cannot be opened; attaching anew");
                 let _ = fs::remove_file(path);
-                None
+                return PinnedState::None;
             }
+        };
+        // The kernel numbers programs in the order they are loaded (cyclically, over 2^31
+        // ids): a higher id than ours is an agent that started later.
+        let theirs = link.info().ok().map(|i| i.program_id());
+        let ours = self.program_info(hook).map(|p| p.id());
+        match (theirs, ours) {
+            (Some(t), Some(o)) if t > o => PinnedState::Newer,
+            _ => PinnedState::Older(link),
         }
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|(i, _)| i.as_str())
+        self.links
+            .iter()
+            .filter(|a| a.hook == Hook::Xdp)
+            .map(|a| a.interface.as_str())
     }
 
     pub fn is_attached(&self, interface: &str) -> bool {
-        self.links.iter().any(|(i, _)| i == interface)
+        self.links.iter().any(|a| a.interface == interface)
     }
 
-    /// The interface is gone: the kernel has released the program's attachment with it; drop
-    /// our handle and its pin.
+    /// The interface is gone: the kernel has released the programs' attachments with it; drop
+    /// our handles and their pins.
     pub fn forget(&mut self, interface: &str) {
-        if let Some(at) = self.links.iter().position(|(i, _)| i == interface) {
-            let (_, pinned) = self.links.remove(at);
-            let _ = pinned.unpin();
+        let (gone, kept) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|a| a.interface == interface);
+        self.links = kept;
+        for a in gone {
+            let _ = a.link.unpin();
         }
     }
 
@@ -368,40 +514,58 @@ impl Kernel {
     }
 
     /// Detaches from every interface this agent still serves, and removes its pins. An
-    /// interface whose link another agent has taken over is left to that agent.
+    /// attachment another agent has taken over is left to that agent, and so are its pins.
     pub fn detach_all(&mut self) {
         if std::mem::replace(&mut self.released, true) {
             return;
         }
-        let own = self.program_id();
-        let mut handed_over = false;
-        for (iface, pinned) in std::mem::take(&mut self.links) {
-            let running = pinned_program_id(&self.links_dir, &iface);
-            if running.is_some() && running != own {
-                tracing::info!(interface = iface, "XDP link handed over to the next agent");
-                handed_over = true;
+        let own = [Hook::Xdp, Hook::Egress].map(|h| self.program_info(h).map(|p| p.id()));
+        for a in std::mem::take(&mut self.links) {
+            let running = PinnedLink::from_pin(self.link_pin(a.hook, &a.interface))
+                .ok()
+                .and_then(|p| FdLink::from(p).info().ok())
+                .map(|i| i.program_id());
+            let ours = own[a.hook as usize];
+            if running.is_some() && running != ours {
+                tracing::info!(interface = a.interface, hook = ?a.hook, "link handed over to the next agent");
                 continue;
             }
             // Unpinned and closed, the link is gone: the program is detached.
-            match pinned.unpin() {
+            match a.link.unpin() {
                 Ok(link) => {
                     drop(link);
-                    tracing::info!(interface = iface, "XDP program detached");
+                    tracing::info!(interface = a.interface, hook = ?a.hook, "program detached");
                 }
                 Err(e) => {
-                    tracing::warn!(interface = iface, error = %e, "unpinning the XDP link failed")
+                    tracing::warn!(interface = a.interface, error = %e, "unpinning a link failed")
                 }
             }
         }
-        if !handed_over {
-            // Our maps' pins (a successor that took over re-pinned its own).
+        // Our maps' pins, unless a successor has pinned its own there.
+        let pinned_counters = MapData::from_pin(self.pin_dir.join(MAP_COUNTERS))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.id());
+        if pinned_counters.is_none() || pinned_counters == self.counters_id {
             for name in dns_common::ALL_MAPS {
                 let _ = fs::remove_file(self.pin_dir.join(name));
             }
             let _ = fs::remove_dir(&self.pin_dir);
-            let _ = fs::remove_dir(&self.links_dir);
+        }
+        for hook in [Hook::Xdp, Hook::Egress] {
+            // Only if empty: another agent's links stay.
+            let _ = fs::remove_dir(self.pin_path.join(hook.dir()));
         }
     }
+}
+
+/// What is pinned where an attachment's link would go.
+enum PinnedState {
+    None,
+    /// A link of an agent loaded before this one (or of unknown age): taken over.
+    Older(FdLink),
+    /// A link of an agent loaded after this one: left alone.
+    Newer,
 }
 
 impl Drop for Kernel {
@@ -475,6 +639,7 @@ where
     let data_pin = |m: &aya::maps::Map| -> Result<(), KernelError> {
         let data: &MapData = match m {
             aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::Array(d)
             | aya::maps::Map::PerCpuArray(d) => d,
             _ => return Ok(()),

@@ -5,6 +5,8 @@ pub mod cache;
 pub mod external;
 pub mod forward;
 pub mod handover;
+pub mod heartbeat;
+pub mod listen_address;
 pub mod sockets;
 pub mod tcp;
 pub mod udp;
@@ -46,6 +48,8 @@ pub struct Handler {
     pub metrics: Arc<Metrics>,
     /// Queries being answered right now (a shutdown waits for them).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// The agent's own liveness probe, answered apart.
+    pub probe: heartbeat::Probe,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -127,6 +131,17 @@ impl Handler {
         self.metrics
             .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
         Ok(Some(reply))
+    }
+
+    /// The reply to the agent's own heartbeat probe (`heartbeat.rs`): answered from the zone
+    /// like a pod's query, through the same lock, and left out of the metrics.
+    pub fn answer_probe(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        let q = dns::parse_query(msg).ok()?;
+        let zone = self.zone.read().expect("zone lock poisoned");
+        match answer_from_zone(&zone, &q, Some(q.udp_limit())) {
+            ZoneReply::Reply(r) => Some(r),
+            _ => None,
+        }
     }
 
     /// The reply to a query that waits for an upstream.

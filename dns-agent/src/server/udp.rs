@@ -9,6 +9,7 @@ use super::{Handler, Transport};
 /// Serves one UDP socket until the task is cancelled.
 pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<()> {
     let mut buf = vec![0u8; 65535];
+    let local = socket.local_addr().ok();
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -16,6 +17,12 @@ pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => return Err(e),
         };
+        if handler.probe.is(&buf[..n], peer, local) {
+            if let Some(reply) = handler.answer_probe(&buf[..n]) {
+                send(&socket, &reply, peer).await;
+            }
+            continue;
+        }
         // Answers from the zone and the cache are sent from here: a task per query would cost
         // more than the answer. Only queries that wait for an upstream get one.
         let pending = match handler.handle_now(&buf[..n], Transport::Udp) {
