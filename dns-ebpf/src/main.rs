@@ -305,6 +305,17 @@ fn parse_layers(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome
         if frag & 0x3fff != 0 {
             return Err(unsupported);
         }
+        // A header whose checksum is wrong never reaches the agent (the stack drops it, RFC
+        // 791): answering it would answer what userspace never sees.
+        let mut hsum = 0u32;
+        let mut i = 0;
+        while i < IPV4_HLEN {
+            hsum += u16::from_be_bytes([ip[i], ip[i + 1]]) as u32;
+            i += 2;
+        }
+        if fold(hsum) != 0xffff {
+            return Err(malformed);
+        }
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         if total < IPV4_HLEN || ETH_HLEN + total > frame_len {
             return Err(malformed);

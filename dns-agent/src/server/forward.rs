@@ -446,7 +446,9 @@ async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
     }
 }
 
-fn query_message(q: &Question) -> Message {
+/// The query sent upstream for `q`: a random ID, RD, CD as the client asked, EDNS with our UDP
+/// size and the client's DO.
+pub fn query_message(q: &Question) -> Message {
     let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.metadata.checking_disabled = q.checking_disabled;
@@ -462,7 +464,7 @@ fn query_message(q: &Question) -> Message {
 
 /// Is `reply` the answer to `sent` (RFC 5452: ID, and the question, name compared without
 /// case)?
-fn matches(sent: &Message, reply: &Message) -> bool {
+pub fn matches(sent: &Message, reply: &Message) -> bool {
     reply.metadata.id == sent.metadata.id
         && reply.metadata.message_type == MessageType::Response
         && reply.queries.len() == 1
