@@ -276,8 +276,28 @@ fn pointers_stay(
         if w[0] & 0xc0 != 0xc0 {
             return true;
         }
-        let target = usize::from(u16::from_be_bytes([w[0], w[1]]) & 0x3fff);
-        (12..end).contains(&target) && !ttl[target]
+        // Every byte the name at the target spans, up to its end or its next pointer (which
+        // this scan checks on its own).
+        let mut at = usize::from(u16::from_be_bytes([w[0], w[1]]) & 0x3fff);
+        for _ in 0..128 {
+            let Some(&len) = msg.get(at).filter(|_| at >= 12 && at < end) else {
+                return false;
+            };
+            let span = match len {
+                0 => return !ttl[at],
+                l if l & 0xc0 == 0xc0 => 2,
+                l if l & 0xc0 != 0 => return false,
+                l => 1 + usize::from(l),
+            };
+            if at + span > end || ttl[at..at + span].iter().any(|b| *b) {
+                return false;
+            }
+            if span == 2 && len & 0xc0 == 0xc0 {
+                return true;
+            }
+            at += span;
+        }
+        false
     })
 }
 
