@@ -68,6 +68,11 @@ pub fn parse(ctx: &XdpContext, config: &ZoneConfig) -> Result<Layers, Outcome> {
         if frag & 0x3fff != 0 {
             return Err(unsupported);
         }
+        // A header whose checksum is wrong never reaches the agent (the stack drops it, RFC
+        // 791): answering it would answer what userspace never sees.
+        if csum::fold(csum::words(ip, 0, IPV4_HLEN)) != 0xffff {
+            return Err(malformed);
+        }
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         if total < IPV4_HLEN || ETH_HLEN + total > frame_len {
             return Err(malformed);

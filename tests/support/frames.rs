@@ -21,7 +21,8 @@ fn sum(bytes: &[u8]) -> u64 {
         .sum()
 }
 
-fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
+/// The UDP checksum of `udp` (header with a zero checksum field, then payload).
+pub fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
     let mut s = match (src, dst) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
             sum(&a.octets()) + sum(&b.octets()) + 17 + udp.len() as u64
@@ -34,6 +35,11 @@ fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
     s += sum(udp);
     let c = !fold(s);
     if c == 0 { 0xffff } else { c }
+}
+
+/// The IPv4 header checksum of `header` (its checksum field zero).
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
+    !fold(sum(header))
 }
 
 /// Ethernet + IP + UDP around `payload`, with correct checksums.

@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod netns;
 mod setup;
 mod test;
@@ -31,8 +32,25 @@ enum Command {
     BuildEbpf,
     /// Run xdns on the built-in example cluster in network namespaces and query it.
     Demo,
-    /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests.
+    /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests,
+    /// the fuzz targets for a short time.
     Test,
+    /// Fuzz: every cargo-fuzz target of fuzz/ for --time seconds, then the differential fuzzer
+    /// of the XDP program for --frames frames (root). Fails on any crash or mismatch.
+    Fuzz {
+        /// Seconds per cargo-fuzz target (0: none).
+        #[arg(long, default_value_t = 30)]
+        time: u64,
+        /// Frames for the XDP differential fuzzer (0: skip it).
+        #[arg(long, default_value_t = 100_000)]
+        frames: u64,
+        /// Only this cargo-fuzz target (repeatable).
+        #[arg(long)]
+        target: Vec<String>,
+        /// Regenerate the seed corpora in fuzz/corpus/ and exit.
+        #[arg(long)]
+        write_corpora: bool,
+    },
     /// Benchmark xdns against unbound, dnsmasq and a bare XDP reflector in network
     /// namespaces: throughput, latency percentiles, in-kernel cost, memory. Results go to
     /// results/<timestamp>/.
@@ -70,6 +88,22 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo => demo::demo(),
         Command::Test => test::test(),
+        Command::Fuzz {
+            time,
+            frames,
+            target,
+            write_corpora,
+        } => {
+            if write_corpora {
+                fuzz::write_corpora()
+            } else {
+                fuzz::fuzz(fuzz::Options {
+                    time,
+                    frames,
+                    targets: target,
+                })
+            }
+        }
         Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
     }
 }

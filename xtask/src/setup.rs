@@ -11,6 +11,9 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, bail};
 use dns_ebpf_build::{BPF_LINKER_VERSION, LLVM_MAJOR, Toolchain};
 
+/// The cargo-fuzz release `cargo xtask fuzz` runs the fuzz targets with (fuzz/).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 use crate::util::{cmd, have, root, run};
 
 /// What the tests, the demo and the benchmarks run besides xdns.
@@ -60,6 +63,9 @@ pub fn setup(scope: Scope) -> anyhow::Result<()> {
     let toolchain = Toolchain::pinned()?;
     timed("XDP toolchain", || xdp_toolchain(&toolchain))?;
     timed("bpf-linker", bpf_linker)?;
+    if scope == Scope::All {
+        timed("cargo-fuzz", cargo_fuzz)?;
+    }
     // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
     dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;
     Ok(())
@@ -212,4 +218,25 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix)
         .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix))
     .context("installing bpf-linker")
+}
+
+/// cargo-fuzz at the pinned version (it drives the fuzz targets of `fuzz/` with the XDP
+/// toolchain's nightly, which libFuzzer's instrumentation needs).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if version.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
+        println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(cmd("cargo")
+        .current_dir(root())
+        .args(["install", "--locked", "--force"])
+        .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))
+    .context("installing cargo-fuzz")
 }

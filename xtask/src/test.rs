@@ -2,6 +2,9 @@
 
 use crate::util::{cmd, require_root, root, run};
 
+/// Seconds each cargo-fuzz target runs in CI (`cargo xtask fuzz --time` runs them longer).
+const CI_FUZZ_SECONDS: u64 = 20;
+
 pub fn test() -> anyhow::Result<()> {
     crate::setup::setup(crate::setup::Scope::All)?;
     require_root("the test suite (it loads XDP programs and builds network namespaces)")?;
@@ -41,6 +44,13 @@ pub fn test() -> anyhow::Result<()> {
         "--",
         "--test-threads=1",
     ]))?;
+    // The fuzz targets, briefly: each keeps running and finds nothing in its first seconds. The
+    // XDP differential fuzzer ran above, in the root tests, at 100,000 frames.
+    crate::fuzz::fuzz(crate::fuzz::Options {
+        time: CI_FUZZ_SECONDS,
+        frames: 0,
+        targets: Vec::new(),
+    })?;
     // Last, the benchmark in its quick mode: it keeps working, and every system it compares
     // must answer correctly. Speed is never asserted.
     crate::bench::bench(crate::bench::Options {

@@ -152,6 +152,36 @@ pub fn data_csum(data: &[u8]) -> u16 {
     csum::fold(csum::add_bytes(0, data))
 }
 
+/// The map value of `answer`, and the section bytes that go into a blob of the class
+/// [`blob_class`] names when they do not fit inline (the caller gives the blob its id).
+pub fn answer_value(answer: &KernelAnswer) -> (AnswerValue, Option<&[u8]>) {
+    let mut v = AnswerValue::zeroed();
+    let mut blob = None;
+    match answer {
+        KernelAnswer::Answer { flags, sections } => {
+            v.action = ACTION_ANSWER;
+            v.flags = *flags;
+            v.ancount = sections.ancount;
+            v.nscount = sections.nscount;
+            v.arcount = sections.arcount;
+            v.data_len = sections.data.len() as u16;
+            v.data_csum = data_csum(&sections.data);
+            if sections.data.len() <= INLINE_DATA_LEN {
+                v.data[..sections.data.len()].copy_from_slice(&sections.data);
+            } else {
+                assert!(
+                    sections.data.len() <= BLOB_DATA_LEN,
+                    "the zone passes bigger answers"
+                );
+                blob = Some(&sections.data[..]);
+            }
+        }
+        KernelAnswer::Nodata => v.action = ACTION_NODATA,
+        KernelAnswer::Pass => v.action = ACTION_PASS,
+    }
+    (v, blob)
+}
+
 /// Blob ids: never reused while in use, and handed out in a cycle of 2^30 per class, so an
 /// id freed now is not reused for a very long time (a reader that looked up the old id either
 /// finds the old blob or nothing, never another answer's bytes).
@@ -195,39 +225,19 @@ impl KernelMaps {
         qtype: u16,
         answer: &KernelAnswer,
     ) -> Result<(), WriteError> {
-        let mut v = AnswerValue::zeroed();
+        let (mut v, blob_data) = answer_value(answer);
         let mut new_blob = None;
-        match answer {
-            KernelAnswer::Answer { flags, sections } => {
-                v.action = ACTION_ANSWER;
-                v.flags = *flags;
-                v.ancount = sections.ancount;
-                v.nscount = sections.nscount;
-                v.arcount = sections.arcount;
-                v.data_len = sections.data.len() as u16;
-                v.data_csum = data_csum(&sections.data);
-                if sections.data.len() <= INLINE_DATA_LEN {
-                    v.data[..sections.data.len()].copy_from_slice(&sections.data);
-                } else {
-                    assert!(
-                        sections.data.len() <= BLOB_DATA_LEN,
-                        "the zone passes bigger answers"
-                    );
-                    let class = blob_class(sections.data.len());
-                    let id = blobs.allocate(class);
-                    if let Err(source) = self.insert_blob(id, &sections.data) {
-                        blobs.release(id);
-                        return Err(WriteError {
-                            what: format!("blob {id}"),
-                            source,
-                        });
-                    }
-                    v.blob = id;
-                    new_blob = Some(id);
-                }
+        if let Some(data) = blob_data {
+            let id = blobs.allocate(blob_class(data.len()));
+            if let Err(source) = self.insert_blob(id, data) {
+                blobs.release(id);
+                return Err(WriteError {
+                    what: format!("blob {id}"),
+                    source,
+                });
             }
-            KernelAnswer::Nodata => v.action = ACTION_NODATA,
-            KernelAnswer::Pass => v.action = ACTION_PASS,
+            v.blob = id;
+            new_blob = Some(id);
         }
         let res = match key(name, qtype) {
             Key::Short(k) => self.short.insert(k, v, 0),

@@ -147,7 +147,7 @@ impl Answer {
     /// it, the bytes are kept as received; otherwise, and when the question is not laid out
     /// plainly, the parse is re-encoded without them.
     pub fn from_upstream(bytes: &[u8], message: &Message) -> Result<Self, AnswerError> {
-        match Self::from_wire(bytes) {
+        match Self::from_wire(bytes, true) {
             Some(a) => Ok(a),
             None => {
                 let mut m = Message::new(0, MessageType::Response, OpCode::Query);
@@ -157,12 +157,15 @@ impl Answer {
                 m.insert_authorities(message.authorities.clone());
                 m.insert_additionals(message.additionals.clone());
                 let bytes = m.to_vec()?;
-                Self::from_wire(&bytes).ok_or(AnswerError::Malformed(0))
+                // hickory-proto points only at names it wrote: no pointer check needed.
+                Self::from_wire(&bytes, false).ok_or(AnswerError::Malformed(0))
             }
         }
     }
 
-    fn from_wire(msg: &[u8]) -> Option<Self> {
+    /// The sections of a reply laid out plainly. With `check_pointers`, `None` as well when a
+    /// compression pointer could aim at bytes a client's reply does not share with this one.
+    fn from_wire(msg: &[u8], check_pointers: bool) -> Option<Self> {
         if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
             return None;
         }
@@ -196,6 +199,9 @@ impl Answer {
             return None;
         }
         if end - q_end > u16::MAX as usize {
+            return None;
+        }
+        if check_pointers && !pointers_stay(msg, q_end, end, &records[..kept]) {
             return None;
         }
         let flags = u16::from_be_bytes([msg[2], msg[3]]);
@@ -248,6 +254,52 @@ impl Answer {
 }
 
 const TYPE_TSIG: u16 = 250;
+
+/// Could every compression pointer in `msg[q_end..end]` aim only at bytes that a client's reply
+/// has too? Those are the question (the client's differs in case alone) and the kept sections
+/// outside their TTL fields; the header, the TTLs (rewritten when served) and what follows
+/// (the upstream's OPT) differ. Found by the `upstream_reply` fuzz target: an owner name
+/// pointing into another record's TTL was served as another name. Without parsing every RDATA
+/// format the pointers cannot be told from data, so every byte pair that could be one is
+/// checked: a false alarm only costs a re-encoding.
+fn pointers_stay(
+    msg: &[u8],
+    q_end: usize,
+    end: usize,
+    records: &[(usize, usize, u16, usize)],
+) -> bool {
+    let mut ttl = vec![false; end];
+    for r in records {
+        ttl[r.1..r.1 + 4].fill(true);
+    }
+    msg[q_end..end].windows(2).all(|w| {
+        if w[0] & 0xc0 != 0xc0 {
+            return true;
+        }
+        // Every byte the name at the target spans, up to its end or its next pointer (which
+        // this scan checks on its own).
+        let mut at = usize::from(u16::from_be_bytes([w[0], w[1]]) & 0x3fff);
+        for _ in 0..128 {
+            let Some(&len) = msg.get(at).filter(|_| at >= 12 && at < end) else {
+                return false;
+            };
+            let span = match len {
+                0 => return !ttl[at],
+                l if l & 0xc0 == 0xc0 => 2,
+                l if l & 0xc0 != 0 => return false,
+                l => 1 + usize::from(l),
+            };
+            if at + span > end || ttl[at..at + span].iter().any(|b| *b) {
+                return false;
+            }
+            if span == 2 && len & 0xc0 == 0xc0 {
+                return true;
+            }
+            at += span;
+        }
+        false
+    })
+}
 
 /// How long to cache an upstream reply, and as what; `None`: not at all.
 pub fn cache_ttl(m: &Message, s: &CacheSettings) -> Option<(u32, Kind)> {
@@ -709,7 +761,28 @@ mod tests {
         let mut msg = vec![0, 7, 0x81, 0x80, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
         msg.extend_from_slice(&wire_from_dotted("www.example"));
         msg.extend_from_slice(&[0, 1, 0, 1]);
-        assert_eq!(Answer::from_wire(&msg), None);
+        assert_eq!(Answer::from_wire(&msg, true), None);
+    }
+
+    #[test]
+    fn a_pointer_into_a_ttl_is_re_encoded_away() {
+        // Found by the upstream_reply fuzz target. Two A records; the second one's owner
+        // points at the first one's TTL, whose bytes spell `x.`: served with another TTL, the
+        // same bytes would name the second record otherwise.
+        let qname = wire_from_dotted("www.example");
+        let mut msg = vec![0, 7, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0];
+        msg.extend_from_slice(&qname);
+        msg.extend_from_slice(&[0, 1, 0, 1]);
+        let ttl_at = msg.len() + 6;
+        msg.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 1, b'x', 0, 0, 0, 4, 192, 0, 2, 1]);
+        msg.extend_from_slice(&(0xc000 | ttl_at as u16).to_be_bytes());
+        msg.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 2]);
+        let parsed = Message::from_vec(&msg).unwrap();
+        assert_eq!(parsed.answers[1].name, Name::from_str("x.").unwrap());
+        let ans = Answer::from_upstream(&msg, &parsed).unwrap();
+        let served = ans.to_message(&q("www.example"), Some(300)).unwrap();
+        assert_eq!(served.answers[1].name, Name::from_str("x.").unwrap());
+        assert_eq!(served.answers[1].ttl, 300);
     }
 
     #[test]

@@ -446,7 +446,9 @@ async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
     }
 }
 
-fn query_message(q: &Question) -> Message {
+/// The query sent upstream for `q`: a random ID, RD, CD as the client asked, EDNS with our UDP
+/// size and the client's DO.
+pub fn query_message(q: &Question) -> Message {
     let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.metadata.checking_disabled = q.checking_disabled;
@@ -461,10 +463,12 @@ fn query_message(q: &Question) -> Message {
 }
 
 /// Is `reply` the answer to `sent` (RFC 5452: ID, and the question, name compared without
-/// case)?
-fn matches(sent: &Message, reply: &Message) -> bool {
+/// case)? The opcode too: a reply of another opcode follows other rules (an UPDATE's records
+/// may have empty RDATA) and is no answer to a query.
+pub fn matches(sent: &Message, reply: &Message) -> bool {
     reply.metadata.id == sent.metadata.id
         && reply.metadata.message_type == MessageType::Response
+        && reply.metadata.op_code == sent.metadata.op_code
         && reply.queries.len() == 1
         // hickory compares names without case
         && reply.queries[0].name() == sent.queries[0].name()
@@ -544,4 +548,34 @@ async fn exchange_tcp(
         bytes: buf,
         message: reply,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_of_another_opcode_is_no_answer() {
+        // Found by the upstream_reply fuzz target: an UPDATE "reply" carrying an A record with
+        // no RDATA (legal in UPDATE) was cached and served, and clients cannot parse it.
+        let q = Question {
+            name: wire_from_labels(&["www", "example"]),
+            qtype: 1,
+            qclass: 1,
+            dnssec_ok: false,
+            checking_disabled: false,
+        };
+        let sent = query_message(&q);
+        let mut reply = Message::new(sent.metadata.id, MessageType::Response, OpCode::Query);
+        reply.add_queries(sent.queries.clone());
+        assert!(matches(&sent, &reply));
+        reply.metadata.op_code = OpCode::Update;
+        assert!(!matches(&sent, &reply));
+        let mut bytes = reply.to_vec().unwrap();
+        // One authority record: the root, type A, class IN, TTL 0, RDLENGTH 0.
+        bytes[9] = 1;
+        bytes.extend_from_slice(&[0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let parsed = Message::from_vec(&bytes).expect("hickory takes it as an UPDATE");
+        assert!(!matches(&sent, &parsed));
+    }
 }

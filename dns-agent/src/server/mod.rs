@@ -350,7 +350,7 @@ fn chase_in_zone(
 
 /// The client's reply from a (cached) upstream answer: the client's ID, flags and question
 /// bytes, the upstream's sections as they were received, every TTL set to `ttl` when given.
-fn reply_from_answer(
+pub fn reply_from_answer(
     q: &Query<'_>,
     answer: &Answer,
     ttl: Option<u32>,
@@ -380,7 +380,7 @@ fn reply_from_answer(
 
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the
 /// upstream's sections (its OPT replaced by ours), `prefix` records first in the answer.
-fn reply_from_upstream(
+pub fn reply_from_upstream(
     q: &Query<'_>,
     upstream: &Message,
     prefix: Vec<Record>,
