@@ -6,7 +6,9 @@ pub mod external;
 pub mod forward;
 pub mod handover;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
+pub mod upstream;
 
 use std::sync::{Arc, RwLock};
 
