@@ -20,7 +20,7 @@ pub const DNS_PORT: u16 = 53;
 pub const DOT_PORT: u16 = 853;
 
 /// One upstream resolver and how to reach it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Upstream {
     /// Plain DNS: UDP, and TCP when an answer is truncated (or always, with `--force-tcp`).
     Dns(SocketAddr),
@@ -173,6 +173,13 @@ impl fmt::Display for Upstream {
                 server_name: Some(name),
             } => write!(f, "tls://{addr}#{name}"),
         }
+    }
+}
+
+/// As displayed: logs that print a list of upstreams read as the operator wrote them.
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
