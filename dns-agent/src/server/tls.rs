@@ -39,9 +39,9 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::forward::{Exchange, ExchangeError, matches};
 use crate::metrics::UpstreamCounters;
 
-/// Queries in flight on one connection before another is opened. unbound works on 32 queries
-/// of one stream at a time by default and reads on as it answers, so a deeper pipeline only
-/// queues in its socket buffer.
+/// Queries in flight on one connection before another is opened. Servers bound the queries they
+/// work on at once per connection (BIND's pipelining quota, for one), so past a few dozen a
+/// deeper pipeline only queues on their side; another connection spreads the work instead.
 pub const PIPELINE_DEPTH: usize = 32;
 /// Connections to one upstream at most; past that, queries queue on the least busy one.
 pub const MAX_CONNECTIONS: usize = 4;

@@ -57,7 +57,7 @@ impl Plan {
             }
         } else {
             Self {
-                rounds: 3,
+                rounds: 5,
                 sequential: 1000,
                 load: 2000,
                 load_secs: 2.0,
