@@ -1565,9 +1565,10 @@ fn the_system_ca_store_is_used_without_upstream_ca() {
     let ca = TestCa::new("xdns test CA");
     let _unbound = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
     let ca_file = ca.file();
-    // The system store as OpenSSL (and rustls-native-certs) finds it: SSL_CERT_FILE, here
-    // holding the test's CA only. The machine's own store does not know that CA (the "unknown
-    // CA" case below).
+    // The system store as OpenSSL (and rustls-native-certs) finds it: SSL_CERT_FILE and
+    // SSL_CERT_DIR, here the test's CA alone (the machine's own store does not know it: the
+    // "unknown CA" case below).
+    let no_dir = tempfile::tempdir().unwrap();
     let mut args = Agent::args(
         &topo,
         "--zone-file",
@@ -1577,7 +1578,14 @@ fn the_system_ca_store_is_used_without_upstream_ca() {
     // Agent::args puts the plain test upstream first; this test wants the TLS one alone.
     let plain = args.iter().position(|a| a == "--upstream").unwrap();
     args.drain(plain..plain + 2);
-    let agent = Agent::start_with_env(&topo, args, &[("SSL_CERT_FILE", &ca_file)]);
+    let agent = Agent::start_with_env(
+        &topo,
+        args,
+        &[
+            ("SSL_CERT_FILE", &ca_file),
+            ("SSL_CERT_DIR", no_dir.path().to_str().unwrap()),
+        ],
+    );
     let m = client(&topo).query("www.example.test.", RecordType::A, true);
     assert_eq!(answers(&m), vec!["A 192.0.2.80"]);
     let to = to(DOT, DOT_NAME);
@@ -1839,4 +1847,66 @@ fn connections_the_server_closes_are_replaced_and_idle_ones_are_closed() {
     let m = client.query("mail.example.test.", RecordType::A, false);
     assert_eq!(answers(&m), vec!["A 192.0.2.81"]);
     assert_eq!(agent.metric(&connections), 2.0);
+}
+
+/// The agent's exit and its error, for a command line it must refuse before doing anything.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(support::agent_bin());
+    cmd.arg("run")
+        .arg("--zone-file")
+        .arg(support::example_cluster())
+        .arg("--no-kernel")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null());
+    let out = cmd.output().expect("running dns-agent");
+    assert!(!out.status.success(), "{args:?} must be refused");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn tls_settings_that_cannot_work_are_refused_at_start() {
+    let empty = tempfile::tempdir().unwrap();
+    let empty_file = empty.path().join("empty.pem");
+    std::fs::write(&empty_file, "").unwrap();
+    let empty_file = empty_file.to_str().unwrap();
+    // No CA anywhere: a TLS upstream could never be verified.
+    let e = refused(
+        &["--upstream", "tls://192.0.2.53#dns.example.test"],
+        &[
+            ("SSL_CERT_FILE", empty_file),
+            ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+        ],
+    );
+    assert!(
+        e.contains("--upstream: no CA certificate could be read from the system store")
+            && e.contains("--upstream-ca PATH"),
+        "{e}"
+    );
+    let e = refused(
+        &[
+            "--upstream",
+            "tls://192.0.2.53",
+            "--upstream-ca",
+            "/nonexistent/ca.pem",
+        ],
+        &[],
+    );
+    assert!(e.contains("--upstream-ca: /nonexistent/ca.pem"), "{e}");
+    let e = refused(
+        &[
+            "--upstream",
+            "tls://192.0.2.53",
+            "--upstream-ca",
+            empty_file,
+        ],
+        &[],
+    );
+    assert!(e.contains("no PEM certificate in it"), "{e}");
+    let e = refused(&["--upstream", "192.0.2.53#dns.example.test"], &[]);
+    assert!(
+        e.contains("--upstream: ") && e.contains("only means something over TLS"),
+        "{e}"
+    );
 }

@@ -817,9 +817,14 @@ mod tests {
         );
         assert!(c.forward.tls.is_some());
         // Our own listen address over TLS is no loop: nothing of ours listens on 853.
-        args(&["--upstream", "tls://169.254.20.10"])
-            .validate()
-            .unwrap();
+        args(&[
+            "--upstream",
+            "tls://169.254.20.10",
+            "--upstream-ca",
+            ca.to_str().unwrap(),
+        ])
+        .validate()
+        .unwrap();
     }
 
     #[test]
