@@ -16,6 +16,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -288,9 +289,10 @@ impl TlsUpstream {
             }
         };
         self.set_up();
+        let fd = stream.get_ref().0.as_raw_fd();
         let (reader, writer) = tokio::io::split(stream);
         let reason = tokio::select! {
-            reason = read_replies(&conn, reader) => reason,
+            reason = read_replies(&conn, reader, fd) => reason,
             reason = write_queries(&conn, writer, queries) => reason,
         };
         conn.close(reason.into());
@@ -482,9 +484,24 @@ impl Connection {
 }
 
 /// Reads length-prefixed replies (RFC 1035 §4.2.2) and hands each to its query, until the
-/// connection ends; returns why it ended.
-async fn read_replies(conn: &Connection, mut reader: ReadHalf<TlsStream<TcpStream>>) -> String {
+/// connection ends; returns why it ended. `fd` is the connection's socket, which `reader` keeps
+/// open.
+async fn read_replies(
+    conn: &Connection,
+    mut reader: ReadHalf<TlsStream<TcpStream>>,
+    fd: RawFd,
+) -> String {
+    // SAFETY: `reader` owns (half of) the stream that owns this socket, and outlives `socket`.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&socket);
     loop {
+        // ACK what arrives at once. With queries pipelined, a server with Nagle on holds its
+        // next reply segment until the previous one is ACKed, and a delayed ACK waits for our
+        // next query to ride on, or for the 40 ms delayed-ACK timer when none comes. Measured
+        // against unbound 1.17 at 2000 uncached queries/s (`cargo xtask bench-tls`): median
+        // latency 0.5-0.8 ms and p99 44 ms without this, 0.1 ms and 4 ms with it. Linux clears
+        // the flag as it sees fit, so it is set again before every read.
+        let _ = socket.set_tcp_quickack(true);
         let len = match reader.read_u16().await {
             Ok(len) => len as usize,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
