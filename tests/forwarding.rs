@@ -175,9 +175,30 @@ fn require_binary(binary: &str, package: &str) -> PathBuf {
 
 impl Server {
     fn unbound(ns: &Netns, ip: Ipv4Addr, local_data: &[&str]) -> Self {
+        Self::unbound_with(ns, ip, local_data, &[], "", false)
+    }
+
+    /// unbound with `files` written to its directory first, `extra` lines in its `server:`
+    /// section, and `unbound-control` on a socket in its directory when `control` is set.
+    fn unbound_with(
+        ns: &Netns,
+        ip: Ipv4Addr,
+        local_data: &[&str],
+        files: &[(&str, &str)],
+        extra: &str,
+        control: bool,
+    ) -> Self {
         let bin = require_binary("unbound", "unbound");
         let dir = tempfile::tempdir().expect("tempdir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("unbound file");
+        }
         let d = dir.path().display();
+        let control = if control {
+            format!("  control-enable: yes\n  control-interface: \"{d}/control.sock\"\n")
+        } else {
+            "  control-enable: no\n".to_string()
+        };
         let data: String = local_data
             .iter()
             .map(|l| format!("  local-data: \"{l}\"\n"))
@@ -192,7 +213,7 @@ impl Server {
              module-config: \"iterator\"\n  local-zone: \".\" static\n  \
              local-zone: \"example.test.\" static\n  \
              local-data: \"example.test. 300 IN SOA ns.example.test. hostmaster.example.test. 1 3600 600 86400 60\"\n\
-             {data}remote-control:\n  control-enable: no\n"
+             {data}{extra}remote-control:\n{control}"
         );
         let path = dir.path().join("unbound.conf");
         std::fs::write(&path, conf).expect("unbound.conf");
@@ -1319,5 +1340,573 @@ fn an_agent_whose_every_upstream_loops_stops_and_says_why() {
     assert!(
         log.contains("every one forwards our queries back") && log.contains("198.51.100.62:53"),
         "the error names the loop and the upstream:\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS over TLS: unbound serving DoT with certificates from CAs the tests make.
+
+const DOT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 70);
+const DOT_EXPIRED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 71);
+const DOT_ROGUE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 72);
+const DOT_NAME: &str = "dns.example.test";
+
+/// A CA made for one test, and the server certificates it signs. Made fresh in every run, so
+/// nothing that expires is kept anywhere.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The CA certificate as a PEM file, for `--upstream-ca` or `SSL_CERT_FILE`.
+    fn file(&self) -> String {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, &self.pem).unwrap();
+        path.display().to_string()
+    }
+
+    /// A server certificate for `name` and its key (PEM). `expired`: valid during 2000 only.
+    fn server_cert(&self, name: &str, expired: bool) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, date_time_ymd};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if expired {
+            params.not_before = date_time_ymd(2000, 1, 1);
+            params.not_after = date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+impl Server {
+    /// unbound serving DNS over TLS on `ip`@853 with `cert` (and plain DNS on `ip`@53, so that
+    /// a query that came in clear would be answered, and counted), with unbound-control's
+    /// statistics. Every name under `burst.test.` answers 192.0.2.77.
+    fn unbound_dot(ns: &Netns, ip: Ipv4Addr, cert: &(String, String), extra: &str) -> Self {
+        let extra = format!(
+            "  interface: {ip}@853\n  tls-port: 853\n  tls-service-pem: \"cert.pem\"\n  \
+             tls-service-key: \"key.pem\"\n  extended-statistics: yes\n  \
+             local-zone: \"burst.test.\" redirect\n  \
+             local-data: \"burst.test. 300 IN A 192.0.2.77\"\n{extra}"
+        );
+        Self::unbound_with(
+            ns,
+            ip,
+            &[
+                "www.example.test. 300 IN A 192.0.2.80",
+                "mail.example.test. 300 IN A 192.0.2.81",
+            ],
+            &[("cert.pem", &cert.0), ("key.pem", &cert.1)],
+            &extra,
+            true,
+        )
+    }
+
+    /// unbound's counters (`unbound-control stats_noreset`), e.g. `total.num.queries`,
+    /// `num.query.tls`.
+    fn stats(&self) -> std::collections::HashMap<String, u64> {
+        let bin = require_binary("unbound-control", "unbound");
+        let out = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.path().join("unbound.conf"))
+            .arg("stats_noreset")
+            .output()
+            .expect("running unbound-control");
+        assert!(
+            out.status.success(),
+            "unbound-control stats_noreset: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect()
+    }
+
+    /// Queries unbound received, and how many of them over TLS.
+    fn queries_and_tls(&self) -> (u64, u64) {
+        let s = self.stats();
+        (s["total.num.queries"], s["num.query.tls"])
+    }
+}
+
+/// TCP connections accepted in `ns` so far (the kernel's `Tcp: PassiveOpens`): counted on the
+/// server's side, by the kernel.
+fn passive_opens(ns: &Netns) -> u64 {
+    let out = ns
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .expect("reading /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().expect("Tcp header"),
+        tcp.next().expect("Tcp values"),
+    );
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "PassiveOpens")
+        .expect("PassiveOpens");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// Established TCP connections whose local port is 853 in `ns`: the server's ends.
+fn dot_connections(ns: &Netns) -> usize {
+    let out = ns
+        .command("ss")
+        .args(["-Htn", "state", "established", "( sport = :853 )"])
+        .output()
+        .expect("running ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn tls_upstream(ip: Ipv4Addr, name: &str) -> String {
+    format!("tls://{ip}#{name}")
+}
+
+/// The `to` label of a TLS upstream.
+fn to(ip: Ipv4Addr, name: &str) -> String {
+    format!("tls://{ip}:853#{name}")
+}
+
+fn agent_tls_only(topo: &Topology, upstream: &str, ca_file: &str) -> Agent {
+    agent(
+        topo,
+        &[],
+        &["--upstream", upstream, "--upstream-ca", ca_file],
+    )
+}
+
+#[test]
+fn answers_come_over_tls_and_nothing_reaches_the_plain_port() {
+    let topo = Topology::new();
+    add_node_addr(&topo, DOT);
+    let ca = TestCa::new("xdns test CA");
+    let unbound = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
+    let agent = agent_tls_only(&topo, &tls_upstream(DOT, DOT_NAME), &ca.file());
+    let client = client(&topo);
+
+    for _ in 0..3 {
+        let m = client.query("www.example.test.", RecordType::A, true);
+        assert_eq!(answers(&m), vec!["A 192.0.2.80"]);
+        let m = client.query("mail.example.test.", RecordType::A, false);
+        assert_eq!(answers(&m), vec!["A 192.0.2.81"]);
+    }
+    let nx = client.query("nx.example.test.", RecordType::A, true);
+    assert_eq!(rcode_of(&nx), ResponseCode::NXDomain);
+
+    unbound.wait_logged("nx.example.test. A IN");
+    assert_eq!(unbound.count(" www.example.test. A IN"), 1, "cached");
+    let (queries, tls) = unbound.queries_and_tls();
+    assert!(queries >= 3, "unbound saw {queries} queries");
+    assert_eq!(tls, queries, "every query unbound received came over TLS");
+    let to = to(DOT, DOT_NAME);
+    assert_eq!(
+        agent.metric(&format!("coredns_forward_requests_total{{to=\"{to}\"}}")),
+        3.0
+    );
+    assert_eq!(
+        agent.metric(&format!(
+            "coredns_forward_responses_total{{to=\"{to}\",rcode=\"NXDOMAIN\"}}"
+        )),
+        1.0
+    );
+    // The loop probe and three queries, one after the other: one connection, one handshake.
+    assert_eq!(
+        agent.metric(&format!(
+            "xdns_forward_tls_connections_total{{to=\"{to}\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        agent.metric(&format!("xdns_forward_tls_open_connections{{to=\"{to}\"}}")),
+        1.0
+    );
+    assert_eq!(
+        dot_connections(&topo.node),
+        1,
+        "one connection, server side"
+    );
+    assert_eq!(
+        agent.metric(&format!(
+            "xdns_forward_tls_handshake_failures_total{{to=\"{to}\"}}"
+        )),
+        0.0
+    );
+}
+
+#[test]
+fn the_system_ca_store_is_used_without_upstream_ca() {
+    let topo = Topology::new();
+    add_node_addr(&topo, DOT);
+    let ca = TestCa::new("xdns test CA");
+    let _unbound = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
+    let ca_file = ca.file();
+    // The system store as OpenSSL (and rustls-native-certs) finds it: SSL_CERT_FILE and
+    // SSL_CERT_DIR, here the test's CA alone (the machine's own store does not know it: the
+    // "unknown CA" case below).
+    let no_dir = tempfile::tempdir().unwrap();
+    let mut args = Agent::args(
+        &topo,
+        "--zone-file",
+        &support::example_cluster(),
+        &["--upstream", &tls_upstream(DOT, DOT_NAME)],
+    );
+    // Agent::args puts the plain test upstream first; this test wants the TLS one alone.
+    let plain = args.iter().position(|a| a == "--upstream").unwrap();
+    args.drain(plain..plain + 2);
+    let agent = Agent::start_with_env(
+        &topo,
+        args,
+        &[
+            ("SSL_CERT_FILE", &ca_file),
+            ("SSL_CERT_DIR", no_dir.path().to_str().unwrap()),
+        ],
+    );
+    let m = client(&topo).query("www.example.test.", RecordType::A, true);
+    assert_eq!(answers(&m), vec!["A 192.0.2.80"]);
+    let to = to(DOT, DOT_NAME);
+    assert_eq!(
+        agent.metric(&format!(
+            "xdns_forward_tls_connections_total{{to=\"{to}\"}}"
+        )),
+        1.0
+    );
+}
+
+#[test]
+fn a_wrong_name_an_unknown_ca_and_an_expired_certificate_are_refused_and_the_next_upstream_answers()
+{
+    let topo = Topology::new();
+    for ip in [DOT, DOT_EXPIRED, DOT_ROGUE] {
+        add_node_addr(&topo, ip);
+    }
+    let ca = TestCa::new("xdns test CA");
+    let rogue_ca = TestCa::new("someone else's CA");
+    let good = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
+    let expired = Server::unbound_dot(&topo.node, DOT_EXPIRED, &ca.server_cert(DOT_NAME, true), "");
+    let rogue = Server::unbound_dot(
+        &topo.node,
+        DOT_ROGUE,
+        &rogue_ca.server_cert(DOT_NAME, false),
+        "",
+    );
+    let bad = [
+        (DOT, "wrong.example.test", "certificate not valid for name"),
+        (DOT_EXPIRED, DOT_NAME, "certificate expired"),
+        (DOT_ROGUE, DOT_NAME, "UnknownIssuer"),
+    ];
+    let mut extra: Vec<String> = vec![
+        "--upstream-policy".into(),
+        "sequential".into(),
+        "--upstream-ca".into(),
+        ca.file(),
+    ];
+    for (ip, name, _) in bad {
+        extra.extend(["--upstream".into(), tls_upstream(ip, name)]);
+    }
+    extra.extend(["--upstream".into(), tls_upstream(DOT, DOT_NAME)]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let agent = agent(&topo, &[], &extra);
+    let client = client(&topo);
+
+    // The three bad upstreams come first (sequential), each fails its handshake at once, and
+    // the good one answers.
+    let started = Instant::now();
+    let m = client.query("www.example.test.", RecordType::A, true);
+    assert_eq!(answers(&m), vec!["A 192.0.2.80"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "failed handshakes fail over at once, not at a timeout: {:?}",
+        started.elapsed()
+    );
+    for (ip, name, _) in bad {
+        let to = to(ip, name);
+        assert!(
+            agent.metric(&format!(
+                "xdns_forward_tls_handshake_failures_total{{to=\"{to}\"}}"
+            )) >= 1.0,
+            "{to}"
+        );
+        assert_eq!(
+            agent.metric(&format!(
+                "xdns_forward_tls_connections_total{{to=\"{to}\"}}"
+            )),
+            0.0,
+            "{to}"
+        );
+    }
+    // Health checks mark them down; queries then go straight to the good one.
+    for (ip, name, _) in bad {
+        let series = format!("xdns_forward_upstream_healthy{{to=\"{}\"}}", to(ip, name));
+        wait_until(&format!("{series} is 0"), Duration::from_secs(10), || {
+            agent.metric(&series) == 0.0
+        });
+    }
+    let requests = |ip: Ipv4Addr, name: &str| {
+        agent.metric(&format!(
+            "coredns_forward_requests_total{{to=\"{}\"}}",
+            to(ip, name)
+        ))
+    };
+    let asked_before: Vec<f64> = bad
+        .iter()
+        .map(|(ip, name, _)| requests(*ip, name))
+        .collect();
+    for i in 0..10 {
+        let m = client.query(&format!("n{i}.burst.test."), RecordType::A, false);
+        assert_eq!(answers(&m), vec!["A 192.0.2.77"]);
+    }
+    for ((ip, name, _), before) in bad.iter().zip(asked_before) {
+        assert_eq!(requests(*ip, name), before, "a down upstream is skipped");
+    }
+    assert_eq!(requests(DOT, DOT_NAME), 11.0);
+    assert_eq!(
+        agent.metric(&format!(
+            "xdns_forward_tls_handshake_failures_total{{to=\"{}\"}}",
+            to(DOT, DOT_NAME)
+        )),
+        0.0
+    );
+
+    // Each failure was logged once, with its reason, though the handshake failed again and
+    // again (loop probe, the query, health checks).
+    let log = agent.log();
+    for (ip, name, reason) in bad {
+        let label = to(ip, name);
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("TLS handshake") && l.contains(&label))
+            .collect();
+        assert_eq!(lines.len(), 1, "{label} logged once:\n{log}");
+        assert!(lines[0].contains(reason), "{label}: {reason}: {}", lines[0]);
+        assert!(
+            agent.metric(&format!(
+                "xdns_forward_tls_handshake_failures_total{{to=\"{label}\"}}"
+            )) >= 2.0,
+            "{label}: failed more than once, logged once"
+        );
+    }
+    // The servers whose certificate was refused were never asked anything: no query is sent
+    // before the handshake checks out.
+    assert_eq!(expired.queries_and_tls().0, 0);
+    assert_eq!(rogue.queries_and_tls().0, 0);
+    let (queries, tls) = good.queries_and_tls();
+    assert_eq!(tls, queries);
+}
+
+#[test]
+fn many_concurrent_misses_share_few_connections() {
+    // Sent at once: more would overflow the agent's UDP receive buffer (about 200 queries with
+    // the kernel's default size) before it reads them.
+    const BURST: usize = 150;
+    let topo = Topology::new();
+    add_node_addr(&topo, DOT);
+    let ca = TestCa::new("xdns test CA");
+    let unbound = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
+    let agent = agent_tls_only(&topo, &tls_upstream(DOT, DOT_NAME), &ca.file());
+    let client = client(&topo);
+    let to = to(DOT, DOT_NAME);
+    let connections = format!("xdns_forward_tls_connections_total{{to=\"{to}\"}}");
+    // The loop probe has its connection by now.
+    wait_until(
+        "the loop probe's connection",
+        Duration::from_secs(5),
+        || agent.metric(&connections) == 1.0,
+    );
+    let (queries_before, _) = unbound.queries_and_tls();
+    // No metrics requests from here to the count: they are TCP connections to the node too.
+    let opens_before = passive_opens(&topo.node);
+    let mut ids = Vec::new();
+    for i in 0..BURST {
+        let q = support::query_message(&format!("q{i}.burst.test."), RecordType::A, false);
+        ids.push(q.metadata.id);
+        client.send_raw(&q.to_vec().unwrap());
+    }
+    let mut answered = Vec::new();
+    for _ in 0..BURST {
+        let m = Message::from_vec(&client.recv_raw().expect("a reply")).unwrap();
+        assert_eq!(answers(&m), vec!["A 192.0.2.77"], "{m:?}");
+        answered.push(m.metadata.id);
+    }
+    let opened = passive_opens(&topo.node) - opens_before;
+    let open_now = dot_connections(&topo.node);
+    ids.sort();
+    answered.sort();
+    assert_eq!(answered, ids, "every query answered with its own ID");
+
+    let (queries_after, tls) = unbound.queries_and_tls();
+    assert_eq!(tls, queries_after, "all over TLS");
+    assert!(
+        queries_after - queries_before >= BURST as u64,
+        "{BURST} distinct names, each asked upstream: {}",
+        queries_after - queries_before
+    );
+    // 150 queries at once: a few pipelined connections (at most 4), not one per query.
+    assert!(
+        opened <= 3,
+        "{opened} connections accepted by the server for {BURST} queries"
+    );
+    assert!(
+        (1..=4).contains(&open_now),
+        "{open_now} connections open on the server"
+    );
+    assert_eq!(
+        agent.metric(&connections),
+        1.0 + opened as f64,
+        "the agent's count agrees"
+    );
+    assert_eq!(
+        agent.metric(&format!("coredns_forward_requests_total{{to=\"{to}\"}}")),
+        BURST as f64
+    );
+}
+
+#[test]
+fn connections_the_server_closes_are_replaced_and_idle_ones_are_closed() {
+    let topo = Topology::new();
+    add_node_addr(&topo, DOT);
+    let ca = TestCa::new("xdns test CA");
+    let ca_file = ca.file();
+    let upstream = tls_upstream(DOT, DOT_NAME);
+    let to = to(DOT, DOT_NAME);
+    let connections = format!("xdns_forward_tls_connections_total{{to=\"{to}\"}}");
+    {
+        // unbound closes connections idle for 500 ms.
+        let _unbound = Server::unbound_dot(
+            &topo.node,
+            DOT,
+            &ca.server_cert(DOT_NAME, false),
+            "  tcp-idle-timeout: 500\n",
+        );
+        let agent = agent_tls_only(&topo, &upstream, &ca_file);
+        let client = client(&topo);
+        for i in 0..3 {
+            std::thread::sleep(Duration::from_millis(1200));
+            let m = client.query(&format!("late{i}.burst.test."), RecordType::A, false);
+            assert_eq!(rcode_of(&m), ResponseCode::NoError, "{m:?}");
+            assert_eq!(answers(&m), vec!["A 192.0.2.77"]);
+        }
+        let opened = agent.metric(&connections);
+        assert!(
+            opened >= 3.0,
+            "the server closed each connection; new ones were set up ({opened})"
+        );
+        assert_eq!(
+            agent.metric(&format!(
+                "coredns_forward_healthcheck_failures_total{{to=\"{to}\"}}"
+            )),
+            0.0,
+            "a connection closed by the server is no upstream failure"
+        );
+        assert_eq!(agent.metric("xdns_forward_failures_total"), 0.0);
+    }
+
+    // Our own idle timeout, against a server that keeps connections open (unbound's default
+    // is 30 s): closed after 10 s without a query.
+    let topo = Topology::new();
+    add_node_addr(&topo, DOT);
+    let _unbound = Server::unbound_dot(&topo.node, DOT, &ca.server_cert(DOT_NAME, false), "");
+    let agent = agent_tls_only(&topo, &upstream, &ca_file);
+    let client = client(&topo);
+    let m = client.query("www.example.test.", RecordType::A, false);
+    assert_eq!(answers(&m), vec!["A 192.0.2.80"]);
+    let open = format!("xdns_forward_tls_open_connections{{to=\"{to}\"}}");
+    assert_eq!(agent.metric(&open), 1.0);
+    wait_until(
+        "the idle connection is closed",
+        Duration::from_secs(14),
+        || agent.metric(&open) == 0.0,
+    );
+    wait_until("closed on the server too", Duration::from_secs(2), || {
+        dot_connections(&topo.node) == 0
+    });
+    let m = client.query("mail.example.test.", RecordType::A, false);
+    assert_eq!(answers(&m), vec!["A 192.0.2.81"]);
+    assert_eq!(agent.metric(&connections), 2.0);
+}
+
+/// The agent's exit and its error, for a command line it must refuse before doing anything.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(support::agent_bin());
+    cmd.arg("run")
+        .arg("--zone-file")
+        .arg(support::example_cluster())
+        .arg("--no-kernel")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null());
+    let out = cmd.output().expect("running dns-agent");
+    assert!(!out.status.success(), "{args:?} must be refused");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn tls_settings_that_cannot_work_are_refused_at_start() {
+    let empty = tempfile::tempdir().unwrap();
+    let empty_file = empty.path().join("empty.pem");
+    std::fs::write(&empty_file, "").unwrap();
+    let empty_file = empty_file.to_str().unwrap();
+    // No CA anywhere: a TLS upstream could never be verified.
+    let e = refused(
+        &["--upstream", "tls://192.0.2.53#dns.example.test"],
+        &[
+            ("SSL_CERT_FILE", empty_file),
+            ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+        ],
+    );
+    assert!(
+        e.contains("--upstream: no CA certificate could be read from the system store")
+            && e.contains("--upstream-ca PATH"),
+        "{e}"
+    );
+    let e = refused(
+        &[
+            "--upstream",
+            "tls://192.0.2.53",
+            "--upstream-ca",
+            "/nonexistent/ca.pem",
+        ],
+        &[],
+    );
+    assert!(e.contains("--upstream-ca: /nonexistent/ca.pem"), "{e}");
+    let e = refused(
+        &[
+            "--upstream",
+            "tls://192.0.2.53",
+            "--upstream-ca",
+            empty_file,
+        ],
+        &[],
+    );
+    assert!(e.contains("no PEM certificate in it"), "{e}");
+    let e = refused(&["--upstream", "192.0.2.53#dns.example.test"], &[]);
+    assert!(
+        e.contains("--upstream: ") && e.contains("only means something over TLS"),
+        "{e}"
     );
 }

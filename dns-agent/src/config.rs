@@ -13,6 +13,8 @@ use crate::{
     server::{
         cache::CacheSettings,
         forward::{ForwardSettings, Policy, Timeouts},
+        tls::{TlsConfigError, client_config},
+        upstream::Upstream,
     },
     source::kubernetes::ClientSource,
 };
@@ -80,10 +82,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
-    /// Upstream resolver for names outside the cluster, ADDR or ADDR:PORT, [IPv6]:PORT
-    /// (repeatable). Default: the nameservers of /etc/resolv.conf.
-    #[arg(long = "upstream", value_name = "ADDR[:PORT]")]
+    /// Upstream resolver for names outside the cluster (repeatable): ADDR, ADDR:PORT or
+    /// [IPv6]:PORT for plain DNS (port 53), tls://ADDR[:PORT][#SERVERNAME] for DNS over TLS
+    /// (port 853; the certificate must be valid for SERVERNAME, or for ADDR without one).
+    /// Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "upstream", value_name = "[tls://]ADDR[:PORT][#SERVERNAME]")]
     pub upstreams: Vec<String>,
+
+    /// CA certificates (PEM) that the certificates of tls:// upstreams are checked against,
+    /// instead of the system's CA store (repeatable; give the system bundle too to trust both).
+    #[arg(long = "upstream-ca", value_name = "PATH", help_heading = "Forwarding")]
+    pub upstream_ca: Vec<PathBuf>,
 
     /// TTL of positive answers from the cluster zone, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -280,7 +289,7 @@ pub struct RunConfig {
     pub args: RunArgs,
     pub source: ObjectSource,
     pub cluster_domain: String,
-    pub upstreams: Vec<SocketAddr>,
+    pub upstreams: Vec<Upstream>,
     pub metrics_addr: SocketAddr,
     pub forward: ForwardSettings,
     pub cache: CacheSettings,
@@ -418,22 +427,25 @@ impl RunArgs {
             ));
         }
         let upstreams = if self.upstreams.is_empty() {
-            resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf")).map_err(|e| {
-                refuse(
-                    "upstream",
-                    format!("none given and /etc/resolv.conf unusable: {e}"),
-                )
-            })?
+            resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
+                .map_err(|e| {
+                    refuse(
+                        "upstream",
+                        format!("none given and /etc/resolv.conf unusable: {e}"),
+                    )
+                })?
+                .into_iter()
+                .map(Upstream::Dns)
+                .collect()
         } else {
             self.upstreams
                 .iter()
-                .map(|u| parse_upstream(u).map_err(|e| refuse("upstream", e)))
-                .collect::<Result<_, _>>()?
+                .map(|u| parse_upstream_for("upstream", u))
+                .collect::<Result<Vec<_>, _>>()?
         };
-        if let Some(u) = upstreams
-            .iter()
-            .find(|u| self.listen.contains(&u.ip()) && u.port() == 53)
-        {
+        if let Some(u) = upstreams.iter().find(
+            |u| matches!(u, Upstream::Dns(a) if self.listen.contains(&a.ip()) && a.port() == 53),
+        ) {
             return Err(refuse(
                 "upstream",
                 format!("{u} is one of this agent's own listen addresses: queries would loop"),
@@ -442,7 +454,15 @@ impl RunArgs {
         self.check_intercept(&patterns)?;
         let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
             .map_err(|e| refuse("metrics-addr", e))?;
-        let forward = self.forward_settings()?;
+        let mut forward = self.forward_settings()?;
+        // Loaded now, so that a missing CA store or a bad --upstream-ca stops the agent at
+        // start rather than failing every handshake later.
+        if upstreams.iter().any(Upstream::is_tls) || !self.upstream_ca.is_empty() {
+            forward.tls = Some(client_config(&self.upstream_ca).map_err(|e| match e {
+                TlsConfigError::NoSystemRoots { .. } => refuse("upstream", e.to_string()),
+                TlsConfigError::CaFile { .. } => refuse("upstream-ca", e.to_string()),
+            })?);
+        }
         let cache = self.cache_settings()?;
         Ok(RunConfig {
             interface_patterns: patterns,
@@ -566,6 +586,7 @@ impl RunArgs {
             max_concurrent: self.max_concurrent,
             health_check: self.health_check,
             max_fails: self.max_fails,
+            tls: None,
         })
     }
 
@@ -647,13 +668,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
-/// `ADDR`, `ADDR:PORT`, `[V6]:PORT`.
-pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, 53));
-    }
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("{s:?} is not ADDR, ADDR:PORT or [IPv6]:PORT"))
+/// An upstream given in `flag` (a flag without its dashes, or a configuration field): see
+/// [`Upstream::parse`] for the forms; a refusal names the flag.
+pub fn parse_upstream_for(flag: &'static str, s: &str) -> Result<Upstream, ConfigError> {
+    Upstream::parse(s).map_err(|e| refuse(flag, e.to_string()))
 }
 
 /// The `nameserver` lines of a resolv.conf.
@@ -760,7 +778,17 @@ mod tests {
         let e = args(&["--upstream", "nope"]).validate().unwrap_err();
         assert_eq!(
             e.to_string(),
-            "--upstream: \"nope\" is not ADDR, ADDR:PORT or [IPv6]:PORT"
+            "--upstream: \"nope\" is not ADDR[:PORT], [IPv6]:PORT or \
+             tls://ADDR[:PORT][#SERVERNAME] (ADDR is an IP address: a resolver's name would \
+             need a resolver)"
+        );
+        let e = args(&["--upstream", "tls://192.0.2.53#bad name"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.flag, "upstream");
+        assert!(
+            e.to_string().contains("after # is not a server name"),
+            "{e}"
         );
         let e = args(&["--ttl", "4294967295"]).validate().unwrap_err();
         assert_eq!(e.flag, "ttl");
@@ -774,7 +802,11 @@ mod tests {
             c.args.listen,
             vec!["169.254.20.10".parse::<IpAddr>().unwrap()]
         );
-        assert_eq!(c.upstreams, vec![parse_upstream("192.0.2.53").unwrap()]);
+        assert_eq!(
+            c.upstreams,
+            vec![Upstream::Dns("192.0.2.53:53".parse().unwrap())]
+        );
+        assert!(c.forward.tls.is_none(), "no TLS upstream, no CA store read");
     }
 
     #[test]
@@ -845,21 +877,53 @@ mod tests {
 
     #[test]
     fn upstream_forms() {
+        // The forms themselves are tested with the parser (server::upstream); here, that the
+        // flag takes them, mixed, in order.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let c = args(&[
+            "--upstream",
+            "tls://192.0.2.1#dns.example.com",
+            "--upstream",
+            "[2001:db8::1]:5353",
+            "--upstream-ca",
+            ca.to_str().unwrap(),
+        ])
+        .validate()
+        .unwrap();
+        let shown: Vec<String> = c.upstreams.iter().map(ToString::to_string).collect();
         assert_eq!(
-            parse_upstream("192.0.2.1").unwrap().to_string(),
-            "192.0.2.1:53"
+            shown,
+            [
+                "192.0.2.53:53",
+                "tls://192.0.2.1:853#dns.example.com",
+                "[2001:db8::1]:5353"
+            ]
         );
-        assert_eq!(
-            parse_upstream("192.0.2.1:5353").unwrap().to_string(),
-            "192.0.2.1:5353"
-        );
-        assert_eq!(
-            parse_upstream("[2001:db8::1]:53").unwrap().to_string(),
-            "[2001:db8::1]:53"
-        );
-        assert_eq!(
-            parse_upstream("2001:db8::1").unwrap().to_string(),
-            "[2001:db8::1]:53"
-        );
+        assert!(c.forward.tls.is_some());
+        // Our own listen address over TLS is no loop: nothing of ours listens on 853.
+        args(&[
+            "--upstream",
+            "tls://169.254.20.10",
+            "--upstream-ca",
+            ca.to_str().unwrap(),
+        ])
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bad_upstream_ca_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let e = args(&["--upstream-ca", missing.to_str().unwrap()])
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.flag, "upstream-ca");
+        assert!(e.to_string().contains("nope.pem"), "{e}");
     }
 }

@@ -472,6 +472,13 @@ pub struct UpstreamCounters {
     pub healthy: AtomicBool,
     /// It forwards back to this agent (a loop) and is not used.
     pub looped: AtomicBool,
+    /// DNS over TLS: connections set up, ...
+    pub tls_connections: AtomicU64,
+    /// ... open now, ...
+    pub tls_open: AtomicU64,
+    /// ... and set-ups that failed in the TLS handshake (certificate, server name, protocol) or
+    /// did not finish within the upstream timeout.
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl UpstreamCounters {
@@ -489,8 +496,9 @@ pub struct ForwardCounters {
 }
 
 impl ForwardCounters {
-    /// The counters of upstream `to`, created on first use.
-    pub fn upstream(&self, to: SocketAddr) -> Arc<UpstreamCounters> {
+    /// The counters of upstream `to` (as [`crate::server::upstream::Upstream`] displays it),
+    /// created on first use.
+    pub fn upstream(&self, to: &str) -> Arc<UpstreamCounters> {
         let to = to.to_string();
         let mut all = self.upstreams.lock().expect("metrics lock");
         if let Some(u) = all.iter().find(|u| u.to == to) {
@@ -503,6 +511,9 @@ impl ForwardCounters {
             healthcheck_failures: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             looped: AtomicBool::new(false),
+            tls_connections: AtomicU64::new(0),
+            tls_open: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
         });
         all.push(u.clone());
         u
@@ -573,6 +584,37 @@ impl ForwardCounters {
             "1 when the upstream forwards back to this agent; it is not used.",
             &|u| u.looped.load(Relaxed) as u64,
         );
+        let tls: Vec<_> = all.iter().filter(|u| u.to.starts_with("tls://")).collect();
+        if !tls.is_empty() {
+            for (name, kind, help, v) in [
+                (
+                    "xdns_forward_tls_connections_total",
+                    "counter",
+                    "TLS connections set up to each DNS-over-TLS upstream.",
+                    (|u: &UpstreamCounters| u.tls_connections.load(Relaxed))
+                        as fn(&UpstreamCounters) -> u64,
+                ),
+                (
+                    "xdns_forward_tls_open_connections",
+                    "gauge",
+                    "TLS connections open to each DNS-over-TLS upstream.",
+                    |u| u.tls_open.load(Relaxed),
+                ),
+                (
+                    "xdns_forward_tls_handshake_failures_total",
+                    "counter",
+                    "TLS connections to each DNS-over-TLS upstream whose handshake failed \
+                     (certificate, server name, protocol) or timed out.",
+                    |u| u.tls_handshake_failures.load(Relaxed),
+                ),
+            ] {
+                let _ = writeln!(o, "# HELP {name} {help}");
+                let _ = writeln!(o, "# TYPE {name} {kind}");
+                for u in &tls {
+                    let _ = writeln!(o, "{name}{{to=\"{}\"}} {}", u.to, v(u));
+                }
+            }
+        }
         for (name, help, v) in [
             (
                 "coredns_forward_max_concurrent_rejects_total",

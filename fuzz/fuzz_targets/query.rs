@@ -37,6 +37,7 @@ fn agent() -> &'static Agent {
             max_concurrent: 1000,
             health_check: std::time::Duration::from_millis(500),
             max_fails: 2,
+            tls: None,
         };
         let forwarder = Arc::new(Forwarder::new(Vec::new(), settings, metrics.clone()));
         let cache = Cache::new(
@@ -60,6 +61,7 @@ fn agent() -> &'static Agent {
                 external,
                 metrics,
                 in_flight: Default::default(),
+                probe: dns_agent::server::heartbeat::Probe::new("cluster.local"),
             },
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()

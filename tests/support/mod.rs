@@ -288,11 +288,23 @@ impl Agent {
 
     /// Starts the agent process; does not wait for anything.
     pub fn spawn_with(topo: &Topology, args: Vec<String>) -> Self {
+        Self::spawn_with_env(topo, args, &[])
+    }
+
+    /// [`Agent::start_with`] with more environment variables.
+    pub fn start_with_env(topo: &Topology, args: Vec<String>, env: &[(&str, &str)]) -> Self {
+        let mut agent = Self::spawn_with_env(topo, args, env);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    fn spawn_with_env(topo: &Topology, args: Vec<String>, env: &[(&str, &str)]) -> Self {
         Self::spawn_at(
             topo,
             args,
             PathBuf::from("/sys/fs/bpf").join(unique("xdns-t")),
             9253,
+            env,
         )
     }
 
@@ -304,7 +316,7 @@ impl Agent {
         pin_path: PathBuf,
         metrics_port: u16,
     ) -> Self {
-        let mut agent = Self::spawn_at(topo, args, pin_path, metrics_port);
+        let mut agent = Self::spawn_at(topo, args, pin_path, metrics_port, &[]);
         agent.wait_ready(Duration::from_secs(20));
         agent
     }
@@ -314,6 +326,7 @@ impl Agent {
         mut args: Vec<String>,
         pin_path: PathBuf,
         metrics_port: u16,
+        env: &[(&str, &str)],
     ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         args.extend([
@@ -329,6 +342,7 @@ impl Agent {
             .args(&args)
             .env("RUST_LOG", "info,dns_agent=debug")
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"))
             .spawn()

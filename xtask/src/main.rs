@@ -62,6 +62,13 @@ enum Command {
         #[arg(long)]
         publish: bool,
     },
+    /// Only the DNS-over-TLS part of the benchmark: external names, cached and uncached,
+    /// through a TLS upstream beside a plain one. Results go to results/tls-<pid>/.
+    BenchTls {
+        /// A short run (CI); not a measurement.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -105,5 +112,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
+        Command::BenchTls { quick } => bench::tls::bench_tls(quick),
     }
 }

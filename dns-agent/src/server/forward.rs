@@ -8,6 +8,11 @@
 //! upstream too (CoreDNS's `failover SERVFAIL REFUSED`). Beyond `--max-concurrent` queries in
 //! flight, new ones are REFUSED.
 //!
+//! Plain upstreams are asked over UDP (TCP when truncated); DNS-over-TLS upstreams
+//! (`tls://…`) over shared, pipelined TLS connections ([`super::tls`]). Both kinds mix under the
+//! same policy, health checks and failover: a TLS connection that cannot be set up is a failed
+//! exchange like a timeout.
+//!
 //! Spoofing resistance (RFC 5452): a random ID and a fresh socket (random source port) per
 //! attempt, and a reply is only accepted when its ID and question (name without case, type,
 //! class) match what was sent. Anything else on the socket is ignored, so a spoofer cannot cut
@@ -37,6 +42,7 @@ use tokio::{
     sync::Semaphore,
 };
 
+use super::{tls::TlsUpstream, upstream::Upstream};
 use crate::{
     dns,
     metrics::{Metrics, UpstreamCounters},
@@ -79,6 +85,9 @@ pub enum ExchangeError {
     Decode(#[from] hickory_proto::serialize::binary::DecodeError),
     #[error("the TCP reply does not match the query (ID or question)")]
     Mismatch,
+    /// No TLS connection (connect, handshake, certificate), or it closed before the reply.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// How long one attempt waits, and how long a client waits in all.
@@ -121,6 +130,9 @@ pub struct ForwardSettings {
     pub health_check: Duration,
     /// Failed health checks in a row that mark an upstream down; 0: never health check.
     pub max_fails: u32,
+    /// The TLS client settings of `tls://` upstreams (trusted CAs); `None`: the system's CAs,
+    /// read when a TLS upstream needs them.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
@@ -145,8 +157,10 @@ pub struct Exchange {
 }
 
 /// One upstream and what is known about it.
-pub struct Upstream {
-    pub addr: SocketAddr,
+pub struct UpstreamState {
+    pub upstream: Upstream,
+    /// The connections of a `tls://` upstream.
+    tls: Option<Arc<TlsUpstream>>,
     /// Failed health checks in a row.
     fails: AtomicU32,
     /// A health check loop is running.
@@ -158,14 +172,14 @@ pub struct Upstream {
     counters: Arc<UpstreamCounters>,
 }
 
-impl Upstream {
+impl UpstreamState {
     fn is_down(&self, max_fails: u32) -> bool {
         max_fails > 0 && self.fails.load(Relaxed) >= max_fails
     }
 }
 
 pub struct Forwarder {
-    upstreams: Vec<Arc<Upstream>>,
+    upstreams: Vec<Arc<UpstreamState>>,
     settings: ForwardSettings,
     /// Round-robin position.
     next: AtomicUsize,
@@ -181,26 +195,36 @@ const LOOP_PROBE_ATTEMPTS: u32 = 10;
 const LOOP_PROBE_RETRY: Duration = Duration::from_secs(3);
 
 impl Forwarder {
-    pub fn new(
-        upstreams: Vec<SocketAddr>,
-        settings: ForwardSettings,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(upstreams: Vec<Upstream>, settings: ForwardSettings, metrics: Arc<Metrics>) -> Self {
+        let mut tls_config = settings.tls.clone();
         let upstreams = upstreams
             .into_iter()
-            .map(|addr| {
+            .map(|upstream| {
                 // CoreDNS's loop probe name: two random numbers under the root.
                 let probe = wire_from_labels(&[
                     rand::random::<u64>().to_string(),
                     rand::random::<u64>().to_string(),
                 ]);
-                Arc::new(Upstream {
-                    addr,
+                let counters = metrics.forward.upstream(&upstream.to_string());
+                let tls = upstream.tls_server_name().map(|server_name| {
+                    let config = tls_config.get_or_insert_with(system_tls_config).clone();
+                    Arc::new(TlsUpstream::new(
+                        upstream.addr(),
+                        server_name,
+                        upstream.to_string(),
+                        config,
+                        settings.timeouts.attempt,
+                        counters.clone(),
+                    ))
+                });
+                Arc::new(UpstreamState {
+                    upstream,
+                    tls,
                     fails: AtomicU32::new(0),
                     checking: AtomicBool::new(false),
                     looped: AtomicBool::new(false),
                     loop_probe: probe,
-                    counters: metrics.forward.upstream(addr),
+                    counters,
                 })
             })
             .collect();
@@ -214,8 +238,8 @@ impl Forwarder {
         }
     }
 
-    pub fn upstreams(&self) -> Vec<SocketAddr> {
-        self.upstreams.iter().map(|u| u.addr).collect()
+    pub fn upstreams(&self) -> Vec<Upstream> {
+        self.upstreams.iter().map(|u| u.upstream.clone()).collect()
     }
 
     pub fn settings(&self) -> &ForwardSettings {
@@ -253,9 +277,7 @@ impl Forwarder {
                 let budget = left.min(timeouts.attempt);
                 up.counters.requests.fetch_add(1, Relaxed);
                 let started = Instant::now();
-                match tokio::time::timeout(budget, exchange(up.addr, q, self.settings.force_tcp))
-                    .await
-                {
+                match tokio::time::timeout(budget, exchange(up, q, self.settings.force_tcp)).await {
                     Ok(Ok(x)) => {
                         let got = x.message.metadata.response_code.low() as u16;
                         up.counters.response(got);
@@ -263,17 +285,17 @@ impl Forwarder {
                         if got == dns::RCODE_SERVFAIL || got == dns::RCODE_REFUSED {
                             answered[i] = true;
                             rcode = got;
-                            errors.push(format!("{}: rcode {got}", up.addr));
+                            errors.push(format!("{}: rcode {got}", up.upstream));
                             continue;
                         }
                         return Ok(x);
                     }
                     Ok(Err(e)) => {
-                        errors.push(format!("{}: {e}", up.addr));
+                        errors.push(format!("{}: {e}", up.upstream));
                         self.suspect(up);
                     }
                     Err(_) => {
-                        errors.push(format!("{}: no answer in {budget:?}", up.addr));
+                        errors.push(format!("{}: no answer in {budget:?}", up.upstream));
                         self.suspect(up);
                     }
                 }
@@ -318,7 +340,7 @@ impl Forwarder {
 
     /// An exchange with `up` failed: health check it until it answers (unless it is being
     /// checked already, or health checks are off).
-    fn suspect(&self, up: &Arc<Upstream>) {
+    fn suspect(&self, up: &Arc<UpstreamState>) {
         if self.settings.max_fails == 0 || up.checking.swap(true, Relaxed) {
             return;
         }
@@ -339,13 +361,13 @@ impl Forwarder {
         if !up.looped.swap(true, Relaxed) {
             up.counters.looped.store(true, Relaxed);
             tracing::error!(
-                upstream = %up.addr,
+                upstream = %up.upstream,
                 probe = %to_text(&up.loop_probe),
                 "forwarding loop: upstream {} sent our loop probe back to this agent, so it \
                  forwards to us; it will not be used. Fix: point that resolver elsewhere, or \
                  drop `--upstream {}`",
-                up.addr,
-                up.addr,
+                up.upstream,
+                up.upstream,
             );
         }
         true
@@ -363,7 +385,7 @@ impl Forwarder {
         Ok(())
     }
 
-    async fn detect_loop(&self, up: &Upstream) {
+    async fn detect_loop(&self, up: &UpstreamState) {
         let probe = Question {
             name: up.loop_probe.clone(),
             qtype: u16::from(RecordType::HINFO),
@@ -374,7 +396,7 @@ impl Forwarder {
         for attempt in 1..=LOOP_PROBE_ATTEMPTS {
             let reply = tokio::time::timeout(
                 self.settings.timeouts.total,
-                exchange(up.addr, &probe, self.settings.force_tcp),
+                exchange(up, &probe, self.settings.force_tcp),
             )
             .await;
             // A looping upstream passes the probe on before it can answer it, so by now
@@ -383,7 +405,7 @@ impl Forwarder {
                 return;
             }
             if matches!(reply, Ok(Ok(_))) {
-                tracing::debug!(upstream = %up.addr, "loop probe answered: no loop");
+                tracing::debug!(upstream = %up.upstream, "loop probe answered: no loop");
                 return;
             }
             if attempt < LOOP_PROBE_ATTEMPTS {
@@ -391,11 +413,21 @@ impl Forwarder {
             }
         }
         tracing::warn!(
-            upstream = %up.addr,
+            upstream = %up.upstream,
             "the loop probe got no answer after {LOOP_PROBE_ATTEMPTS} attempts; loop detection \
              gave up on this upstream"
         );
     }
+}
+
+/// The system's CAs, for a TLS upstream whose settings name none. The command line loads them at
+/// start (and refuses to start without them); should they be missing here, every handshake
+/// fails with the reason instead.
+fn system_tls_config() -> Arc<rustls::ClientConfig> {
+    super::tls::client_config(&[]).unwrap_or_else(|e| {
+        tracing::error!("TLS upstreams cannot be verified: {e}");
+        super::tls::client_config_without_roots()
+    })
 }
 
 impl Drop for Forwarder {
@@ -411,7 +443,7 @@ impl Drop for Forwarder {
 /// CoreDNS's health check: `. IN NS`, recursion desired, over the transport queries use. Any
 /// reply (whatever its RCODE) means the upstream is up. Probes every `health_check` until one
 /// succeeds; `max_fails` failures in a row mark it down.
-async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
+async fn health_check(up: Arc<UpstreamState>, settings: ForwardSettings) {
     let probe = Question {
         name: vec![0],
         qtype: u16::from(RecordType::NS),
@@ -422,12 +454,12 @@ async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
     loop {
         let reply = tokio::time::timeout(
             settings.timeouts.attempt,
-            exchange(up.addr, &probe, settings.force_tcp),
+            exchange(&up, &probe, settings.force_tcp),
         )
         .await;
         if matches!(reply, Ok(Ok(_))) {
             if up.fails.swap(0, Relaxed) >= settings.max_fails {
-                tracing::info!(upstream = %up.addr, "upstream answers health checks again: up");
+                tracing::info!(upstream = %up.upstream, "upstream answers health checks again: up");
             }
             up.counters.healthy.store(true, Relaxed);
             up.checking.store(false, Relaxed);
@@ -438,7 +470,7 @@ async fn health_check(up: Arc<Upstream>, settings: ForwardSettings) {
         if fails == settings.max_fails {
             up.counters.healthy.store(false, Relaxed);
             tracing::warn!(
-                upstream = %up.addr,
+                upstream = %up.upstream,
                 "upstream failed {fails} health checks in a row: down, skipped while others are up"
             );
         }
@@ -476,14 +508,18 @@ pub fn matches(sent: &Message, reply: &Message) -> bool {
         && reply.queries[0].query_class() == sent.queries[0].query_class()
 }
 
-/// One question to one upstream: UDP (then TCP if truncated), or TCP alone with `force_tcp`.
-/// Each call makes a new query with a new random ID.
-pub async fn exchange(
-    upstream: SocketAddr,
+/// One question to one upstream: over its TLS connections; or UDP (then TCP if truncated), or
+/// TCP alone with `force_tcp`. Each call makes a new query with a new random ID.
+async fn exchange(
+    up: &UpstreamState,
     q: &Question,
     force_tcp: bool,
 ) -> Result<Exchange, ExchangeError> {
     let query = query_message(q);
+    if let Some(tls) = &up.tls {
+        return tls.exchange(&query).await;
+    }
+    let upstream = up.upstream.addr();
     let bytes = query.to_vec()?;
     if force_tcp {
         return exchange_tcp(upstream, &query, &bytes).await;

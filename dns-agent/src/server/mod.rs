@@ -9,7 +9,9 @@ pub mod heartbeat;
 pub mod listen_address;
 pub mod sockets;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
+pub mod upstream;
 
 use std::sync::{Arc, RwLock};
 

@@ -18,6 +18,7 @@ mod check;
 mod loadgen;
 mod report;
 mod throughput;
+pub mod tls;
 mod topo;
 mod workload;
 
@@ -144,6 +145,10 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     netns::cleanup();
     let measured = measured?;
     let network_secs = started.elapsed().as_secs_f64();
+    // DNS over TLS beside plain DNS (its own namespaces).
+    let tls = tls::measure(&root, &agent_bin, &dir, opts.quick);
+    netns::cleanup();
+    let tls = tls?;
 
     // In-kernel cost, after the namespaces are gone (less noise).
     let tsv = dir.join("kernel_cost.tsv");
@@ -192,7 +197,7 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
         network_secs,
         total_secs: started.elapsed().as_secs_f64(),
     };
-    let md = report::markdown(&results);
+    let md = report::markdown(&results) + &tls;
     let svg = report::svg(&results);
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(dir.join("bench.svg"), &svg)?;
