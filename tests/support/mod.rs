@@ -8,6 +8,7 @@
 pub mod cluster_gen;
 pub mod fake_api;
 pub mod frames;
+pub mod servers;
 pub mod upstream;
 pub mod wait;
 
@@ -300,7 +301,7 @@ impl Agent {
 
     fn spawn_with_env(topo: &Topology, args: Vec<String>, env: &[(&str, &str)]) -> Self {
         Self::spawn_at(
-            topo,
+            &topo.node,
             args,
             PathBuf::from("/sys/fs/bpf").join(unique("xdns-t")),
             9253,
@@ -316,13 +317,21 @@ impl Agent {
         pin_path: PathBuf,
         metrics_port: u16,
     ) -> Self {
-        let mut agent = Self::spawn_at(topo, args, pin_path, metrics_port, &[]);
+        let mut agent = Self::spawn_at(&topo.node, args, pin_path, metrics_port, &[]);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the agent in the `node` namespace with exactly `args` (plus the pin path and
+    /// metrics port) and waits until it is ready.
+    pub fn start_in(node: &Netns, args: Vec<String>, pin_path: PathBuf, metrics_port: u16) -> Self {
+        let mut agent = Self::spawn_at(node, args, pin_path, metrics_port, &[]);
         agent.wait_ready(Duration::from_secs(20));
         agent
     }
 
     fn spawn_at(
-        topo: &Topology,
+        node: &Netns,
         mut args: Vec<String>,
         pin_path: PathBuf,
         metrics_port: u16,
@@ -336,8 +345,7 @@ impl Agent {
             format!("127.0.0.1:{metrics_port}"),
         ]);
         let log = dir.path().join("agent.log");
-        let child = topo
-            .node
+        let child = node
             .command(agent_bin())
             .args(&args)
             .env("RUST_LOG", "info,dns_agent=debug")
@@ -351,7 +359,7 @@ impl Agent {
             child: Some(child),
             pin_path,
             metrics_port,
-            node: topo.node.name.clone(),
+            node: node.name.clone(),
             log,
             _dir: dir,
         }
@@ -359,6 +367,19 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, as an OOM kill or a node's watchdog would: no clean-up at all.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     fn node_ns(&self) -> Netns {
@@ -513,6 +534,17 @@ impl Client {
         };
         let sock = ns.enter(move || UdpSocket::bind(bind).expect("bind"));
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Self::from_socket(sock, server, ns)
+    }
+
+    /// A client that gives up on a reply after `timeout`.
+    pub fn with_timeout(ns: &Netns, server: IpAddr, timeout: Duration) -> Self {
+        let c = Self::new(ns, server);
+        c.sock.set_read_timeout(Some(timeout)).unwrap();
+        c
+    }
+
+    fn from_socket(sock: UdpSocket, server: IpAddr, ns: &Netns) -> Self {
         Self {
             sock,
             server: SocketAddr::new(server, 53),

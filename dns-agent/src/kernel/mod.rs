@@ -228,7 +228,25 @@ impl Kernel {
         pin_path: &Path,
         egress: bool,
     ) -> Result<(Self, KernelMaps), KernelError> {
+        ensure_bpffs(pin_path)?;
+        let pin_dir = pin_dir(pin_path);
+        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        // Maps another agent pinned (it is being replaced, or was killed) are replaced by this
+        // agent's, which it fills itself; its links stay (`attach` takes them over). Except the
+        // flows of steered queries: both agents' programs run during a handover (the XDP and
+        // the egress links are swapped one after the other), so they share one flows map, or
+        // a reply to a query one steered would leave through the other's egress unrestored.
+        for name in dns_common::ALL_MAPS {
+            if name != MAP_FLOWS {
+                let _ = fs::remove_file(pin_dir.join(name));
+            }
+        }
+        let flows_pin = pin_dir.join(MAP_FLOWS);
         let mut ebpf = EbpfLoader::new()
+            .map_pin_path(MAP_FLOWS, flows_pin.as_path())
             .map_max_entries(MAP_ANSWERS_SHORT, capacity.short)
             .map_max_entries(MAP_ANSWERS_LONG, capacity.long)
             .map_max_entries(MAP_BLOBS_S, capacity.blobs_s)
@@ -248,18 +266,6 @@ impl Kernel {
                 .try_into()
                 .map_err(KernelError::Verify)?;
             program.load().map_err(KernelError::Verify)?;
-        }
-
-        ensure_bpffs(pin_path)?;
-        let pin_dir = pin_dir(pin_path);
-        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Pin {
-            path: pin_dir.clone(),
-            source,
-        })?;
-        // Maps another agent pinned (it is being replaced, or was killed) are replaced by this
-        // agent's, which it fills itself. Its links stay: `attach` takes them over.
-        for name in dns_common::ALL_MAPS {
-            let _ = fs::remove_file(pin_dir.join(name));
         }
 
         let liveness: Array<MapData, Liveness> = take_map(&mut ebpf, MAP_LIVENESS, &pin_dir)?;
@@ -292,10 +298,6 @@ impl Kernel {
                 }
             })?),
         };
-        // The flows map stays in the object (only the programs use it); pinned for tools.
-        if let Some(aya::maps::Map::LruHashMap(flows)) = ebpf.map(MAP_FLOWS) {
-            let _ = flows.pin(pin_dir.join(MAP_FLOWS));
-        }
         let counters_id = MapData::from_pin(pin_dir.join(MAP_COUNTERS))
             .ok()
             .and_then(|m| m.info().ok())
