@@ -10,7 +10,7 @@ mod support;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::{
         Arc,
@@ -81,8 +81,7 @@ impl Cluster {
         let mut next = 0;
         let mut pod = |addr: Ipv4Addr| {
             next += 1;
-            let p = plug(&node, &format!("{prefix}{next}"), addr);
-            p
+            plug(&node, &format!("{prefix}{next}"), addr)
         };
         let pods = vec![
             pod(Ipv4Addr::new(192, 0, 2, 21)),
@@ -140,8 +139,8 @@ impl Cluster {
         .to_vec()
     }
 
-    fn agent(&self, pin: &PathBuf, grace: &str) -> Agent {
-        Agent::start_in(&self.node, self.agent_args(grace), pin.clone(), 9253)
+    fn agent(&self, pin: &Path, grace: &str) -> Agent {
+        Agent::start_in(&self.node, self.agent_args(grace), pin.to_path_buf(), 9253)
     }
 
     fn client(&self, pod: usize, timeout: Duration) -> Client {
@@ -411,8 +410,8 @@ impl Asker {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            for k in 0..NAMES.len() {
-                r.longest_gap[k] = r.longest_gap[k].max(last[k].elapsed());
+            for (gap, last) in r.longest_gap.iter_mut().zip(last) {
+                *gap = (*gap).max(last.elapsed());
             }
             r
         });
