@@ -45,6 +45,9 @@ fn llvm_prefix() -> String {
     format!("/usr/lib/llvm-{LLVM_MAJOR}")
 }
 
+/// cargo-deny checks the dependency graph (`deny.toml`): licenses, bans, sources.
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// What to install.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -60,6 +63,9 @@ pub fn setup(scope: Scope) -> anyhow::Result<()> {
     let toolchain = Toolchain::pinned()?;
     timed("XDP toolchain", || xdp_toolchain(&toolchain))?;
     timed("bpf-linker", bpf_linker)?;
+    if scope == Scope::All {
+        timed("cargo-deny", cargo_deny)?;
+    }
     // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
     dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;
     Ok(())
@@ -212,4 +218,27 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix)
         .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix))
     .context("installing bpf-linker")
+}
+
+/// cargo-deny at the pinned version (`cargo xtask test` runs it); another version is replaced.
+fn cargo_deny() -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match present {
+        Some(v) if v.ends_with(CARGO_DENY_VERSION) => {
+            println!("setup: {v} present");
+            return Ok(());
+        }
+        Some(v) => println!("setup: {v} present; installing cargo-deny {CARGO_DENY_VERSION}"),
+        None => println!("setup: installing cargo-deny {CARGO_DENY_VERSION}"),
+    }
+    run(cmd("cargo")
+        .current_dir(root())
+        .args(["install", "--locked", "--force"])
+        .arg(format!("cargo-deny@{CARGO_DENY_VERSION}")))
+    .context("installing cargo-deny")
 }
