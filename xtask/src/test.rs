@@ -23,12 +23,12 @@ pub fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     // The dependency graph against deny.toml. Offline: these checks need the crates already
-    // fetched for the build, not the advisory database.
+    // fetched for the build, not the advisory database (which is not checked here).
     run(&mut cargo(&[
         "deny",
         "--offline",
+        "--locked",
         "check",
-        "--disable-fetch",
         "bans",
         "licenses",
         "sources",

@@ -31,7 +31,8 @@ pub enum ZoneFileError {
         path: PathBuf,
         doc: usize,
         #[source]
-        source: serde_saphyr::Error,
+        // Boxed: the parser's error carries its source snippet and is large.
+        source: Box<serde_saphyr::Error>,
     },
     #[error("{path}: document {doc}{item}: {problem}")]
     Object {
@@ -63,7 +64,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileErro
         let value = doc.map_err(|source| ZoneFileError::Yaml {
             path: path.to_path_buf(),
             doc: doc_no,
-            source,
+            source: Box::new(source),
         })?;
         if value.is_null() {
             continue;
