@@ -42,7 +42,7 @@ pub enum Command {
     /// Print the kernel counters (and the userspace ones) of a running agent.
     Stats(StatsArgs),
     /// Show, live and per packet, what the XDP program of a running agent decided and why,
-    /// until Ctrl-C. Tracing costs the program nothing while no `trace` runs.
+    /// until Ctrl-C. While no `trace` runs, the program writes no events; it only checks a flag.
     Trace(TraceArgs),
 }
 
