@@ -43,6 +43,9 @@ pub enum Command {
     Run(RunArgs),
     /// Print the kernel counters (and the userspace ones) of a running agent.
     Stats(StatsArgs),
+    /// Show, live and per packet, what the XDP program of a running agent decided and why,
+    /// until Ctrl-C. While no `trace` runs, the program writes no events; it only checks a flag.
+    Trace(TraceArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -67,9 +70,9 @@ pub struct RunArgs {
     #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
 
-    /// Attach the XDP program to every interface whose name matches (repeatable; `*` and `?`
-    /// as in the shell), those there now and those that appear later: pod veths, e.g.
-    /// `cali*` (Calico), `lxc*` (Cilium), `veth*` (bridge CNIs' host sides).
+    /// Attach the XDP program to every interface whose name matches (repeatable; shell globs:
+    /// `*`, `?`, `[0-9]`, `{a,b}`), those there now and those that appear later: pod veths,
+    /// e.g. `cali*` (Calico), `lxc*` (Cilium), `veth*` (bridge CNIs' host sides).
     #[arg(long = "interface-pattern", value_name = "GLOB")]
     pub interface_patterns: Vec<String>,
 
@@ -252,6 +255,22 @@ pub struct StatsArgs {
     /// The running agent's --metrics-addr, for the userspace counters.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9253")]
     pub metrics_addr: String,
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// The running agent's --pin-path.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdns")]
+    pub pin_path: PathBuf,
+
+    /// Only queries for this name (case-insensitive, trailing dot optional). Packets the
+    /// program refused before reading their question carry no name and are not shown then.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Only packets that arrived on this interface.
+    #[arg(long, value_name = "IFACE")]
+    pub interface: Option<String>,
 }
 
 /// A refused configuration: the flag, what is wrong, how to fix it.

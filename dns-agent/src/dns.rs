@@ -17,6 +17,13 @@ pub const RCODE_REFUSED: u16 = 5;
 /// Extended RCODE 16 (BADVERS) is 1 in the OPT record's upper RCODE bits, 0 in the header.
 pub const EXT_RCODE_BADVERS: u8 = 1;
 
+/// The transport a query came over: UDP replies are limited in size, TCP ones are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
 pub const TYPE_OPT: u16 = 41;
 pub const CLASS_IN: u16 = 1;
 

@@ -2,7 +2,8 @@
 //! (CoreDNS metric names where the meaning is the same), `/health` and `/ready`.
 
 use std::{
-    fmt::Write as _,
+    convert::Infallible,
+    fmt,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -12,12 +13,24 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::server::Transport;
+use crate::dns::Transport;
 
 /// Which part of xdns answered a query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,75 +42,23 @@ pub enum Path {
     Forwarded,
 }
 
-/// A histogram with fixed buckets (seconds).
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
+/// A histogram of durations with fixed buckets (seconds).
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            bounds.iter().copied(),
+        ))
     }
 
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (b, bound) in self.buckets.iter().zip(self.bounds) {
-            if s <= *bound {
-                b.fetch_add(1, Relaxed);
-            }
-        }
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        self.0.observe(d.as_secs_f64());
     }
 
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// The smallest bucket bound holding at least `q` of the observations.
-    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let want = (q * n as f64).ceil() as u64;
-        self.buckets
-            .iter()
-            .zip(self.bounds)
-            .find(|(b, _)| b.load(Relaxed) >= want)
-            .map(|(_, bound)| *bound)
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (b, bound) in self.buckets.iter().zip(self.bounds) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
-                b.load(Relaxed)
-            );
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{braces} {count}");
+    fn encode(&self, e: &mut DescriptorEncoder, name: &str, help: &str) -> fmt::Result {
+        let descriptor = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        EncodeMetric::encode(&self.0, descriptor)
     }
 }
 
@@ -228,9 +189,19 @@ impl Metrics {
         self.forwarded.load(Relaxed)
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut o = String::new();
+    /// The Prometheus text exposition (format 0.0.4), as `/metrics` serves it.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape(self.clone())));
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail, and the collector fails only with it");
+        out
+    }
+
+    /// Every metric, read at scrape time. Counter names are given without `_total`: the
+    /// encoder appends it (`xdns_queries` is exposed as `xdns_queries_total`).
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let kernel = self
             .kernel_pin_path
             .lock()
@@ -244,160 +215,172 @@ impl Metrics {
             .map(|(_, v)| v)
             .sum();
 
-        let _ = writeln!(
-            o,
-            "# HELP xdns_queries_total Queries answered, by the path that answered them."
-        );
-        let _ = writeln!(o, "# TYPE xdns_queries_total counter");
-        let _ = writeln!(o, "xdns_queries_total{{path=\"kernel\"}} {kernel_answered}");
-        let _ = writeln!(
-            o,
-            "xdns_queries_total{{path=\"userspace\"}} {}",
-            self.userspace.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "xdns_queries_total{{path=\"forwarded\"}} {}",
-            self.forwarded.load(Relaxed)
-        );
-
-        let _ = writeln!(
-            o,
-            "# HELP xdns_kernel_packets_total Packets seen by the XDP program, by outcome."
-        );
-        let _ = writeln!(o, "# TYPE xdns_kernel_packets_total counter");
-        for (name, v) in &kernel {
-            let _ = writeln!(o, "xdns_kernel_packets_total{{result=\"{name}\"}} {v}");
+        counters(
+            &mut e,
+            "xdns_queries",
+            "Queries answered, by the path that answered them.",
+            "path",
+            [
+                ("kernel", kernel_answered),
+                ("userspace", self.userspace.load(Relaxed)),
+                ("forwarded", self.forwarded.load(Relaxed)),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "xdns_kernel_packets",
+            "Packets seen by the XDP program, by outcome.",
+            "result",
+            kernel.iter().map(|(name, v)| (*name, *v)),
+        )?;
+        counters(
+            &mut e,
+            "coredns_dns_requests",
+            "Requests that reached the userspace server.",
+            "proto",
+            [
+                ("udp", self.requests_udp.load(Relaxed)),
+                ("tcp", self.requests_tcp.load(Relaxed)),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "coredns_dns_responses",
+            "Responses of the userspace server, by rcode.",
+            "rcode",
+            RCODES
+                .iter()
+                .zip(&self.responses)
+                .map(|(rcode, v)| (*rcode, v.load(Relaxed))),
+        )?;
+        counter(
+            &mut e,
+            "xdns_dropped_messages",
+            "Messages not worth a reply (responses, runts).",
+            self.dropped.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "xdns_forward_failures",
+            "Forwarded queries no upstream answered (SERVFAIL).",
+            self.forward_failures.load(Relaxed),
+        )?;
+        self.upstream_latency.encode(
+            &mut e,
+            "coredns_forward_request_duration_seconds",
+            "Upstream round trips.",
+        )?;
+        self.programming_latency.encode(
+            &mut e,
+            "xdns_programming_latency_seconds",
+            "From an object change reaching the agent to the kernel answering it.",
+        )?;
+        for (name, help, v) in [
+            (
+                "xdns_zone_synced",
+                "1 once the whole zone has been loaded.",
+                self.synced.load(Relaxed) as u64,
+            ),
+            (
+                "xdns_api_connected",
+                "1 while the Kubernetes API watch is healthy.",
+                self.api_connected.load(Relaxed) as u64,
+            ),
+            (
+                "xdns_zone_services",
+                "Services in the zone.",
+                self.zone_services.load(Relaxed),
+            ),
+            (
+                "xdns_zone_endpoints",
+                "Endpoints in the zone.",
+                self.zone_endpoints.load(Relaxed),
+            ),
+            (
+                "xdns_kernel_entries",
+                "Entries in the kernel answer maps.",
+                self.kernel_entries.load(Relaxed),
+            ),
+        ] {
+            gauge(&mut e, name, help, v)?;
         }
-
-        let _ = writeln!(
-            o,
-            "# HELP coredns_dns_requests_total Requests that reached the userspace server."
-        );
-        let _ = writeln!(o, "# TYPE coredns_dns_requests_total counter");
-        let _ = writeln!(
-            o,
-            "coredns_dns_requests_total{{proto=\"udp\"}} {}",
-            self.requests_udp.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "coredns_dns_requests_total{{proto=\"tcp\"}} {}",
-            self.requests_tcp.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP coredns_dns_responses_total Responses of the userspace server, by rcode."
-        );
-        let _ = writeln!(o, "# TYPE coredns_dns_responses_total counter");
-        for (i, rcode) in RCODES.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "coredns_dns_responses_total{{rcode=\"{rcode}\"}} {}",
-                self.responses[i].load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP xdns_dropped_messages_total Messages not worth a reply (responses, runts)."
-        );
-        let _ = writeln!(o, "# TYPE xdns_dropped_messages_total counter");
-        let _ = writeln!(
-            o,
-            "xdns_dropped_messages_total {}",
-            self.dropped.load(Relaxed)
-        );
-
-        let _ = writeln!(
-            o,
-            "# HELP xdns_forward_failures_total Forwarded queries no upstream answered (SERVFAIL)."
-        );
-        let _ = writeln!(o, "# TYPE xdns_forward_failures_total counter");
-        let _ = writeln!(
-            o,
-            "xdns_forward_failures_total {}",
-            self.forward_failures.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP coredns_forward_request_duration_seconds Upstream round trips."
-        );
-        let _ = writeln!(
-            o,
-            "# TYPE coredns_forward_request_duration_seconds histogram"
-        );
-        self.upstream_latency
-            .render(&mut o, "coredns_forward_request_duration_seconds", "");
-
-        let _ = writeln!(
-            o,
-            "# HELP xdns_programming_latency_seconds From an object change reaching the agent to the kernel answering it."
-        );
-        let _ = writeln!(o, "# TYPE xdns_programming_latency_seconds histogram");
-        self.programming_latency
-            .render(&mut o, "xdns_programming_latency_seconds", "");
-
-        let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} gauge");
-            let _ = writeln!(o, "{name} {v}");
-        };
-        gauge(
-            &mut o,
-            "xdns_zone_synced",
-            "1 once the whole zone has been loaded.",
-            self.synced.load(Relaxed) as u64,
-        );
-        gauge(
-            &mut o,
-            "xdns_api_connected",
-            "1 while the Kubernetes API watch is healthy.",
-            self.api_connected.load(Relaxed) as u64,
-        );
-        gauge(
-            &mut o,
-            "xdns_zone_services",
-            "Services in the zone.",
-            self.zone_services.load(Relaxed),
-        );
-        gauge(
-            &mut o,
-            "xdns_zone_endpoints",
-            "Endpoints in the zone.",
-            self.zone_endpoints.load(Relaxed),
-        );
-        gauge(
-            &mut o,
-            "xdns_kernel_entries",
-            "Entries in the kernel answer maps.",
-            self.kernel_entries.load(Relaxed),
-        );
-        let _ = writeln!(
-            o,
-            "# HELP xdns_kernel_map_writes_total Kernel map entries written."
-        );
-        let _ = writeln!(o, "# TYPE xdns_kernel_map_writes_total counter");
-        let _ = writeln!(
-            o,
-            "xdns_kernel_map_writes_total {}",
-            self.kernel_writes.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "xdns_kernel_map_write_failures_total {}",
-            self.kernel_write_failures.load(Relaxed)
-        );
-        self.cache.render(&mut o);
-        self.forward.render(&mut o);
-        o
+        counter(
+            &mut e,
+            "xdns_kernel_map_writes",
+            "Kernel map entries written.",
+            self.kernel_writes.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "xdns_kernel_map_write_failures",
+            "Kernel map writes that failed (a full map).",
+            self.kernel_write_failures.load(Relaxed),
+        )?;
+        self.cache.encode(&mut e)?;
+        self.forward.encode(&mut e)
     }
 }
 
-/// The CoreDNS `type` label of cache metrics, by [`crate::server::cache::Kind`].
+/// The metrics as a prometheus-client collector: read at each scrape, so the counters stay
+/// plain atomics on the query path and the kernel's per-CPU counters are summed only when asked.
+struct Scrape(Arc<Metrics>);
+
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, e: DescriptorEncoder) -> fmt::Result {
+        self.0.encode(e)
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// A counter with one label, a sample per value of it.
+fn counters<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    labelled(e, name, help, MetricType::Counter, label, samples)
+}
+
+fn labelled<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, kind)?;
+    for (value, v) in samples {
+        let labels = [(label, value)];
+        let sample = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Gauge => ConstGauge::new(v).encode(sample)?,
+            _ => ConstCounter::new(v).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+/// The CoreDNS `type` label of cache metrics, by the cache's kind of answer (success, denial).
 const CACHE_TYPES: [&str; 2] = ["success", "denial"];
 
-/// Counters of the cache of upstream answers (CoreDNS `cache` plugin names), indexed by
-/// [`crate::server::cache::Kind`] where they have a type.
+/// Counters of the cache of upstream answers (CoreDNS `cache` plugin names), indexed by the
+/// cache's kind of answer (0 success, 1 denial) where they have a type.
 #[derive(Default)]
 pub struct CacheCounters {
     pub hits: [AtomicU64; 2],
@@ -409,56 +392,53 @@ pub struct CacheCounters {
 }
 
 impl CacheCounters {
-    fn render(&self, o: &mut String) {
-        let typed = |o: &mut String, name: &str, kind: &str, help: &str, v: &[AtomicU64; 2]| {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} {kind}");
-            for (t, v) in CACHE_TYPES.iter().zip(v) {
-                let _ = writeln!(o, "{name}{{type=\"{t}\"}} {}", v.load(Relaxed));
-            }
+    fn encode(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let typed = |v: &'_ [AtomicU64; 2]| -> [(&'static str, u64); 2] {
+            [
+                (CACHE_TYPES[0], v[0].load(Relaxed)),
+                (CACHE_TYPES[1], v[1].load(Relaxed)),
+            ]
         };
-        typed(
-            o,
+        labelled(
+            e,
             "coredns_cache_entries",
-            "gauge",
             "Entries in the cache of upstream answers.",
-            &self.entries,
-        );
-        typed(
-            o,
-            "coredns_cache_hits_total",
-            "counter",
+            MetricType::Gauge,
+            "type",
+            typed(&self.entries),
+        )?;
+        counters(
+            e,
+            "coredns_cache_hits",
             "Queries answered from the cache.",
-            &self.hits,
-        );
-        typed(
-            o,
-            "coredns_cache_evictions_total",
-            "counter",
+            "type",
+            typed(&self.hits),
+        )?;
+        counters(
+            e,
+            "coredns_cache_evictions",
             "Entries evicted at capacity.",
-            &self.evictions,
-        );
-        for (name, help, v) in [
-            (
-                "coredns_cache_misses_total",
-                "Queries the cache had no answer for.",
-                &self.misses,
-            ),
-            (
-                "coredns_cache_prefetch_total",
-                "Popular entries refreshed before they expired.",
-                &self.prefetch,
-            ),
-            (
-                "coredns_cache_served_stale_total",
-                "Queries answered with expired entries because upstreams failed.",
-                &self.served_stale,
-            ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} counter");
-            let _ = writeln!(o, "{name} {}", v.load(Relaxed));
-        }
+            "type",
+            typed(&self.evictions),
+        )?;
+        counter(
+            e,
+            "coredns_cache_misses",
+            "Queries the cache had no answer for.",
+            self.misses.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "coredns_cache_prefetch",
+            "Popular entries refreshed before they expired.",
+            self.prefetch.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "coredns_cache_served_stale",
+            "Queries answered with expired entries because upstreams failed.",
+            self.served_stale.load(Relaxed),
+        )
     }
 }
 
@@ -528,158 +508,190 @@ impl ForwardCounters {
         self.healthcheck_broken.fetch_add(1, Relaxed);
     }
 
-    fn render(&self, o: &mut String) {
+    fn encode(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let all = self.upstreams.lock().expect("metrics lock").clone();
-        let per = |o: &mut String,
+        let per = |e: &mut DescriptorEncoder,
                    name: &str,
-                   kind: &str,
+                   kind: MetricType,
                    help: &str,
                    v: &dyn Fn(&UpstreamCounters) -> u64| {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} {kind}");
-            for u in &all {
-                let _ = writeln!(o, "{name}{{to=\"{}\"}} {}", u.to, v(u));
-            }
+            labelled(
+                e,
+                name,
+                help,
+                kind,
+                "to",
+                all.iter().map(|u| (u.to.as_str(), v(u))),
+            )
         };
         per(
-            o,
-            "coredns_forward_requests_total",
-            "counter",
+            e,
+            "coredns_forward_requests",
+            MetricType::Counter,
             "Queries sent to each upstream.",
             &|u| u.requests.load(Relaxed),
-        );
-        let _ = writeln!(
-            o,
-            "# HELP coredns_forward_responses_total Answers from each upstream, by rcode."
-        );
-        let _ = writeln!(o, "# TYPE coredns_forward_responses_total counter");
-        for u in &all {
-            for (i, rcode) in RCODES.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "coredns_forward_responses_total{{to=\"{}\",rcode=\"{rcode}\"}} {}",
-                    u.to,
-                    u.responses[i].load(Relaxed)
-                );
-            }
-        }
-        per(
-            o,
-            "coredns_forward_healthcheck_failures_total",
-            "counter",
-            "Failed health checks of each upstream.",
-            &|u| u.healthcheck_failures.load(Relaxed),
-        );
-        per(
-            o,
-            "xdns_forward_upstream_healthy",
-            "gauge",
-            "1 unless the upstream is down after failed health checks.",
-            &|u| u.healthy.load(Relaxed) as u64,
-        );
-        per(
-            o,
-            "xdns_forward_loop_detected",
-            "gauge",
-            "1 when the upstream forwards back to this agent; it is not used.",
-            &|u| u.looped.load(Relaxed) as u64,
-        );
-        let tls: Vec<_> = all.iter().filter(|u| u.to.starts_with("tls://")).collect();
-        if !tls.is_empty() {
-            for (name, kind, help, v) in [
-                (
-                    "xdns_forward_tls_connections_total",
-                    "counter",
-                    "TLS connections set up to each DNS-over-TLS upstream.",
-                    (|u: &UpstreamCounters| u.tls_connections.load(Relaxed))
-                        as fn(&UpstreamCounters) -> u64,
-                ),
-                (
-                    "xdns_forward_tls_open_connections",
-                    "gauge",
-                    "TLS connections open to each DNS-over-TLS upstream.",
-                    |u| u.tls_open.load(Relaxed),
-                ),
-                (
-                    "xdns_forward_tls_handshake_failures_total",
-                    "counter",
-                    "TLS connections to each DNS-over-TLS upstream whose handshake failed \
-                     (certificate, server name, protocol) or timed out.",
-                    |u| u.tls_handshake_failures.load(Relaxed),
-                ),
-            ] {
-                let _ = writeln!(o, "# HELP {name} {help}");
-                let _ = writeln!(o, "# TYPE {name} {kind}");
-                for u in &tls {
-                    let _ = writeln!(o, "{name}{{to=\"{}\"}} {}", u.to, v(u));
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "coredns_forward_responses",
+                "Answers from each upstream, by rcode.",
+                None,
+                MetricType::Counter,
+            )?;
+            for u in &all {
+                for (rcode, v) in RCODES.iter().zip(&u.responses) {
+                    let labels = [("to", u.to.as_str()), ("rcode", rcode)];
+                    ConstCounter::new(v.load(Relaxed)).encode(family.encode_family(&labels)?)?;
                 }
             }
         }
-        for (name, help, v) in [
-            (
-                "coredns_forward_max_concurrent_rejects_total",
-                "Queries refused because --max-concurrent upstream queries were in flight.",
-                &self.max_concurrent_rejects,
-            ),
-            (
-                "coredns_forward_healthcheck_broken_total",
-                "Queries sent while every upstream was down (all tried anyway).",
-                &self.healthcheck_broken,
-            ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} counter");
-            let _ = writeln!(o, "{name} {}", v.load(Relaxed));
+        per(
+            e,
+            "coredns_forward_healthcheck_failures",
+            MetricType::Counter,
+            "Failed health checks of each upstream.",
+            &|u| u.healthcheck_failures.load(Relaxed),
+        )?;
+        per(
+            e,
+            "xdns_forward_upstream_healthy",
+            MetricType::Gauge,
+            "1 unless the upstream is down after failed health checks.",
+            &|u| u.healthy.load(Relaxed) as u64,
+        )?;
+        per(
+            e,
+            "xdns_forward_loop_detected",
+            MetricType::Gauge,
+            "1 when the upstream forwards back to this agent; it is not used.",
+            &|u| u.looped.load(Relaxed) as u64,
+        )?;
+        let tls: Vec<_> = all
+            .iter()
+            .filter(|u| u.to.starts_with("tls://"))
+            .cloned()
+            .collect();
+        if !tls.is_empty() {
+            let per_tls = |e: &mut DescriptorEncoder,
+                           name: &str,
+                           kind: MetricType,
+                           help: &str,
+                           v: &dyn Fn(&UpstreamCounters) -> u64| {
+                labelled(
+                    e,
+                    name,
+                    help,
+                    kind,
+                    "to",
+                    tls.iter().map(|u| (u.to.as_str(), v(u))),
+                )
+            };
+            per_tls(
+                e,
+                "xdns_forward_tls_connections",
+                MetricType::Counter,
+                "TLS connections set up to each DNS-over-TLS upstream.",
+                &|u| u.tls_connections.load(Relaxed),
+            )?;
+            per_tls(
+                e,
+                "xdns_forward_tls_open_connections",
+                MetricType::Gauge,
+                "TLS connections open to each DNS-over-TLS upstream.",
+                &|u| u.tls_open.load(Relaxed),
+            )?;
+            per_tls(
+                e,
+                "xdns_forward_tls_handshake_failures",
+                MetricType::Counter,
+                "TLS connections to each DNS-over-TLS upstream whose handshake failed \
+                 (certificate, server name, protocol) or timed out.",
+                &|u| u.tls_handshake_failures.load(Relaxed),
+            )?;
         }
+        counter(
+            e,
+            "coredns_forward_max_concurrent_rejects",
+            "Queries refused because --max-concurrent upstream queries were in flight.",
+            self.max_concurrent_rejects.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "coredns_forward_healthcheck_broken",
+            "Queries sent while every upstream was down (all tried anyway).",
+            self.healthcheck_broken.load(Relaxed),
+        )
     }
 }
 
-/// Serves `/metrics`, `/health` and `/ready` until the task is cancelled.
+/// Connections served at once: the port is reachable from the node network, and a probe or a
+/// scrape needs one or two.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request head, and how long one connection may live
+/// (keep-alive included): a slow or idle client cannot hold a place for long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Serves `/metrics`, `/health` and `/ready` over HTTP/1.1 (hyper) until the task is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics port busy; connection closed");
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded in size and time).
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() {
-                    match stream.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(m) => {
-                            n += m;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
+            let service = service_fn(move |req| {
+                let reply = respond(&req, &metrics);
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                tracing::debug!(%peer, error = %e, "metrics connection failed");
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                "/health" => ("200 OK", "text/plain", "OK\n".to_string()),
-                "/ready" if metrics.is_synced() => ("200 OK", "text/plain", "OK\n".to_string()),
-                "/ready" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "zone not loaded yet\n".to_string(),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
+            drop(place);
         });
     }
+}
+
+fn respond(req: &Request<Incoming>, metrics: &Arc<Metrics>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
+            prometheus_text::CONTENT_TYPE,
+            metrics.render(),
+        ),
+        (&Method::GET | &Method::HEAD, "/health") => (StatusCode::OK, TEXT, "OK\n".to_string()),
+        (&Method::GET | &Method::HEAD, "/ready") if metrics.is_synced() => {
+            (StatusCode::OK, TEXT, "OK\n".to_string())
+        }
+        (&Method::GET | &Method::HEAD, "/ready") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "zone not loaded yet\n".to_string(),
+        ),
+        (&Method::GET | &Method::HEAD, _) => {
+            (StatusCode::NOT_FOUND, TEXT, "not found\n".to_string())
+        }
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "GET or HEAD\n".to_string(),
+        ),
+    };
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    reply
 }
 
 /// Parses `--metrics-addr`: `:9253` means every address.
@@ -691,4 +703,197 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     };
     s.parse()
         .map_err(|_| format!("{s:?} is not ADDR:PORT or :PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    use prometheus_parse::{Sample, Scrape, Value};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let reply = client
+            .get(format!("http://{addr}{path}").parse().expect("a URI"))
+            .await
+            .expect("an HTTP reply");
+        let status = reply.status();
+        let ctype = reply
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().expect("ASCII").to_string())
+            .unwrap_or_default();
+        let body = reply
+            .into_body()
+            .collect()
+            .await
+            .expect("a body")
+            .to_bytes();
+        (
+            status,
+            ctype,
+            String::from_utf8(body.to_vec()).expect("UTF-8"),
+        )
+    }
+
+    fn sample<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> &'a Sample {
+        s.samples
+            .iter()
+            .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+    }
+
+    fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+        match &sample(s, name, labels).value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{name}: not a single value: {other:?}"),
+        }
+    }
+
+    /// Serves on loopback, scrapes over HTTP, and reads the exposition back with a Prometheus
+    /// text parser: the names, labels, types and values dashboards use.
+    #[tokio::test]
+    async fn scrape_parses_with_the_names_dashboards_use() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.request(Transport::Udp);
+        metrics.request(Transport::Udp);
+        metrics.request(Transport::Tcp);
+        metrics.response(3);
+        metrics.path(Path::Userspace);
+        metrics.path(Path::Forwarded);
+        metrics.path(Path::Forwarded);
+        metrics.set_zone_size(7, 11);
+        metrics.kernel_synced(5, 1, 42);
+        metrics.upstream_latency.observe(Duration::from_micros(300));
+        metrics.upstream_latency.observe(Duration::from_millis(20));
+        metrics.cache.hits[1].fetch_add(4, Relaxed);
+        let up = metrics.forward.upstream("198.51.100.53:53");
+        up.requests.fetch_add(9, Relaxed);
+        up.response(2);
+
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve(listener, metrics.clone()));
+
+        let (status, ctype, body) = get(addr, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+        let s = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        assert_eq!(
+            value(&s, "xdns_queries_total", &[("path", "userspace")]),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "xdns_queries_total", &[("path", "forwarded")]),
+            2.0
+        );
+        assert_eq!(value(&s, "xdns_queries_total", &[("path", "kernel")]), 0.0);
+        assert_eq!(
+            value(&s, "coredns_dns_requests_total", &[("proto", "udp")]),
+            2.0
+        );
+        assert_eq!(
+            value(&s, "coredns_dns_requests_total", &[("proto", "tcp")]),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "coredns_dns_responses_total", &[("rcode", "NXDOMAIN")]),
+            1.0
+        );
+        assert_eq!(value(&s, "xdns_zone_services", &[]), 7.0);
+        assert_eq!(value(&s, "xdns_zone_endpoints", &[]), 11.0);
+        assert_eq!(value(&s, "xdns_kernel_entries", &[]), 42.0);
+        assert_eq!(value(&s, "xdns_kernel_map_writes_total", &[]), 5.0);
+        assert_eq!(value(&s, "xdns_kernel_map_write_failures_total", &[]), 1.0);
+        assert_eq!(value(&s, "xdns_zone_synced", &[]), 0.0);
+        assert_eq!(
+            value(&s, "coredns_cache_hits_total", &[("type", "denial")]),
+            4.0
+        );
+        let to = [("to", "198.51.100.53:53")];
+        assert_eq!(value(&s, "coredns_forward_requests_total", &to), 9.0);
+        assert_eq!(
+            value(
+                &s,
+                "coredns_forward_responses_total",
+                &[("to", "198.51.100.53:53"), ("rcode", "SERVFAIL")]
+            ),
+            1.0
+        );
+        assert_eq!(value(&s, "xdns_forward_upstream_healthy", &to), 1.0);
+        // The types dashboards and recording rules rely on.
+        for (name, ty) in [
+            ("xdns_queries_total", Value::Counter(0.0)),
+            ("xdns_zone_services", Value::Gauge(0.0)),
+            ("coredns_cache_entries", Value::Gauge(0.0)),
+        ] {
+            assert_eq!(
+                std::mem::discriminant(&sample(&s, name, &[]).value),
+                std::mem::discriminant(&ty),
+                "{name}"
+            );
+        }
+        match &sample(&s, "coredns_forward_request_duration_seconds", &[]).value {
+            Value::Histogram(buckets) => {
+                let le = |b: f64| buckets.iter().find(|c| c.less_than == b).map(|c| c.count);
+                assert_eq!(le(0.00025), Some(0.0));
+                assert_eq!(le(0.0005), Some(1.0));
+                assert_eq!(le(0.025), Some(2.0));
+                assert_eq!(le(f64::INFINITY), Some(2.0));
+            }
+            other => panic!("not a histogram: {other:?}"),
+        }
+        assert_eq!(
+            value(&s, "coredns_forward_request_duration_seconds_count", &[]),
+            2.0
+        );
+
+        assert_eq!(get(addr, "/health").await.0, StatusCode::OK);
+        let (status, _, body) = get(addr, "/ready").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "zone not loaded yet\n")
+        );
+        metrics.set_synced(true);
+        assert_eq!(get(addr, "/ready").await.0, StatusCode::OK);
+        assert_eq!(get(addr, "/nope").await.0, StatusCode::NOT_FOUND);
+        server.abort();
+    }
+
+    /// Garbage on the port gets an HTTP error or a closed connection, never a crash, and the
+    /// server keeps answering.
+    #[tokio::test]
+    async fn malformed_requests_do_not_stop_the_server() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let metrics = Arc::new(Metrics::default());
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve(listener, metrics));
+        for junk in [
+            &b"\x00\x01\x02garbage\r\n\r\n"[..],
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(junk).await.expect("write");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.is_empty() || text.starts_with("HTTP/1.1 4"),
+                "{junk:?} got {text}"
+            );
+        }
+        assert_eq!(get(addr, "/health").await.0, StatusCode::OK);
+        server.abort();
+    }
 }

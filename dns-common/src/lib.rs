@@ -58,8 +58,13 @@ pub const MAP_LIVENESS: &str = "XDNS_LIVENESS";
 /// so that the egress program gives their replies the intercepted address back.
 pub const MAP_FLOWS: &str = "XDNS_FLOWS";
 
+/// `Array<TraceControl>` with one entry: is a tracer listening (`dns-agent trace`)?
+pub const MAP_TRACE_CONTROL: &str = "XDNS_TRACE_CTL";
+/// Ring buffer of [`TraceEvent`]s, written only while [`TraceControl::enabled`] is set.
+pub const MAP_TRACE_EVENTS: &str = "XDNS_TRACE_EVT";
+
 /// Every map the program has, for pinning and reopening.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_ANSWERS_SHORT,
     MAP_ANSWERS_LONG,
     MAP_BLOBS_S,
@@ -69,6 +74,8 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_COUNTERS,
     MAP_LIVENESS,
     MAP_FLOWS,
+    MAP_TRACE_CONTROL,
+    MAP_TRACE_EVENTS,
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -316,6 +323,72 @@ pub struct FlowValue {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tracing (`dns-agent trace`).
+
+/// [`TraceControl::enabled`]: no tracer; the program writes no events.
+pub const TRACE_OFF: u32 = 0;
+/// [`TraceControl::enabled`]: a tracer is reading [`MAP_TRACE_EVENTS`].
+pub const TRACE_ON: u32 = 1;
+/// Bytes of [`MAP_TRACE_EVENTS`] (a power of two and a multiple of the page size): room for
+/// about 800 events a tracer has not read yet; beyond that the program drops events, never
+/// packets.
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+
+/// Value of [`MAP_TRACE_CONTROL`]. Written by the tracer only; the program reads it once per
+/// packet, which is all a normal run pays for tracing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceControl {
+    /// [`TRACE_OFF`] or [`TRACE_ON`].
+    pub enabled: u32,
+    /// Only packets that arrived on this interface; 0 for every interface.
+    pub ifindex: u32,
+    /// Process id of the tracer, so a new one can tell a tracer that is gone without having
+    /// cleared the flag (killed) from one that is still running.
+    pub tracer_pid: u32,
+    pub _pad: u32,
+}
+
+/// [`TraceEvent::family`] values.
+pub const TRACE_FAMILY_NONE: u8 = 0;
+pub const TRACE_FAMILY_V4: u8 = 4;
+pub const TRACE_FAMILY_V6: u8 = 6;
+
+/// One packet to a listen address on port 53 and what the program did with it. Packets not
+/// addressed to the DNS listen addresses (`counter::PASS_NOT_DNS`) produce no event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceEvent {
+    /// Interface the query arrived on.
+    pub ifindex: u32,
+    /// The verdict, `XDP_*` (`XDP_TX`: answered; `XDP_PASS`: up to the agent).
+    pub action: u32,
+    /// Why: the [`counter`] the packet was counted in.
+    pub counter: u32,
+    /// Question type, host order (valid when `name_len` is not 0).
+    pub qtype: u16,
+    /// Wire length of the question name in [`TraceEvent::key`]; 0 when the program stopped
+    /// before it had read the question (the reason says where).
+    pub name_len: u16,
+    /// [`TRACE_FAMILY_V4`] or [`TRACE_FAMILY_V6`]; [`TRACE_FAMILY_NONE`] when the addresses
+    /// could not be read again.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// The querier's and the listen address's port, host order.
+    pub client_port: u16,
+    pub server_port: u16,
+    /// The querier's address and the listen address the query was sent to (IPv4 in the first
+    /// four bytes), as the query carried them (an answered packet has them swapped on the way
+    /// out; the program swaps them back for the event).
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    /// The lookup key as the program built it: the lowercased wire-format name, zero-padded.
+    /// Its `qtype` field is the last one looked up (perhaps `QTYPE_OTHER`): see `qtype`.
+    pub key: LongKey,
+    pub _pad2: [u8; 4],
+}
+
+// ---------------------------------------------------------------------------------------------
 // Counters.
 
 /// Indices of [`MAP_COUNTERS`]. Every packet the program sees lands in exactly one of the
@@ -415,6 +488,16 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
 const _: () = assert!(BLOB_DATA_LEN + 12 + 5 + OPT_RECORD_LEN >= MAX_UDP_REPLY);
 const _: () = assert!(INLINE_DATA_LEN < BLOB_DATA_LEN);
+const _: () = assert!(core::mem::size_of::<TraceControl>() == 16);
+const _: () = assert!(core::mem::offset_of!(TraceEvent, qtype) == 12);
+const _: () = assert!(core::mem::offset_of!(TraceEvent, family) == 16);
+const _: () = assert!(core::mem::offset_of!(TraceEvent, client_port) == 20);
+const _: () = assert!(core::mem::offset_of!(TraceEvent, client) == 24);
+const _: () = assert!(core::mem::offset_of!(TraceEvent, server) == 40);
+// The program copies the key in 8-byte words: it must start on one.
+const _: () = assert!(core::mem::offset_of!(TraceEvent, key) == 56);
+const _: () = assert!(core::mem::size_of::<TraceEvent>() == 56 + 264);
+const _: () = assert!(TRACE_RING_BYTES.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod user {
@@ -429,6 +512,8 @@ mod user {
     unsafe impl aya::Pod for Liveness {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for TraceControl {}
+    unsafe impl aya::Pod for TraceEvent {}
 }
 
 impl ShortKey {

@@ -27,6 +27,7 @@ mod packet;
 mod question;
 mod reply;
 mod steer;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use dns_common::{CONFIG_SYNCED, counter};
@@ -35,8 +36,8 @@ use crate::maps::{CONFIG, SCRATCH};
 
 /// How one packet ends: the verdict, and the counter that records why.
 pub struct Outcome {
-    action: u32,
-    counter: u32,
+    pub action: u32,
+    pub counter: u32,
 }
 
 pub const fn pass(counter: u32) -> Outcome {
@@ -52,7 +53,14 @@ pub fn xdns_xdp(ctx: XdpContext) -> u32 {
     let outcome = match handle(&ctx, &mut intercepted) {
         Ok(o) | Err(o) => o,
     };
-    if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+    let scratch = SCRATCH.get_ptr_mut(0);
+    // Before the key's tail is cleaned: the event carries the name. Not for the traffic that is
+    // no DNS query of ours (most of a pod's packets): it costs them not even the flag's lookup.
+    if outcome.counter != counter::PASS_NOT_DNS && trace::wanted(&ctx) {
+        let s = scratch.map_or(core::ptr::null(), |s| s.cast_const());
+        trace::emit(ctx.ctx, outcome.action, outcome.counter, s);
+    }
+    if let Some(scratch) = scratch {
         // SAFETY: per-CPU scratch, not shared with any other program run.
         unsafe { (*scratch).clean_tail() };
     }

@@ -527,13 +527,11 @@ fn zones() -> anyhow::Result<Vec<(String, String)>> {
 /// example cluster's objects.
 fn watch_events(dir: &Path) -> anyhow::Result<()> {
     let example = fs::read_to_string(root().join("deploy/examples/cluster.yaml"))?;
-    let mut objects = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&example) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            objects.push(v);
-        }
-    }
+    let objects: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple::<serde_json::Value>(&example)?
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .collect();
     let event = |t: &str, o: &serde_json::Value| serde_json::json!({"type": t, "object": o});
     for (i, o) in objects.iter().enumerate() {
         let kind = o["kind"].as_str().unwrap_or("object").to_lowercase();

@@ -48,6 +48,9 @@ fn llvm_prefix() -> String {
     format!("/usr/lib/llvm-{LLVM_MAJOR}")
 }
 
+/// cargo-deny checks the dependency graph (`deny.toml`): licenses, bans, sources.
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// What to install.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -65,6 +68,7 @@ pub fn setup(scope: Scope) -> anyhow::Result<()> {
     timed("bpf-linker", bpf_linker)?;
     if scope == Scope::All {
         timed("cargo-fuzz", cargo_fuzz)?;
+        timed("cargo-deny", cargo_deny)?;
     }
     // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
     dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;
@@ -223,20 +227,34 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// cargo-fuzz at the pinned version (it drives the fuzz targets of `fuzz/` with the XDP
 /// toolchain's nightly, which libFuzzer's instrumentation needs).
 fn cargo_fuzz() -> anyhow::Result<()> {
-    let version = Command::new("cargo")
-        .args(["fuzz", "--version"])
+    cargo_tool("fuzz", CARGO_FUZZ_VERSION)
+}
+
+/// cargo-deny at the pinned version (`cargo xtask test` runs it).
+fn cargo_deny() -> anyhow::Result<()> {
+    cargo_tool("deny", CARGO_DENY_VERSION)
+}
+
+/// `cargo-<tool>` at `version`, installed with its own lock file; another version is replaced.
+fn cargo_tool(tool: &str, version: &str) -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args([tool, "--version"])
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if version.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
-        println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
-        return Ok(());
+    match present {
+        // `cargo-fuzz 0.13.2`, `cargo-deny 0.20.2`
+        Some(v) if v.split_whitespace().nth(1) == Some(version) => {
+            println!("setup: {v} present");
+            return Ok(());
+        }
+        Some(v) => println!("setup: {v} present; installing cargo-{tool} {version}"),
+        None => println!("setup: installing cargo-{tool} {version}"),
     }
-    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
     run(cmd("cargo")
         .current_dir(root())
         .args(["install", "--locked", "--force"])
-        .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))
-    .context("installing cargo-fuzz")
+        .arg(format!("cargo-{tool}@{version}")))
+    .with_context(|| format!("installing cargo-{tool}"))
 }

@@ -25,6 +25,17 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The dependency graph against deny.toml. Offline: these checks need the crates already
+    // fetched for the build, not the advisory database (which is not checked here).
+    run(&mut cargo(&[
+        "deny",
+        "--offline",
+        "--locked",
+        "check",
+        "bans",
+        "licenses",
+        "sources",
+    ]))?;
     // The XDP program, linted for its own target with its own toolchain.
     let xdp = dns_ebpf_build::Toolchain::pinned()?;
     run(xdp

@@ -4,6 +4,7 @@ pub mod attach;
 pub mod links;
 pub mod maps;
 pub mod sync;
+pub mod trace;
 
 use std::{
     fs,
@@ -25,7 +26,7 @@ use dns_common::{
     AnswerValue, BlobL, BlobM, BlobS, DEFAULT_GRACE_NS, DEFAULT_STALE_AFTER_NS,
     EGRESS_PROGRAM_NAME, LAYOUT_VERSION, Liveness, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
     MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS,
-    PROGRAM_NAME, ShortKey, ZoneConfig, counter,
+    MAP_TRACE_CONTROL, MAP_TRACE_EVENTS, PROGRAM_NAME, ShortKey, ZoneConfig, counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -302,6 +303,11 @@ impl Kernel {
             .ok()
             .and_then(|m| m.info().ok())
             .map(|i| i.id());
+        // The trace maps stay with the program; `dns-agent trace` opens them from their pins.
+        for name in [MAP_TRACE_CONTROL, MAP_TRACE_EVENTS] {
+            let map = ebpf.map(name).ok_or(KernelError::MissingMap(name))?;
+            pin_map(map, name, &pin_dir)?;
+        }
         Ok((
             Self {
                 ebpf,
@@ -638,19 +644,20 @@ where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
-    let data_pin = |m: &aya::maps::Map| -> Result<(), KernelError> {
-        let data: &MapData = match m {
-            aya::maps::Map::HashMap(d)
-            | aya::maps::Map::LruHashMap(d)
-            | aya::maps::Map::Array(d)
-            | aya::maps::Map::PerCpuArray(d) => d,
-            _ => return Ok(()),
-        };
-        data.pin(pin_dir.join(name))
-            .map_err(|source| KernelError::PinMap { name, source })
-    };
-    data_pin(&map)?;
+    pin_map(&map, name, pin_dir)?;
     M::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+fn pin_map(map: &aya::maps::Map, name: &'static str, pin_dir: &Path) -> Result<(), KernelError> {
+    let data: &MapData = match map {
+        aya::maps::Map::HashMap(d)
+        | aya::maps::Map::Array(d)
+        | aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::RingBuf(d) => d,
+        _ => return Ok(()),
+    };
+    data.pin(pin_dir.join(name))
+        .map_err(|source| KernelError::PinMap { name, source })
 }
 
 /// Kernel counters of a running agent, read from its pinned map and summed over CPUs.

@@ -36,12 +36,7 @@ use crate::{
     },
 };
 
-/// The transport a query came over: UDP replies are limited in size, TCP ones are not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
+pub use crate::dns::Transport;
 
 pub struct Handler {
     pub zone: Arc<RwLock<ZoneModel>>,

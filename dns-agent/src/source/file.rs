@@ -11,6 +11,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::SourceEvent;
@@ -30,7 +31,8 @@ pub enum ZoneFileError {
         path: PathBuf,
         doc: usize,
         #[source]
-        source: serde_yaml::Error,
+        // Boxed: the parser's error carries its source snippet and is large.
+        source: Box<serde_saphyr::Error>,
     },
     #[error("{path}: document {doc}{item}: {problem}")]
     Object {
@@ -50,18 +52,20 @@ pub fn load(path: &Path) -> Result<Vec<ClusterObject>, ZoneFileError> {
     parse(path, &text)
 }
 
+/// Documents are numbered as the YAML reader yields them: empty documents (a stray `---`) are
+/// skipped and not counted.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileError> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    let mut reader = std::io::Cursor::new(text.as_bytes());
+    // Each document as a generic tree first: the `kind` picks the Kubernetes type, and errors
+    // can name the object before its schema is checked.
+    for (i, doc) in serde_saphyr::read::<_, Value>(&mut reader).enumerate() {
         let doc_no = i + 1;
-        let value =
-            <serde_yaml::Value as serde::Deserialize>::deserialize(doc).map_err(|source| {
-                ZoneFileError::Yaml {
-                    path: path.to_path_buf(),
-                    doc: doc_no,
-                    source,
-                }
-            })?;
+        let value = doc.map_err(|source| ZoneFileError::Yaml {
+            path: path.to_path_buf(),
+            doc: doc_no,
+            source: Box::new(source),
+        })?;
         if value.is_null() {
             continue;
         }
@@ -69,7 +73,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileErro
         if kind == "List" {
             let items = value
                 .get("items")
-                .and_then(|i| i.as_sequence())
+                .and_then(|i| i.as_array())
                 .cloned()
                 .unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {
@@ -86,7 +90,7 @@ fn object(
     path: &Path,
     doc: usize,
     item: &str,
-    value: serde_yaml::Value,
+    value: Value,
     out: &mut Vec<ClusterObject>,
 ) -> Result<(), ZoneFileError> {
     let kind = value
@@ -94,7 +98,7 @@ fn object(
         .and_then(|k| k.as_str())
         .unwrap_or("")
         .to_string();
-    let meta = |v: &serde_yaml::Value, key: &str| {
+    let meta = |v: &Value, key: &str| {
         v.get("metadata")
             .and_then(|m| m.get(key))
             .and_then(|n| n.as_str())
@@ -111,8 +115,8 @@ fn object(
         item: format!("{item} ({kind} {label})"),
         problem,
     };
-    fn typed<T: DeserializeOwned>(v: serde_yaml::Value) -> Result<T, String> {
-        serde_yaml::from_value(v).map_err(|e| format!("does not match the Kubernetes schema: {e}"))
+    fn typed<T: DeserializeOwned>(v: Value) -> Result<T, String> {
+        serde_json::from_value(v).map_err(|e| format!("does not match the Kubernetes schema: {e}"))
     }
     let projected = match kind.as_str() {
         "Namespace" => Some(objects::project_namespace(

@@ -715,22 +715,17 @@ mod tests {
 
         use k8s_openapi::Resource as _;
         let text = include_str!("../../../deploy/rbac.yaml");
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
-            .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
-            .collect();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).expect("YAML");
         let of_kind = |k: &str| {
             docs.iter()
                 .find(|d| d["kind"].as_str() == Some(k))
                 .unwrap_or_else(|| panic!("a {k} in deploy/rbac.yaml"))
         };
         let mut granted = BTreeSet::new();
-        for rule in of_kind("ClusterRole")["rules"]
-            .as_sequence()
-            .expect("rules")
-        {
+        for rule in of_kind("ClusterRole")["rules"].as_array().expect("rules") {
             let list = |k: &str| -> Vec<String> {
                 rule[k]
-                    .as_sequence()
+                    .as_array()
                     .expect("a list")
                     .iter()
                     .map(|v| v.as_str().expect("a string").to_string())

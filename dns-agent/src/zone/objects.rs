@@ -438,7 +438,7 @@ mod tests {
     use super::*;
 
     fn service_yaml(y: &str) -> Service {
-        serde_yaml::from_str(y).expect("test YAML")
+        serde_saphyr::from_str(y).expect("test YAML")
     }
 
     #[test]
@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn slices_keep_readiness_and_check_families() {
-        let slice: EndpointSlice = serde_yaml::from_str(
+        let slice: EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
              addressType: IPv4\n\
              endpoints:\n- addresses: [10.1.0.5]\n  hostname: web-0\n- addresses: [10.1.0.6]\n  \
@@ -507,7 +507,7 @@ mod tests {
         assert!(info.endpoints[0].ready && !info.endpoints[1].ready);
         assert_eq!(info.endpoints[0].hostname.as_deref(), Some("web-0"));
 
-        let bad: EndpointSlice = serde_yaml::from_str(
+        let bad: EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\n\
              endpoints: [{addresses: [10.0.0.1]}]\n",
         )
