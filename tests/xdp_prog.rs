@@ -34,6 +34,9 @@ const CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
 const CLIENT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2));
 const SERVER_V4: IpAddr = IpAddr::V4(LISTEN_V4);
 const SERVER_V6: IpAddr = IpAddr::V6(LISTEN_V6);
+/// The kube-dns Service's cluster IPs, intercepted.
+const KUBE_DNS_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const KUBE_DNS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x53, 0, 0, 0, 0, 0x10);
 
 const A: u16 = 1;
 const CNAME: u16 = 5;
@@ -71,6 +74,9 @@ fn fixture_with(synced: bool) -> Fixture {
     sync.maps_mut()
         .set_listen(&[LISTEN_V4.octets()], &[LISTEN_V6.octets()])
         .unwrap();
+    sync.maps_mut()
+        .set_intercept(&[KUBE_DNS_V4.octets()], &[KUBE_DNS_V6.octets()])
+        .unwrap();
     sync.write_config(&zone).unwrap();
     let names = zone.all_names();
     let stats = sync.apply(Vec::new(), entries_of(&zone, &names));
@@ -101,19 +107,24 @@ impl Fixture {
 
     /// Runs one frame; asserts the verdict and that exactly `counter` moved (by one).
     fn run(&self, frame: &[u8], verdict: u32, counter: &str) -> Vec<u8> {
+        self.run_counting(frame, verdict, &[counter])
+    }
+
+    /// Runs one frame; asserts the verdict and that exactly `counters` moved (by one each).
+    fn run_counting(&self, frame: &[u8], verdict: u32, counters: &[&str]) -> Vec<u8> {
         let before = self.counters();
         let out = self.kernel.test_run(frame, 1).expect("BPF_PROG_TEST_RUN");
         let after = self.counters();
-        let moved: Vec<_> = after
+        let mut moved: Vec<_> = after
             .iter()
             .filter(|(k, v)| before[*k] != **v)
             .map(|(k, v)| (*k, v - before[k]))
             .collect();
-        assert_eq!(
-            moved,
-            vec![(counter_name(counter), 1)],
-            "counters that moved"
-        );
+        moved.sort();
+        let mut want: Vec<_> = counters.iter().map(|c| (counter_name(c), 1)).collect();
+        want.sort();
+        assert_eq!(moved, want, "counters that moved");
+        let counter = counters[0];
         assert_eq!(out.action, verdict, "verdict for {counter}");
         if verdict == XDP_PASS {
             assert_eq!(out.frame, frame, "a passed frame is untouched");
@@ -688,4 +699,130 @@ fn an_update_of_one_service_rewrites_only_its_own_entries() {
         "answered",
     );
     assert_eq!(&r[r.len() - 4..], &[10, 96, 10, 99]);
+}
+
+#[test]
+fn intercepted_addresses_are_answered_from_the_maps_too() {
+    let f = fixture();
+    // check_reply holds the reply to the query's addresses swapped: it comes from the
+    // intercepted address the pod asked.
+    let r = f.answered(
+        CLIENT_V4,
+        IpAddr::V4(KUBE_DNS_V4),
+        &dns_query(1, "web.shop.svc.cluster.local", A, None),
+        "answered",
+    );
+    assert_eq!(&r[r.len() - 4..], &[10, 96, 10, 20]);
+    f.answered(
+        CLIENT_V6,
+        IpAddr::V6(KUBE_DNS_V6),
+        &dns_query(2, "example.org.shop.svc.cluster.local", A, None),
+        "answered_nxdomain",
+    );
+    // No agent socket in this namespace: what the kernel cannot answer is left untouched, for
+    // the Service proxy to carry to kube-dns.
+    for (client, server) in [
+        (CLIENT_V4, IpAddr::V4(KUBE_DNS_V4)),
+        (CLIENT_V6, IpAddr::V6(KUBE_DNS_V6)),
+    ] {
+        let frame = query_frame(client, server, &dns_query(3, "www.example.org", A, None));
+        let out = f.run_counting(&frame, XDP_PASS, &["pass_miss", "left_to_service"]);
+        assert_eq!(out, frame, "left untouched");
+    }
+}
+
+#[test]
+fn nothing_is_answered_from_the_maps_after_the_grace_period() {
+    let mut f = fixture();
+    let query = query_frame(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "web.shop.svc.cluster.local", A, None),
+    );
+    f.run(&query, XDP_TX, "answered");
+    f.sync
+        .maps_mut()
+        .set_grace(std::time::Duration::from_millis(50));
+    f.sync.write_config(&f.zone).unwrap();
+    f.sync.maps().heartbeat().beat();
+    f.run(&query, XDP_TX, "answered");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    f.run(&query, XDP_PASS, "pass_agent_down");
+    let to_kube_dns = query_frame(
+        CLIENT_V4,
+        IpAddr::V4(KUBE_DNS_V4),
+        &dns_query(2, "www.example.org", A, None),
+    );
+    // Not steered either: the agent is gone.
+    f.run(&to_kube_dns, XDP_PASS, "pass_agent_down");
+    f.sync.maps().heartbeat().beat();
+    f.run(&query, XDP_TX, "answered");
+}
+
+#[test]
+fn steered_queries_reach_the_agent_socket_and_their_replies_the_intercepted_address() {
+    // In a namespace of its own with the listen addresses and sockets bound on them, as the
+    // agent's: BPF_PROG_TEST_RUN runs in the caller's namespace, and so does the program's
+    // socket lookup.
+    let ns = support::Netns::new("xs");
+    ns.ip(&["addr", "add", &format!("{LISTEN_V4}/32"), "dev", "lo"]);
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{LISTEN_V6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    let cases = [
+        (CLIENT_V4, IpAddr::V4(KUBE_DNS_V4), SERVER_V4),
+        (CLIENT_V6, IpAddr::V6(KUBE_DNS_V6), SERVER_V6),
+    ];
+    let dns_bytes = dns_query(7, "www.example.org", A, None);
+    let mut reply_dns = dns_bytes.clone();
+    reply_dns[2] |= 0x80;
+    let (d, r) = (dns_bytes.clone(), reply_dns.clone());
+    let (frames, counters) = ns.enter(move || {
+        let _agent = [
+            std::net::UdpSocket::bind((LISTEN_V4, 53)).expect("bind the IPv4 listen address"),
+            std::net::UdpSocket::bind((LISTEN_V6, 53)).expect("bind the IPv6 listen address"),
+        ];
+        let f = fixture();
+        let mut frames = Vec::new();
+        for (client, intercepted, listen) in cases {
+            let query = query_frame(client, intercepted, &d);
+            let out = f.kernel.test_run(&query, 1).expect("test run");
+            assert_eq!(out.action, XDP_PASS);
+            // The agent's reply to the steered query, as it leaves towards the pod.
+            let reply = udp_frame(listen, client, 53, support::frames::CLIENT_PORT, &r);
+            let restored = f.kernel.test_run_egress(&reply).expect("egress test run");
+            frames.push((out.frame, restored.frame));
+        }
+        (frames, f.counters())
+    });
+    assert_eq!(counters["pass_miss"], 2);
+    assert_eq!(counters["steered"], 2);
+    assert_eq!(counters["left_to_service"], 0);
+    assert_eq!(counters["egress_restored"], 2);
+    for ((client, intercepted, listen), (steered, restored)) in cases.into_iter().zip(frames) {
+        // The steered query: destination rewritten to the listen address, checksums valid.
+        assert_eq!(
+            steered,
+            query_frame(client, listen, &dns_bytes),
+            "the query as if sent to the listen address"
+        );
+        // The reply: source given the intercepted address back, checksums valid.
+        assert_eq!(
+            restored,
+            udp_frame(
+                intercepted,
+                client,
+                53,
+                support::frames::CLIENT_PORT,
+                &reply_dns
+            ),
+            "the reply as if sent from the intercepted address"
+        );
+    }
 }

@@ -493,32 +493,29 @@ impl Kernel {
         }
     }
 
-    /// Runs the program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
+    /// Runs the XDP program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
     /// the verdict, the frame as the program left it, and the kernel's mean run time over
     /// `repeat` runs.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, KernelError> {
-        use aya::programs::{TestRun as _, TestRunOptions};
         let program: &Xdp = self
             .ebpf
             .program(PROGRAM_NAME)
             .expect("checked at load")
             .try_into()
             .expect("checked at load");
-        let mut out = vec![0u8; 4096];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..TestRunOptions::default()
-            })
+        test_run(program, frame, repeat)
+    }
+
+    /// Runs the egress program (loaded with `egress`) on one frame, as it would leave an
+    /// interface: the verdict (`TC_ACT_*`) and the frame as the program left it.
+    pub fn test_run_egress(&self, frame: &[u8]) -> Result<TestRunOutcome, KernelError> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(EGRESS_PROGRAM_NAME)
+            .ok_or(KernelError::MissingProgram(EGRESS_PROGRAM_NAME))?
+            .try_into()
             .map_err(KernelError::TestRun)?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: result.return_value,
-            frame: out,
-            duration: result.duration,
-        })
+        test_run(program, frame, 1)
     }
 
     /// Detaches from every interface this agent still serves, and removes its pins. An
@@ -565,6 +562,34 @@ impl Kernel {
             let _ = fs::remove_dir(self.pin_path.join(hook.dir()));
         }
     }
+}
+
+fn test_run<P: aya::programs::TestRun<Result = aya::programs::TestRunResult>>(
+    program: &P,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<TestRunOutcome, KernelError>
+where
+    for<'a> P::Opts<'a>: From<aya::programs::TestRunOptions<'a>>,
+{
+    let mut out = vec![0u8; 4096];
+    let result = program
+        .test_run(
+            aya::programs::TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            }
+            .into(),
+        )
+        .map_err(KernelError::TestRun)?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutcome {
+        action: result.return_value,
+        frame: out,
+        duration: result.duration,
+    })
 }
 
 /// What is pinned where an attachment's link would go.
