@@ -27,6 +27,10 @@ use crate::{
 
 const LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+/// The kube-dns Service's cluster IP, intercepted.
+const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The "CoreDNS" pod behind it (dnsmasq), reached through a kube-proxy stand-in.
+const COREDNS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9253);
 
 /// The demo's queries: name, type, what it shows.
@@ -143,42 +147,26 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     )
     .context("starting dnsmasq (`cargo xtask setup` installs it)")?;
 
+    kube_dns(&node, &pod, id)?;
+
     let pin = format!("/sys/fs/bpf/xdns-demo-{id}");
     netns::remove_on_exit(pin.clone().into());
     let log_path = std::env::temp_dir().join(format!("xdns-demo-{id}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let mut agent = node.spawn(
-        node.command(agent_bin)
-            .arg("run")
+    let agent_args = |log: std::fs::File| -> std::process::Command {
+        let mut c = node.command(agent_bin);
+        c.arg("run")
             .arg("--zone-file")
             .arg(root.join("deploy/examples/cluster.yaml"))
             .args(["--interface", &host_if, "--listen", &LISTEN.to_string()])
+            .args(["--intercept", &KUBE_DNS.to_string(), "--kernel-grace", "3s"])
             .args(["--upstream", &UPSTREAM.to_string(), "--pin-path", &pin])
             .args(["--metrics-addr", &METRICS.to_string()])
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
-            .stderr(log),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = agent.try_wait()? {
-            bail!(
-                "dns-agent exited ({status}):\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        if matches!(node.http_get(METRICS, "/ready"), Ok((200, _))) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "dns-agent not ready:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
+            .stderr(log);
+        c
+    };
+    let mut agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
     println!();
     println!(
         "xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}",
@@ -238,10 +226,145 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
         ])
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    // Intercept mode: the pod asks the kube-dns cluster IP, as its resolv.conf says.
+    println!();
+    println!(
+        "intercept mode: the pod asks the kube-dns Service's cluster IP {KUBE_DNS}; behind it a \
+         kube-proxy stand-in (nftables DNAT) and a \"CoreDNS\" pod (dnsmasq at {COREDNS})"
+    );
+    let ask = |agent_up: bool| -> anyhow::Result<()> {
+        for (name, what) in [
+            ("web.shop.svc.cluster.local", "cluster name"),
+            ("www.example.org", "outside the cluster"),
+        ] {
+            let before = if agent_up {
+                Some((kernel_answered(&counters_path)?, userspace(&node)?))
+            } else {
+                None
+            };
+            let (reply, latency) = query_to(&sock, KUBE_DNS, name, RecordType::A)?;
+            let by = match before {
+                None => "kube-dns",
+                Some((k, (u, f, h))) => {
+                    let (u2, f2, h2) = userspace(&node)?;
+                    if kernel_answered(&counters_path)? > k {
+                        "kernel"
+                    } else if h2 > h {
+                        "cache"
+                    } else if f2 > f {
+                        "upstream"
+                    } else if u2 > u {
+                        "userspace"
+                    } else {
+                        "?"
+                    }
+                }
+            };
+            println!(
+                "  {:<30} {:<9} {:<16} {:<11} {:>7.0} µs   {what}",
+                name,
+                rcode_name(reply.metadata.response_code.low()),
+                summarize(&reply),
+                by,
+                latency.as_secs_f64() * 1e6,
+            );
+        }
+        Ok(())
+    };
+    println!("agent running:");
+    ask(true)?;
+    agent.kill()?;
+    agent.wait()?;
+    println!("agent killed (SIGKILL): its socket is gone, nothing is steered to it");
+    ask(false)?;
+    println!("agent started again: it takes the pinned XDP and tc links over");
+    let _agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
+    ask(true)?;
+    Ok(())
+}
+
+/// Starts the agent and waits until it is ready.
+fn start_agent(
+    node: &Netns,
+    mut command: std::process::Command,
+    log_path: &Path,
+) -> anyhow::Result<std::process::Child> {
+    let mut agent = node.spawn(&mut command)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = agent.try_wait()? {
+            bail!(
+                "dns-agent exited ({status}):\n{}",
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        if matches!(node.http_get(METRICS, "/ready"), Ok((200, _))) {
+            return Ok(agent);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "dns-agent not ready:\n{}",
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A "CoreDNS" pod behind the kube-dns cluster IP: dnsmasq with the cluster's names and the
+/// outside one, in a namespace of its own on a veth, and kube-proxy's DNAT reduced to one
+/// nftables rule. The pod routes the cluster IP to the node, as pods' default routes do.
+fn kube_dns(node: &Netns, pod: &Netns, id: u32) -> anyhow::Result<()> {
+    let coredns = Netns::new(format!("xdns-demo-dns-{id}"))?;
+    let (node_if, dns_if) = (format!("xdemo{id}k"), format!("xdemo{id}d"));
+    netns::veth(node, &node_if, &coredns, &dns_if)?;
+    node.ip(&["addr", "add", "203.0.113.1/24", "dev", &node_if])?;
+    node.ip(&["link", "set", &node_if, "up"])?;
+    coredns.ip(&["addr", "add", &format!("{COREDNS}/24"), "dev", &dns_if])?;
+    coredns.ip(&["link", "set", &dns_if, "up"])?;
+    coredns.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
+    pod.ip(&["route", "add", &format!("{KUBE_DNS}/32"), "via", "192.0.2.1"])?;
+    run(node
+        .command("sysctl")
+        .args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
+    let rules = format!(
+        "table ip xdns-demo-kube-proxy {{\n\tchain services {{\n\t\ttype nat hook prerouting \
+         priority dstnat; policy accept;\n\t\tip daddr {KUBE_DNS} meta l4proto {{ tcp, udp }} th \
+         dport 53 dnat to {COREDNS}\n\t}}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("xdns-demo-{id}.nft"));
+    std::fs::write(&file, rules)?;
+    run(node.command("nft").arg("-f").arg(&file)).context("nft (`cargo xtask setup` installs nftables)")?;
+    let _ = std::fs::remove_file(&file);
+    coredns
+        .spawn(
+            coredns
+                .command("dnsmasq")
+                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+                .arg(format!("--listen-address={COREDNS}"))
+                .args([
+                    "--address=/web.shop.svc.cluster.local/10.96.10.20",
+                    "--address=/example.org/203.0.113.80",
+                ])
+                .args(["--pid-file=", "--log-facility=-"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .context("starting dnsmasq")?;
     Ok(())
 }
 
 fn query(sock: &UdpSocket, name: &str, qtype: RecordType) -> anyhow::Result<(Message, Duration)> {
+    query_to(sock, LISTEN, name, qtype)
+}
+
+fn query_to(
+    sock: &UdpSocket,
+    server: Ipv4Addr,
+    name: &str,
+    qtype: RecordType,
+) -> anyhow::Result<(Message, Duration)> {
     let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_ascii(format!("{name}."))?, qtype));
@@ -249,13 +372,19 @@ fn query(sock: &UdpSocket, name: &str, qtype: RecordType) -> anyhow::Result<(Mes
     edns.set_max_payload(1232);
     m.set_edns(edns);
     let bytes = m.to_vec()?;
-    let server = SocketAddr::new(IpAddr::V4(LISTEN), 53);
+    let server = SocketAddr::new(IpAddr::V4(server), 53);
     let mut buf = vec![0u8; 65535];
     let start = Instant::now();
     sock.send_to(&bytes, server)?;
-    let (n, _) = sock
-        .recv_from(&mut buf)
-        .with_context(|| format!("no answer to {name} {qtype}"))?;
+    // Only the address asked may answer: a reply from anywhere else is no answer.
+    let n = loop {
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .with_context(|| format!("no answer to {name} {qtype}"))?;
+        if from == server {
+            break n;
+        }
+    };
     let latency = start.elapsed();
     Ok((Message::from_vec(&buf[..n])?, latency))
 }

@@ -27,6 +27,10 @@ const TEST_PACKAGES: &[&str] = &[
     "dnsperf",
     "unbound",
     "dnsmasq-base",
+    // Intercept mode's tests and demo: a kube-proxy stand-in, and the node's rules checked
+    // before and after.
+    "nftables",
+    "iptables",
 ];
 
 /// Services Debian would start when their package is installed: tests start their own copies
