@@ -166,7 +166,11 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
             .stderr(log);
         c
     };
-    let mut agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
+    let mut agent = start_agent(
+        &node,
+        agent_args(std::fs::File::create(&log_path)?),
+        &log_path,
+    )?;
     println!();
     println!(
         "xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}",
@@ -238,26 +242,30 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
             ("web.shop.svc.cluster.local", "cluster name"),
             ("www.example.org", "outside the cluster"),
         ] {
-            let before = if agent_up {
-                Some((kernel_answered(&counters_path)?, userspace(&node)?))
+            // The kernel's counters are pinned: they outlive a killed agent.
+            let kernel_before = kernel_answered(&counters_path)?;
+            let user_before = if agent_up {
+                Some(userspace(&node)?)
             } else {
                 None
             };
             let (reply, latency) = query_to(&sock, KUBE_DNS, name, RecordType::A)?;
-            let by = match before {
-                None => "kube-dns",
-                Some((k, (u, f, h))) => {
-                    let (u2, f2, h2) = userspace(&node)?;
-                    if kernel_answered(&counters_path)? > k {
-                        "kernel"
-                    } else if h2 > h {
-                        "cache"
-                    } else if f2 > f {
-                        "upstream"
-                    } else if u2 > u {
-                        "userspace"
-                    } else {
-                        "?"
+            let by = if kernel_answered(&counters_path)? > kernel_before {
+                "kernel"
+            } else {
+                match user_before {
+                    None => "kube-dns",
+                    Some((u, f, h)) => {
+                        let (u2, f2, h2) = userspace(&node)?;
+                        if h2 > h {
+                            "cache"
+                        } else if f2 > f {
+                            "upstream"
+                        } else if u2 > u {
+                            "userspace"
+                        } else {
+                            "?"
+                        }
                     }
                 }
             };
@@ -276,10 +284,20 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     ask(true)?;
     agent.kill()?;
     agent.wait()?;
-    println!("agent killed (SIGKILL): its socket is gone, nothing is steered to it");
+    println!(
+        "agent killed (SIGKILL): its socket is gone, nothing is steered to it; the kernel keeps \
+         answering cluster names for --kernel-grace (3s here)"
+    );
+    ask(false)?;
+    std::thread::sleep(Duration::from_secs(3));
+    println!("--kernel-grace later: the kernel answers nothing from its frozen maps");
     ask(false)?;
     println!("agent started again: it takes the pinned XDP and tc links over");
-    let _agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
+    let _agent = start_agent(
+        &node,
+        agent_args(std::fs::File::create(&log_path)?),
+        &log_path,
+    )?;
     ask(true)?;
     Ok(())
 }
@@ -324,7 +342,13 @@ fn kube_dns(node: &Netns, pod: &Netns, id: u32) -> anyhow::Result<()> {
     coredns.ip(&["addr", "add", &format!("{COREDNS}/24"), "dev", &dns_if])?;
     coredns.ip(&["link", "set", &dns_if, "up"])?;
     coredns.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
-    pod.ip(&["route", "add", &format!("{KUBE_DNS}/32"), "via", "192.0.2.1"])?;
+    pod.ip(&[
+        "route",
+        "add",
+        &format!("{KUBE_DNS}/32"),
+        "via",
+        "192.0.2.1",
+    ])?;
     run(node
         .command("sysctl")
         .args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
@@ -335,13 +359,19 @@ fn kube_dns(node: &Netns, pod: &Netns, id: u32) -> anyhow::Result<()> {
     );
     let file = std::env::temp_dir().join(format!("xdns-demo-{id}.nft"));
     std::fs::write(&file, rules)?;
-    run(node.command("nft").arg("-f").arg(&file)).context("nft (`cargo xtask setup` installs nftables)")?;
+    run(node.command("nft").arg("-f").arg(&file))
+        .context("nft (`cargo xtask setup` installs nftables)")?;
     let _ = std::fs::remove_file(&file);
     coredns
         .spawn(
             coredns
                 .command("dnsmasq")
-                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
                 .arg(format!("--listen-address={COREDNS}"))
                 .args([
                     "--address=/web.shop.svc.cluster.local/10.96.10.20",
