@@ -6,6 +6,7 @@ mod demo;
 mod fuzz;
 mod netns;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -62,6 +63,25 @@ enum Command {
         #[arg(long)]
         publish: bool,
     },
+    /// The soak: mixed traffic at a set rate against a churning zone (fake API server), a
+    /// flapping upstream and agents replaced now and then, every answer checked; the agent's
+    /// memory, descriptors, threads and kernel maps sampled (root). Fails on any wrong answer
+    /// or leak. Samples, plot and summary go to target/soak/<time>/.
+    Soak {
+        /// How long: 90s, 30m, 2h.
+        #[arg(long, default_value = "10m", value_parser = soak::parse_duration)]
+        duration: std::time::Duration,
+        /// UDP queries offered per second (open loop), IPv4 and IPv6 in turn.
+        #[arg(long, default_value_t = 800)]
+        qps: u64,
+        /// Service and EndpointSlice changes per second through the API.
+        #[arg(long, default_value_t = 60)]
+        churn: u64,
+        /// How often the agent is replaced by a new one (default: a third of the run, 20 s to
+        /// 5 min).
+        #[arg(long, value_parser = soak::parse_duration)]
+        replace_every: Option<std::time::Duration>,
+    },
     /// Only the DNS-over-TLS part of the benchmark: external names, cached and uncached,
     /// through a TLS upstream beside a plain one. Results go to results/tls-<pid>/.
     BenchTls {
@@ -113,5 +133,20 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
         Command::BenchTls { quick } => bench::tls::bench_tls(quick),
+        Command::Soak {
+            duration,
+            qps,
+            churn,
+            replace_every,
+        } => {
+            let o = soak::Options {
+                duration,
+                qps,
+                churn,
+                replace_every,
+            };
+            soak::check(&o)?;
+            soak::soak(o)
+        }
     }
 }
