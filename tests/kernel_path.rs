@@ -429,3 +429,100 @@ fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
         }
     }
 }
+
+/// Two agents overlap during a rolling update, and a pod's veth appears meanwhile: both see it.
+/// The old agent must not take the new veth's link from the newer agent (it would leave the
+/// veth with its own maps, frozen once it exits); nor, leaving, remove the newer agent's map
+/// pins (`dns-agent stats` reads them).
+#[test]
+fn an_old_agent_leaves_a_newer_agents_links_and_pins_alone() {
+    use support::{Netns, run, unique};
+    let topo = Topology::new();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("xdns-o"));
+    let zone = support::example_cluster();
+    let probe = unique("xg");
+    let pattern = format!("{}*", &probe[..probe.rfind('x').unwrap() + 1]);
+    let args = Agent::args(
+        &topo,
+        "--zone-file",
+        &zone,
+        &["--interface-pattern", &pattern],
+    );
+    let mut old = Agent::start_at(&topo, args.clone(), pin.clone(), 9253);
+    let new = Agent::start_at(&topo, args, pin.clone(), 9254);
+
+    // A pod plugged in while both run.
+    let pod = Netns::new("xp");
+    let (host, guest) = (unique("xg"), unique("xq"));
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &host,
+            "netns",
+            &topo.node.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &guest,
+            "netns",
+            &pod.name,
+        ],
+    );
+    topo.node
+        .ip(&["addr", "add", "203.0.113.1/24", "dev", &host]);
+    topo.node.ip(&["link", "set", &host, "up"]);
+    pod.ip(&["addr", "add", "203.0.113.2/24", "dev", &guest]);
+    pod.ip(&["link", "set", &guest, "up"]);
+    pod.ip(&[
+        "route",
+        "add",
+        &format!("{LISTEN_V4}/32"),
+        "via",
+        "203.0.113.1",
+    ]);
+    support::wait::eventually(
+        "both agents saw the new veth",
+        Duration::from_secs(10),
+        || {
+            let seen = |a: &Agent| a.log().contains(&format!("interface={host}"));
+            (seen(&old) && seen(&new)).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The old agent leaves: the new veth must still be answered by the newer agent's program.
+    old.stop();
+    let client = Client::new(&pod, IpAddr::V4(LISTEN_V4));
+    let kernel = new.kernel_answered();
+    let m = client.query("web.shop.svc.cluster.local.", RecordType::A, false);
+    assert_eq!(answers(&m), vec!["A 10.96.10.20"]);
+    assert_eq!(
+        new.kernel_answered(),
+        kernel + 1,
+        "the newer agent's program answers on the veth that appeared during the overlap"
+    );
+    // And its pins are where `dns-agent stats` looks.
+    let stats = topo
+        .node
+        .command(support::agent_bin())
+        .args([
+            "stats",
+            "--pin-path",
+            &pin.display().to_string(),
+            "--metrics-addr",
+            "127.0.0.1:9254",
+        ])
+        .output()
+        .expect("dns-agent stats");
+    assert!(
+        stats.status.success(),
+        "stats after the old agent left: {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("answered"));
+    drop(new);
+    drop(old);
+}
