@@ -334,6 +334,8 @@ struct Tally {
     unexplained: AtomicU64,
     tcp: AtomicU64,
     wrong: Mutex<Vec<String>>,
+    /// When unanswered queries were sent, for the summary.
+    unanswered_at: Mutex<Vec<Instant>>,
 }
 
 impl Tally {
@@ -539,6 +541,7 @@ fn sweep(
             continue;
         }
         tally.unanswered.fetch_add(1, Relaxed);
+        tally.unanswered_at.lock().expect("tally").push(q.sent);
         let explained = q.kind == Kind::External && h.upstream_troubled(q.sent, now);
         if !explained {
             tally.unexplained.fetch_add(1, Relaxed);
@@ -930,12 +933,20 @@ fn every_answer_is_right_while_the_zone_churns_the_upstream_flaps_and_agents_cha
     }
 
     let wrong = tally.wrong.lock().expect("tally").clone();
+    // Unanswered queries by the second they were sent in.
+    let mut by_second: std::collections::BTreeMap<u64, u64> = Default::default();
+    for t in tally.unanswered_at.lock().expect("tally").iter() {
+        *by_second
+            .entry(t.duration_since(start).as_secs())
+            .or_default() += 1;
+    }
     let leaks = leaks(&samples);
     let summary = format!(
         "soak: {:?}, {} queries/s offered, {} changes/s, agent replaced every {:?}\n\
          UDP queries sent {}, answers judged {} (UDP and TCP), unanswered {} (unexplained {}), TCP queries {}\n\
          zone changes {}, agents {}, wrong answers {}\n\
          leaks: {}\n\
+         unanswered by second sent: {:?}\n\
          first wrong answers: {:#?}\n",
         settings.duration,
         settings.qps,
@@ -954,12 +965,12 @@ fn every_answer_is_right_while_the_zone_churns_the_upstream_flaps_and_agents_cha
         } else {
             leaks.join("; ")
         },
+        by_second,
         &wrong[..wrong.len().min(10)],
     );
     let out = write_report(&settings, &samples, &summary).expect("writing the soak report");
     eprintln!("{summary}report: {}", out.display());
-    drop(agents);
-    drop(retired);
+    // Agents are dropped after the checks: on a failure, their logs are printed.
     assert!(
         tally.sent.load(Relaxed) as f64
             > settings.qps as f64 * settings.duration.as_secs_f64() * 0.5,
