@@ -45,6 +45,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
     check_interfaces(&config.args.interfaces)?;
     let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
+    // Loaded and bound: from here on the agent attaches, writes maps and, on exit, removes its
+    // listen address. CAP_PERFMON, CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN and the rest go now.
+    crate::capabilities::keep_for_serving(attachments.is_some())
+        .context("dropping the capabilities serving does not need")?;
 
     let model = Arc::new(RwLock::new(model));
     let forwarder = Arc::new(Forwarder::new(
