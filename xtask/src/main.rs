@@ -37,8 +37,9 @@ enum Command {
     Manifests,
     /// Run xdns on the built-in example cluster in network namespaces and query it.
     Demo,
-    /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests,
-    /// the fuzz targets for a short time.
+    /// Run the whole test suite as CI does: fmt, clippy, cargo deny, the manifests against the
+    /// Kubernetes API schemas, unit tests, XDP and namespace tests, the fuzz targets for a short
+    /// time.
     Test,
     /// Fuzz: every cargo-fuzz target of fuzz/ for --time seconds, then the differential fuzzer
     /// of the XDP program for --frames frames (root). Fails on any crash or mismatch.
