@@ -801,9 +801,11 @@ fn every_answer_is_right_while_the_zone_churns_the_upstream_flaps_and_agents_cha
         .map(|a| a.receiver(stop.clone(), history.clone(), tally.clone()))
         .collect();
 
-    // The sender: open loop, at the set rate, whatever the answers do.
+    // The sender: open loop, at the set rate, whatever the answers do. It stops first, and the
+    // receivers a little later, so that the last queries' answers are counted.
+    let stop_sending = Arc::new(AtomicBool::new(false));
     {
-        let (stop, tally) = (stop.clone(), tally.clone());
+        let (stop, tally) = (stop_sending.clone(), tally.clone());
         let askers: Vec<Asker> = askers.to_vec();
         let interval = Duration::from_secs_f64(1.0 / settings.qps.max(1) as f64);
         threads.push(std::thread::spawn(move || {
@@ -924,6 +926,9 @@ fn every_answer_is_right_while_the_zone_churns_the_upstream_flaps_and_agents_cha
         last.1 = Some(Instant::now());
     }
     mode.store(NORMAL, Relaxed);
+    stop_sending.store(true, Relaxed);
+    // Longer than an outside name may take (the upstream timeouts: 1.9 s in all).
+    std::thread::sleep(Duration::from_millis(2500));
     stop.store(true, Relaxed);
     for t in threads {
         t.join().expect("a soak thread");

@@ -36,6 +36,9 @@ use crate::{
 type Tasks = JoinSet<std::io::Result<()>>;
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // First: a SIGTERM from here on is a clean shutdown, even one that comes the moment /ready
+    // says 200 (the default action would kill the agent before it cleans up).
+    let signals = Signals::install()?;
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
@@ -45,6 +48,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
     check_interfaces(&config.args.interfaces)?;
     let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
+    // Loaded and bound: from here on the agent attaches, writes maps and, on exit, removes its
+    // listen address. CAP_PERFMON, CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN and the rest go now.
+    crate::capabilities::keep_for_serving(attachments.is_some())
+        .context("dropping the capabilities serving does not need")?;
 
     let model = Arc::new(RwLock::new(model));
     let forwarder = Arc::new(Forwarder::new(
@@ -77,7 +84,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "serving"
     );
 
-    let outcome = serve(&mut tasks, zone_loaded, &sockets, &forwarder, attachments).await;
+    let outcome = serve(
+        &mut tasks,
+        signals,
+        zone_loaded,
+        &sockets,
+        &forwarder,
+        attachments,
+    )
+    .await;
     drain(&handler).await;
     tasks.shutdown().await;
     drop(sockets);
@@ -94,6 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// the next agent (or detaches).
 async fn serve(
     tasks: &mut Tasks,
+    mut signals: Signals,
     mut zone_loaded: oneshot::Receiver<()>,
     sockets: &Sockets,
     forwarder: &Arc<Forwarder>,
@@ -103,12 +119,11 @@ async fn serve(
     if attachments.as_ref().is_some_and(Attachments::follows_links) {
         tasks.spawn(crate::kernel::links::watch(link_tx));
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut loading = true;
     let outcome = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = signals.interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+            _ = signals.terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
             Some(res) = tasks.join_next() => break Err(match res {
                 Ok(Ok(())) => anyhow::anyhow!("a task ended unexpectedly"),
                 Ok(Err(e)) => anyhow::Error::from(e).context("serving failed"),
@@ -158,6 +173,22 @@ async fn drain(handler: &Handler) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     while handler.in_flight() > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The signals that stop the agent cleanly, caught from the start.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
 }
 

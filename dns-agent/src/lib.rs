@@ -5,6 +5,7 @@
 //! (which also forwards what is not the cluster's); [`metrics`] reports on all of it.
 
 pub mod app;
+pub mod capabilities;
 pub mod config;
 pub mod dns;
 pub mod kernel;

@@ -330,8 +330,32 @@ impl Agent {
         agent
     }
 
+    /// Starts the agent in the `node` namespace under `wrapper` (a command that execs the rest of
+    /// its command line, such as `setpriv ... --`, so that the child's pid stays the agent's),
+    /// with exactly `args` (plus the pin path and metrics port); does not wait for anything.
+    pub fn spawn_wrapped(
+        node: &Netns,
+        wrapper: &[String],
+        args: Vec<String>,
+        pin_path: PathBuf,
+        metrics_port: u16,
+    ) -> Self {
+        Self::spawn_under(node, wrapper, args, pin_path, metrics_port, &[])
+    }
+
     fn spawn_at(
         node: &Netns,
+        args: Vec<String>,
+        pin_path: PathBuf,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn_under(node, &[], args, pin_path, metrics_port, env)
+    }
+
+    fn spawn_under(
+        node: &Netns,
+        wrapper: &[String],
         mut args: Vec<String>,
         pin_path: PathBuf,
         metrics_port: u16,
@@ -345,8 +369,15 @@ impl Agent {
             format!("127.0.0.1:{metrics_port}"),
         ]);
         let log = dir.path().join("agent.log");
-        let child = node
-            .command(agent_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = node.command(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => node.command(agent_bin()),
+        };
+        let child = command
             .args(&args)
             .env("RUST_LOG", "info,dns_agent=debug")
             .env("RUST_BACKTRACE", "0")
@@ -479,6 +510,23 @@ impl Agent {
     pub fn kernel_answered(&self) -> u64 {
         let c = self.kernel_counters();
         c["answered"] + c["answered_nodata"] + c["answered_nxdomain"]
+    }
+
+    /// Waits for the agent to exit by itself: its status, or `None` if it still runs after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits; returns the exit status.

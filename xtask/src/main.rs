@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod deploy;
 mod fuzz;
 mod netns;
 mod setup;
@@ -31,10 +32,15 @@ enum Command {
     },
     /// Build the XDP object alone, to target/bpfel-unknown-none/release/dns-ebpf.
     BuildEbpf,
+    /// Validate deploy/*.yaml and deploy/examples/*.yaml against the Kubernetes API schemas of
+    /// the version the agent is built for (k8s-openapi's feature), offline (root: it runs the
+    /// validator in a network namespace of its own). `test` runs it too.
+    Manifests,
     /// Run xdns on the built-in example cluster in network namespaces and query it.
     Demo,
-    /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests,
-    /// the fuzz targets for a short time.
+    /// Run the whole test suite as CI does: fmt, clippy, cargo deny, the manifests against the
+    /// Kubernetes API schemas, unit tests, XDP and namespace tests, the fuzz targets for a short
+    /// time.
     Test,
     /// Fuzz: every cargo-fuzz target of fuzz/ for --time seconds, then the differential fuzzer
     /// of the XDP program for --frames frames (root). Fails on any crash or mismatch.
@@ -112,6 +118,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::BuildEbpf => {
             setup::setup(setup::Scope::Build)?;
             build_ebpf::build_ebpf().map(|_| ())
+        }
+        Command::Manifests => {
+            crate::util::require_root(
+                "validating the manifests (the validator runs without a network)",
+            )?;
+            deploy::setup_kubernetes_validate()?;
+            deploy::validate_manifests()
         }
         Command::Demo => demo::demo(),
         Command::Test => test::test(),

@@ -31,6 +31,9 @@ const TEST_PACKAGES: &[&str] = &[
     // before and after.
     "nftables",
     "iptables",
+    // The manifests' validator (kubernetes-validate, from PyPI) runs in a venv of Debian's
+    // Python.
+    "python3-venv",
 ];
 
 /// Services Debian would start when their package is installed: tests start their own copies
@@ -73,6 +76,10 @@ pub fn setup(scope: Scope) -> anyhow::Result<()> {
     if scope == Scope::All {
         timed("cargo-fuzz", cargo_fuzz)?;
         timed("cargo-deny", cargo_deny)?;
+        timed(
+            "kubernetes-validate",
+            crate::deploy::setup_kubernetes_validate,
+        )?;
     }
     // Whatever was there before: the two LLVMs must now agree, or no build can succeed.
     dns_ebpf_build::check_llvm(&toolchain, &dns_ebpf_build::bpf_linker()?)?;

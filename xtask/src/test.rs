@@ -36,6 +36,9 @@ pub fn test() -> anyhow::Result<()> {
         "licenses",
         "sources",
     ]))?;
+    // deploy/*.yaml and deploy/examples/*.yaml against the API of the Kubernetes version the
+    // agent is built for, offline.
+    crate::deploy::validate_manifests()?;
     // The XDP program, linted for its own target with its own toolchain.
     let xdp = dns_ebpf_build::Toolchain::pinned()?;
     run(xdp

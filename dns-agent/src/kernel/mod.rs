@@ -30,6 +30,7 @@ use dns_common::{
 };
 
 pub use self::maps::KernelMaps;
+use crate::capabilities::{self, Capability, Missing};
 
 /// The XDP program, built by `build.rs` and embedded: one binary is all a node needs.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-ebpf"));
@@ -80,6 +81,28 @@ pub enum KernelError {
         #[source]
         source: aya::pin::PinError,
     },
+    /// The kernel refused for want of a capability this process lacks.
+    #[error("{missing}")]
+    Capability {
+        missing: Missing,
+        #[source]
+        source: Box<KernelError>,
+    },
+}
+
+impl KernelError {
+    /// A refusal that a capability missing from `needed` explains says so, naming it.
+    fn for_want_of(self, needed: &[Capability], what: impl Into<String>) -> Self {
+        if capabilities::refused(&self)
+            && let Some(missing) = Missing::explain(needed, what)
+        {
+            return Self::Capability {
+                missing,
+                source: Box::new(self),
+            };
+        }
+        self
+    }
 }
 
 /// How the program is attached to an interface.
@@ -145,6 +168,12 @@ impl Default for Capacity {
 pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{LAYOUT_VERSION}"))
 }
+
+/// What loading the programs needs: maps and programs (CAP_BPF), programs of networking types
+/// (CAP_NET_ADMIN), and the verifier's leave for packet pointer arithmetic (CAP_PERFMON: without
+/// it the verifier refuses `data_end - data`, "pointer -= pointer prohibited").
+const PROGRAM_LOAD_NEEDS: &[Capability] =
+    &[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon];
 
 /// How an interface was attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,20 +282,28 @@ impl Kernel {
             .map_max_entries(MAP_BLOBS_S, capacity.blobs_s)
             .map_max_entries(MAP_BLOBS_M, capacity.blobs_m)
             .map_max_entries(MAP_BLOBS_L, capacity.blobs_l)
-            .load(PROGRAM)?;
+            .load(PROGRAM)
+            .map_err(|e| {
+                KernelError::Load(e).for_want_of(&[Capability::Bpf], "creating the BPF maps")
+            })?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(KernelError::MissingProgram(PROGRAM_NAME))?
             .try_into()
             .map_err(KernelError::Verify)?;
-        program.load().map_err(KernelError::Verify)?;
+        program.load().map_err(|e| {
+            KernelError::Verify(e).for_want_of(PROGRAM_LOAD_NEEDS, "loading the XDP program")
+        })?;
         if egress {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(EGRESS_PROGRAM_NAME)
                 .ok_or(KernelError::MissingProgram(EGRESS_PROGRAM_NAME))?
                 .try_into()
                 .map_err(KernelError::Verify)?;
-            program.load().map_err(KernelError::Verify)?;
+            program.load().map_err(|e| {
+                KernelError::Verify(e)
+                    .for_want_of(PROGRAM_LOAD_NEEDS, "loading the tc egress program")
+            })?;
         }
 
         let liveness: Array<MapData, Liveness> = take_map(&mut ebpf, MAP_LIVENESS, &pin_dir)?;
@@ -368,10 +405,16 @@ impl Kernel {
         hook: Hook,
         mode: AttachMode,
     ) -> Result<Takeover, KernelError> {
-        let attach_error = |source| KernelError::Attach {
-            interface: interface.to_string(),
-            mode,
-            source,
+        let attach_error = |source| {
+            KernelError::Attach {
+                interface: interface.to_string(),
+                mode,
+                source,
+            }
+            .for_want_of(
+                &[Capability::Bpf, Capability::NetAdmin],
+                format!("attaching to {interface}"),
+            )
         };
         let link_pin = self.link_pin(hook, interface);
         let dir = link_pin
@@ -653,8 +696,16 @@ fn ensure_bpffs(pin_path: &Path) -> Result<(), KernelError> {
             return Ok(());
         }
         let err = std::io::Error::last_os_error();
+        // The DaemonSet does not grant CAP_SYS_ADMIN: the node mounts the filesystem.
+        let lacking = capabilities::refused(&err)
+            .then(|| Missing::explain(&[Capability::SysAdmin], "mounting"))
+            .flatten()
+            .map(|_| ": mounting needs CAP_SYS_ADMIN, which this process lacks")
+            .unwrap_or_default();
         return Err(KernelError::Bpffs(format!(
-            "--pin-path {}: /sys/fs/bpf is not a BPF filesystem and mounting one failed ({err});              mount it (`mount -t bpf bpf /sys/fs/bpf`) or mount it into the container",
+            "--pin-path {}: /sys/fs/bpf is not a BPF filesystem and mounting one failed \
+             ({err}){lacking}; mount it on the node (`mount -t bpf bpf /sys/fs/bpf`; systemd \
+             does at boot) and into the container (deploy/daemonset.yaml's bpffs volume)",
             pin_path.display()
         )));
     }

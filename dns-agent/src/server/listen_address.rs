@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 
+use crate::capabilities::{Capability, Missing};
 use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkDummy, LinkUnspec,
@@ -33,11 +34,29 @@ pub enum AddressError {
     },
     #[error("interface {0} not found")]
     NoInterface(String),
+    #[error("{missing}")]
+    Capability {
+        missing: Missing,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// The kernel answers EPERM to a netlink request the sender lacks CAP_NET_ADMIN for.
+fn refused(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EPERM)
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> AddressError {
     let what = what.into();
-    move |source| AddressError::Netlink { what, source }
+    move |source| {
+        if refused(&source)
+            && let Some(missing) = Missing::explain(&[Capability::NetAdmin], what.as_str())
+        {
+            return AddressError::Capability { missing, source };
+        }
+        AddressError::Netlink { what, source }
+    }
 }
 
 /// One listen address as found or placed.
@@ -163,6 +182,10 @@ async fn dummy_or_lo(handle: &Handle) -> Result<(u32, String), AddressError> {
             .execute()
             .await
     {
+        // Not allowed is not the same as not possible: lo would refuse as well.
+        if refused(&e) {
+            return Err(netlink(format!("creating the interface {DEVICE}"))(e));
+        }
         tracing::warn!(
             error = %e,
             "this kernel cannot make a dummy interface (no dummy driver); the listen addresses go on lo"

@@ -14,9 +14,17 @@ use tokio::{
 };
 
 use super::{Handler, handover, tcp, udp};
+use crate::capabilities::{self, Capability, Missing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    #[error("binding {addr}: {missing}")]
+    Privileged {
+        addr: SocketAddr,
+        missing: Missing,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "binding {addr} failed: is {ip} assigned to an interface of this node? \
          (e.g. `ip addr add {ip}/{prefix} dev lo`): {source}",
@@ -68,7 +76,17 @@ impl Sockets {
         let mut listeners = Vec::new();
         for ip in listen {
             let addr = SocketAddr::new(*ip, 53);
-            let fail = |source| BindError::Listen { addr, source };
+            let fail = |source: io::Error| match capabilities::refused(&source)
+                .then(|| Missing::explain(&[Capability::NetBindService], "a port below 1024"))
+                .flatten()
+            {
+                Some(missing) => BindError::Privileged {
+                    addr,
+                    missing,
+                    source,
+                },
+                None => BindError::Listen { addr, source },
+            };
             let steer = |source| BindError::Steer { addr, source };
             // An agent being replaced may hold these already (SO_REUSEPORT): everything stays
             // with it until this one has loaded the zone.
