@@ -334,9 +334,11 @@ fn answers_continue_from_the_last_state_while_the_api_is_down() {
     eventually("xdns_api_connected = 1", RECONNECT_DEADLINE, || {
         (s.connected() == 1.0).then_some(())
     });
-    eventually("three watches open", RECONNECT_DEADLINE, || {
-        (s.api.open_watches() == 3).then_some(())
-    });
+    eventually(
+        "four watches open (the zone's three, the kube-dns ConfigMap)",
+        RECONNECT_DEADLINE,
+        || (s.api.open_watches() == 4).then_some(()),
+    );
     s.api.apply(fake_api::service("shop", "web", "10.96.40.2"));
     s.await_kernel(
         "web.shop.svc.cluster.local.",
