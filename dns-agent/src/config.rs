@@ -51,8 +51,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Kubernetes objects as YAML (Namespace, Service, EndpointSlice; several documents or
-    /// `kind: List`) instead of the API. Edits apply without a restart.
+    /// Kubernetes objects as YAML (Namespace, Service, EndpointSlice, and the kube-dns
+    /// ConfigMap; several documents or `kind: List`) instead of the API. Edits apply without a
+    /// restart.
     #[arg(long, value_name = "PATH")]
     pub zone_file: Option<PathBuf>,
 

@@ -487,14 +487,18 @@ impl Routing {
             return;
         }
         let membership = self.forwarder.set_routes(spec.clone());
-        tracing::info!(
-            default = %format!("{} {:?}", spec.default.origin, spec.default.upstreams),
-            stub_domains = %spec
-                .stubs
+        let stubs = if spec.stubs.is_empty() {
+            "none".to_string()
+        } else {
+            spec.stubs
                 .iter()
                 .map(|(_, s)| format!("{} {:?}", s.origin, s.upstreams))
                 .collect::<Vec<_>>()
-                .join("; "),
+                .join("; ")
+        };
+        tracing::info!(
+            default = %format!("{} {:?}", spec.default.origin, spec.default.upstreams),
+            stub_domains = %stubs,
             joined = ?membership.joined,
             left = ?membership.left,
             "forwarding routes"
