@@ -69,7 +69,7 @@ pub enum ForwardError {
     #[error("no upstream is usable: every one forwards our queries back to this agent")]
     NoUpstream,
     /// The route has no upstream at all (the kube-dns Service has no ready endpoint yet).
-    #[error("no upstream to ask: {0} has none")]
+    #[error("no upstream to ask (none among {0})")]
     Empty(String),
     /// Every attempt failed or answered SERVFAIL/REFUSED; `rcode` is what the client gets.
     #[error("every upstream failed: {detail}")]
@@ -1041,7 +1041,7 @@ mod tests {
         assert_eq!(e.rcode(), dns::RCODE_SERVFAIL);
         assert_eq!(
             e.to_string(),
-            "no upstream to ask: the ready endpoints of the kube-dns Service has none"
+            "no upstream to ask (none among the ready endpoints of the kube-dns Service)"
         );
         assert!(f.detect_loops().await.is_ok(), "no upstream is no loop");
     }
