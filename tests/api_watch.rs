@@ -334,9 +334,11 @@ fn answers_continue_from_the_last_state_while_the_api_is_down() {
     eventually("xdns_api_connected = 1", RECONNECT_DEADLINE, || {
         (s.connected() == 1.0).then_some(())
     });
-    eventually("three watches open", RECONNECT_DEADLINE, || {
-        (s.api.open_watches() == 3).then_some(())
-    });
+    eventually(
+        "four watches open (the zone's three, the kube-dns ConfigMap)",
+        RECONNECT_DEADLINE,
+        || (s.api.open_watches() == 4).then_some(()),
+    );
     s.api.apply(fake_api::service("shop", "web", "10.96.40.2"));
     s.await_kernel(
         "web.shop.svc.cluster.local.",
@@ -453,6 +455,75 @@ fn a_forbidden_resource_is_reported_with_the_fix() {
     eventually("xdns_api_connected = 1", CHANGE_DEADLINE, || {
         (agent.metric("xdns_api_connected") == 1.0).then_some(())
     });
+}
+
+#[test]
+fn a_forbidden_kube_dns_config_map_holds_up_nothing_and_is_read_once_allowed() {
+    let topo = Topology::new();
+    let stub = std::net::Ipv4Addr::new(198, 51, 100, 91);
+    topo.node
+        .ip(&["addr", "add", &format!("{stub}/32"), "dev", "lo"]);
+    let stub_upstream = support::upstream::Upstream::start(
+        &topo.node,
+        (stub, 53).into(),
+        std::sync::Arc::new(move |q: &hickory_proto::op::Message| {
+            let mut r = support::upstream::reply_to(q);
+            r.add_answer(hickory_proto::rr::Record::from_rdata(
+                q.queries[0].name().clone(),
+                300,
+                hickory_proto::rr::RData::A(stub.into()),
+            ));
+            support::upstream::Action::Reply(r)
+        }),
+    );
+    let api = FakeApi::start(&topo.node);
+    for o in cluster_basics() {
+        api.apply(o);
+    }
+    api.apply(fake_api::config_map(
+        "kube-system",
+        "kube-dns",
+        &[("stubDomains", &format!(r#"{{"corp.test": ["{stub}"]}}"#))],
+    ));
+    // As before deploy/rbac.yaml had the Role: the zone loads, and the log says the fix.
+    api.forbid(Resource::ConfigMaps, true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start_api(&topo, &api.kubeconfig(dir.path()), &[]);
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    assert!(
+        agent.log().lines().any(|l| l.contains("WARN")
+            && l.contains("kube-dns ConfigMap")
+            && l.contains("403")
+            && l.contains("its Role in kube-system")),
+        "the fix in the log:\n{}",
+        agent.log()
+    );
+    assert_kernel_answers(
+        &agent,
+        &client,
+        "kubernetes.default.svc.cluster.local.",
+        RecordType::A,
+        &Want::Records(&["A 10.96.0.1"]),
+    );
+    eventually("xdns_api_connected = 1", CHANGE_DEADLINE, || {
+        (agent.metric("xdns_api_connected") == 1.0).then_some(())
+    });
+    let m = client.query("www.corp.test.", RecordType::A, true);
+    assert_ne!(answers(&m), [format!("A {stub}")], "no stub domain yet");
+
+    // Allowed: the watch recovers by itself and the stub domain applies.
+    api.forbid(Resource::ConfigMaps, false);
+    let mut n = 0;
+    eventually(
+        "corp.test goes to its stub upstream",
+        RECONNECT_DEADLINE,
+        || {
+            n += 1;
+            let m = client.query(&format!("w{n}.corp.test."), RecordType::A, true);
+            (answers(&m) == [format!("A {stub}")]).then_some(())
+        },
+    );
+    assert_eq!(stub_upstream.queries_for(&format!("w{n}.corp.test")), 1);
 }
 
 #[test]

@@ -9,9 +9,7 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,18 +21,12 @@ use hickory_proto::{
     op::{Message, ResponseCode},
     rr::RecordType,
 };
-use support::{Agent, Client, Netns, answers, run, servers::Server, unique, wait::eventually};
-
-/// The kube-dns Service's cluster IP.
-const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-/// The agent's own listen address: where the kernel steers what it does not answer.
-const LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
-/// The pods' gateway, on the node (as Calico's 169.254.1.1).
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-const COREDNS: [Ipv4Addr; 2] = [
-    Ipv4Addr::new(203, 0, 113, 11),
-    Ipv4Addr::new(203, 0, 113, 12),
-];
+use support::{
+    Agent, Client, answers,
+    kube_node::{COREDNS, Cluster, KUBE_DNS, LISTEN, ServicePath},
+    unique,
+    wait::eventually,
+};
 
 /// What kube-dns (the unbound pods) and the example cluster both say.
 const WEB: (&str, &str) = ("web.shop.svc.cluster.local", "10.96.10.20");
@@ -43,82 +35,16 @@ const EXTERNAL: (&str, &str) = ("www.example.org", "203.0.113.80");
 /// kube-dns too (unbound's local data here).
 const POD: (&str, &str) = ("10-244-1-21.shop.pod.cluster.local", "10.244.1.21");
 
-/// One pod: a namespace with a veth to the node, its address routed by the node.
-struct Pod {
-    ns: Netns,
-}
-
-/// How queries to the cluster IP reach kube-dns without the agent.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ServicePath {
-    /// nftables DNAT in the node namespace, as kube-proxy's nftables mode.
-    KubeProxy,
-    /// No Service proxy: the cluster IP is routed to the first CoreDNS pod, which has it.
-    Routing,
-}
-
-struct Cluster {
-    node: Netns,
-    /// Prefix of the host-side veth names: the agent's --interface-pattern.
-    prefix: String,
-    pods: Vec<Pod>,
-    _coredns: Vec<(Pod, Server)>,
+/// What the CoreDNS pods answer besides the names below `whoami.test`.
+fn coredns_data() -> Vec<String> {
+    vec![
+        format!("{} 5 IN A {}", WEB.0, WEB.1),
+        format!("{} 5 IN A {}", EXTERNAL.0, EXTERNAL.1),
+        format!("{} 5 IN A {}", POD.0, POD.1),
+    ]
 }
 
 impl Cluster {
-    fn new(path: ServicePath) -> Self {
-        support::require_root();
-        for (tool, package) in [("nft", "nftables"), ("iptables-save", "iptables")] {
-            assert!(
-                Command::new(tool).arg("--version").output().is_ok(),
-                "`{tool}` is missing: `apt-get install {package}` (`cargo xtask setup` does)"
-            );
-        }
-        let node = Netns::new("xn");
-        node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", "lo"]);
-        sysctl(&node, "net.ipv4.ip_forward=1");
-        let prefix = unique("xi");
-        let mut next = 0;
-        let mut pod = |addr: Ipv4Addr| {
-            next += 1;
-            plug(&node, &format!("{prefix}{next}"), addr)
-        };
-        let pods = vec![
-            pod(Ipv4Addr::new(192, 0, 2, 21)),
-            pod(Ipv4Addr::new(192, 0, 2, 22)),
-        ];
-        let coredns = COREDNS
-            .iter()
-            .enumerate()
-            .map(|(i, &addr)| {
-                let p = pod(addr);
-                let mut listen = vec![addr];
-                if path == ServicePath::Routing && i == 0 {
-                    p.ns.ip(&["addr", "add", &format!("{KUBE_DNS}/32"), "dev", "lo"]);
-                    listen.push(KUBE_DNS);
-                }
-                let server = kube_dns(&p.ns, &listen);
-                (p, server)
-            })
-            .collect();
-        match path {
-            ServicePath::KubeProxy => kube_proxy(&node),
-            ServicePath::Routing => node.ip(&[
-                "route",
-                "add",
-                &format!("{KUBE_DNS}/32"),
-                "via",
-                &COREDNS[0].to_string(),
-            ]),
-        }
-        Self {
-            node,
-            prefix,
-            pods,
-            _coredns: coredns,
-        }
-    }
-
     fn agent_args(&self, grace: &str) -> Vec<String> {
         [
             "run",
@@ -129,7 +55,7 @@ impl Cluster {
             "--intercept",
             &KUBE_DNS.to_string(),
             "--interface-pattern",
-            &format!("{}*", self.prefix),
+            &self.interface_pattern(),
             "--upstream",
             &COREDNS[0].to_string(),
             "--kernel-grace",
@@ -142,119 +68,6 @@ impl Cluster {
     fn agent(&self, pin: &Path, grace: &str) -> Agent {
         Agent::start_in(&self.node, self.agent_args(grace), pin.to_path_buf(), 9253)
     }
-
-    fn client(&self, pod: usize, timeout: Duration) -> Client {
-        Client::with_timeout(&self.pods[pod].ns, IpAddr::V4(KUBE_DNS), timeout)
-    }
-
-    /// What the node has that an agent could change: rules of both firewalls, addresses.
-    fn state(&self) -> NodeState {
-        let out = |program: &str, args: &[&str]| {
-            let o = self
-                .node
-                .command(program)
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("{program}: {e}"));
-            assert!(o.status.success(), "{program} {args:?} failed");
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        };
-        NodeState {
-            nft: out("nft", &["list", "ruleset"]),
-            iptables: out("iptables-save", &[])
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .collect::<Vec<_>>()
-                .join("\n"),
-            addresses: out("ip", &["-o", "addr", "show"])
-                .lines()
-                .map(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    format!("{} {} {}", f[1], f[2], f[3])
-                })
-                .collect(),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct NodeState {
-    nft: String,
-    iptables: String,
-    addresses: Vec<String>,
-}
-
-fn sysctl(ns: &Netns, setting: &str) {
-    let ok = ns
-        .command("sysctl")
-        .args(["-q", "-w", setting])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "sysctl -w {setting} in {}", ns.name);
-}
-
-/// A pod at `addr` behind the node's interface `host_if`, Calico's way: a /32 on the pod's
-/// side, a route per pod on the node, the pod's default route via the node's link-local
-/// gateway (which the node answers ARP for, as it is one of its own addresses).
-fn plug(node: &Netns, host_if: &str, addr: Ipv4Addr) -> Pod {
-    let ns = Netns::new("xp");
-    let pod_if = unique("xq");
-    run(
-        "ip",
-        &[
-            "link", "add", host_if, "netns", &node.name, "type", "veth", "peer", "name", &pod_if,
-            "netns", &ns.name,
-        ],
-    );
-    node.ip(&["link", "set", host_if, "up"]);
-    node.ip(&["route", "add", &format!("{addr}/32"), "dev", host_if]);
-    ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", &pod_if]);
-    ns.ip(&["link", "set", &pod_if, "up"]);
-    ns.ip(&["route", "add", &format!("{GATEWAY}/32"), "dev", &pod_if]);
-    ns.ip(&["route", "add", "default", "via", &GATEWAY.to_string()]);
-    Pod { ns }
-}
-
-/// A "CoreDNS" pod: unbound answering the cluster's names and the outside name from local
-/// data (no recursion: nothing leaves the namespace).
-fn kube_dns(ns: &Netns, listen: &[Ipv4Addr]) -> Server {
-    let data = [
-        format!("{} 5 IN A {}", WEB.0, WEB.1),
-        format!("{} 5 IN A {}", EXTERNAL.0, EXTERNAL.1),
-        format!("{} 5 IN A {}", POD.0, POD.1),
-    ];
-    let data: Vec<&str> = data.iter().map(String::as_str).collect();
-    let more: String = listen[1..]
-        .iter()
-        .map(|a| format!("  interface: {a}\n"))
-        .collect();
-    Server::unbound_with(ns, listen[0], &data, &[], &more, false)
-}
-
-/// kube-proxy's nftables mode, reduced to the kube-dns Service: DNAT of the cluster IP to the
-/// endpoints, in turn, for pods' traffic and the node's own.
-fn kube_proxy(node: &Netns) {
-    let rule = format!(
-        "ip daddr {KUBE_DNS} meta l4proto {{ tcp, udp }} th dport 53 \
-         dnat to numgen inc mod 2 map {{ 0 : {}, 1 : {} }}",
-        COREDNS[0], COREDNS[1]
-    );
-    let ruleset = format!(
-        "table ip kube-proxy-test {{\n\
-         \tchain services {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\t{rule}\n\t}}\n\
-         \tchain services-out {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\t{rule}\n\t}}\n\
-         }}\n"
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("kube-proxy.nft");
-    std::fs::write(&file, ruleset).expect("ruleset");
-    let ok = node
-        .command("nft")
-        .arg("-f")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "nft -f {}", file.display());
 }
 
 fn a_of(m: &Message) -> Vec<String> {
@@ -286,7 +99,7 @@ fn counter(agent: &Agent, name: &str) -> u64 {
 
 #[test]
 fn pods_asking_the_kube_dns_address_are_answered_by_the_kernel_and_the_agent() {
-    let cluster = Cluster::new(ServicePath::KubeProxy);
+    let cluster = Cluster::new(ServicePath::KubeProxy, &coredns_data());
     let before = cluster.state();
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("xdns-i"));
     let agent = cluster.agent(&pin, "30s");
@@ -456,7 +269,7 @@ const MAX_GAP: Duration = Duration::from_secs(1);
 
 #[test]
 fn a_killed_or_hung_agent_leaves_kube_dns_answering_within_a_second() {
-    let cluster = Cluster::new(ServicePath::KubeProxy);
+    let cluster = Cluster::new(ServicePath::KubeProxy, &coredns_data());
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("xdns-i"));
     let grace = Duration::from_secs(3);
     let mut first = cluster.agent(&pin, "3s");
@@ -530,7 +343,7 @@ fn a_killed_or_hung_agent_leaves_kube_dns_answering_within_a_second() {
 
 #[test]
 fn without_a_service_proxy_the_routed_kube_dns_answers_when_the_agent_is_gone() {
-    let cluster = Cluster::new(ServicePath::Routing);
+    let cluster = Cluster::new(ServicePath::Routing, &coredns_data());
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("xdns-i"));
     let mut agent = cluster.agent(&pin, "30s");
     let client = cluster.client(0, Duration::from_secs(3));

@@ -27,10 +27,13 @@ use crate::{
     metrics::Metrics,
     server::{
         Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, heartbeat,
-        listen_address::ListenAddresses, sockets::Sockets,
+        listen_address::ListenAddresses, routing::Routing, sockets::Sockets,
     },
     source::{self, SourceEvent},
-    zone::{Change, ZoneModel, ZoneSettings},
+    zone::{
+        Change, ZoneModel, ZoneSettings,
+        objects::{ClusterObject, KUBE_DNS_CONFIG_MAP, Kind, KubeDnsConfigData},
+    },
 };
 
 type Tasks = JoinSet<std::io::Result<()>>;
@@ -42,6 +45,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
+    let (forwarder, routing) = forwarding(&config, &source, &metrics)?;
     let addresses = ListenAddresses::ensure(&config.args.listen)
         .await
         .context("putting the listen addresses on the node")?;
@@ -54,11 +58,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .context("dropping the capabilities serving does not need")?;
 
     let model = Arc::new(RwLock::new(model));
-    let forwarder = Arc::new(Forwarder::new(
-        config.upstreams.clone(),
-        config.forward.clone(),
-        metrics.clone(),
-    ));
     let handler = userspace_server(&config, &model, &forwarder, &metrics);
 
     let mut tasks = Tasks::new();
@@ -70,14 +69,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             handler.probe.clone(),
         ));
     }
-    let zone_loaded = source.spawn(&mut tasks, model, sync, metrics.clone());
+    let zone_loaded = source.spawn(&mut tasks, model, sync, routing, metrics.clone());
     sockets.serve(&mut tasks, &handler);
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
     tracing::info!(
         listen = ?config.args.listen,
-        upstreams = ?config.upstreams,
+        upstreams = ?forwarder.upstreams(),
         policy = %config.forward.policy,
         cache_size = config.cache.capacity,
         kernel = attachments.is_some(),
@@ -200,6 +199,17 @@ enum Source {
 }
 
 impl Source {
+    /// The kube-dns ConfigMap a zone file holds (the API's comes with its watch).
+    fn kube_dns_config(&self) -> Option<&KubeDnsConfigData> {
+        match self {
+            Self::File(_, objects) => objects.iter().find_map(|o| match o {
+                ClusterObject::KubeDnsConfig(data) => Some(data),
+                _ => None,
+            }),
+            Self::Api(..) => None,
+        }
+    }
+
     async fn open(config: &RunConfig) -> anyhow::Result<Self> {
         Ok(match &config.source {
             ObjectSource::ZoneFile(path) => Self::File(
@@ -219,6 +229,7 @@ impl Source {
         tasks: &mut Tasks,
         model: Arc<RwLock<ZoneModel>>,
         sync: Option<KernelSync>,
+        routing: Routing,
         metrics: Arc<Metrics>,
     ) -> oneshot::Receiver<()> {
         let (tx, rx) = mpsc::channel(1024);
@@ -234,7 +245,7 @@ impl Source {
         };
         let (loaded_tx, loaded_rx) = oneshot::channel();
         tasks.spawn(async move {
-            zone_task(rx, model, sync, metrics, loaded_tx).await;
+            zone_task(rx, model, sync, routing, metrics, loaded_tx).await;
             Ok(())
         });
         loaded_rx
@@ -253,6 +264,29 @@ fn zone_settings(config: &RunConfig) -> ZoneSettings {
         ns_addrs: config.args.listen.clone(),
         serial,
     }
+}
+
+/// The forwarder, and the routes that tell it where names go: from the command line, the
+/// kube-dns ConfigMap (in a zone file: a malformed one refuses the file) and, in intercept mode,
+/// the kube-dns Service's endpoints. The zone task keeps the routes in step with the cluster.
+fn forwarding(
+    config: &RunConfig,
+    source: &Source,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<Forwarder>, Routing)> {
+    let forwarder = Arc::new(Forwarder::new(
+        Vec::new(),
+        config.forward.clone(),
+        metrics.clone(),
+    ));
+    let routing = Routing::start(
+        config.routes.clone(),
+        source.kube_dns_config(),
+        forwarder.clone(),
+        metrics.clone(),
+    )
+    .context("the zone file is refused")?;
+    Ok((forwarder, routing))
 }
 
 /// Loads the XDP program and fills its maps with what the zone holds before any object
@@ -320,8 +354,8 @@ fn userspace_server(
 async fn detect_loops(forwarder: Arc<Forwarder>) -> std::io::Result<()> {
     forwarder.detect_loops().await.map_err(|e| {
         std::io::Error::other(format!(
-            "{e}: --upstream {} (see the forwarding loop errors above); point those \
-             resolvers elsewhere or give another --upstream",
+            "{e}: {} (see the forwarding loop errors above); point those resolvers elsewhere, \
+             or name others (--upstream, --stub-domain, the kube-dns ConfigMap)",
             forwarder
                 .upstreams()
                 .iter()
@@ -333,22 +367,54 @@ async fn detect_loops(forwarder: Arc<Forwarder>) -> std::io::Result<()> {
     std::future::pending::<std::io::Result<()>>().await
 }
 
-/// Applies source events to the model and the kernel maps, in order.
+/// Applies source events to the model and the kernel maps, in order; hands the kube-dns
+/// ConfigMap to the forwarding routes, and tells them when the zone changed.
 async fn zone_task(
     mut rx: mpsc::Receiver<SourceEvent>,
     model: Arc<RwLock<ZoneModel>>,
     sync: Option<KernelSync>,
+    routing: Routing,
     metrics: Arc<Metrics>,
     loaded: oneshot::Sender<()>,
 ) {
     let mut zone = ZoneSink {
         model,
         sync,
+        routing,
         metrics,
         loaded: Some(loaded),
     };
     while let Some(event) = rx.recv().await {
         let (changes, seen) = match event {
+            SourceEvent::Relist {
+                kind: Kind::ConfigMap,
+                objects,
+                ..
+            } => {
+                zone.routing
+                    .config_map(objects.into_iter().find_map(|o| match o {
+                        ClusterObject::KubeDnsConfig(data) => Some(data),
+                        _ => None,
+                    }));
+                continue;
+            }
+            SourceEvent::Upsert {
+                object: ClusterObject::KubeDnsConfig(data),
+                ..
+            } => {
+                zone.routing.config_map(Some(data));
+                continue;
+            }
+            SourceEvent::Delete {
+                kind: Kind::ConfigMap,
+                key,
+                ..
+            } => {
+                if (&*key.namespace, &*key.name) == KUBE_DNS_CONFIG_MAP {
+                    zone.routing.config_map(None);
+                }
+                continue;
+            }
             SourceEvent::Relist {
                 kind,
                 objects,
@@ -378,10 +444,12 @@ async fn zone_task(
     }
 }
 
-/// The zone model and the kernel maps that mirror it.
+/// The zone model and the kernel maps that mirror it; and the forwarding routes, which follow
+/// the kube-dns Service's endpoints in it.
 struct ZoneSink {
     model: Arc<RwLock<ZoneModel>>,
     sync: Option<KernelSync>,
+    routing: Routing,
     metrics: Arc<Metrics>,
     /// Told once the first full load is done.
     loaded: Option<oneshot::Sender<()>>,
@@ -415,9 +483,11 @@ impl ZoneSink {
                 .kernel_synced(stats.written + stats.removed, stats.failed, s.entries());
             tracing::debug!(?stats, "kernel maps updated");
         }
-        if self.model.read().expect("zone lock").is_synced() {
+        let model = self.model.read().expect("zone lock");
+        if model.is_synced() {
             self.metrics.programming_latency.observe(seen.elapsed());
         }
+        self.routing.zone_changed(&model);
     }
 
     /// The source has listed everything once: the zone answers, the kernel too.
@@ -443,6 +513,7 @@ impl ZoneSink {
         }
         self.metrics.set_synced(true);
         let m = self.model.read().expect("zone lock");
+        self.routing.zone_changed(&m);
         tracing::info!(
             services = m.service_count(),
             endpoints = m.endpoint_count(),

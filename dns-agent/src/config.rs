@@ -13,6 +13,7 @@ use crate::{
     server::{
         cache::CacheSettings,
         forward::{ForwardSettings, Policy, Timeouts},
+        routing::{DefaultUpstreams, RouteFlags, StubDomain, UpstreamRules},
         tls::{TlsConfigError, client_config},
         upstream::Upstream,
     },
@@ -50,8 +51,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Kubernetes objects as YAML (Namespace, Service, EndpointSlice; several documents or
-    /// `kind: List`) instead of the API. Edits apply without a restart.
+    /// Kubernetes objects as YAML (Namespace, Service, EndpointSlice, and the kube-dns
+    /// ConfigMap; several documents or `kind: List`) instead of the API. Edits apply without a
+    /// restart.
     #[arg(long, value_name = "PATH")]
     pub zone_file: Option<PathBuf>,
 
@@ -88,9 +90,22 @@ pub struct RunArgs {
     /// Upstream resolver for names outside the cluster (repeatable): ADDR, ADDR:PORT or
     /// [IPv6]:PORT for plain DNS (port 53), tls://ADDR[:PORT][#SERVERNAME] for DNS over TLS
     /// (port 853; the certificate must be valid for SERVERNAME, or for ADDR without one).
-    /// Default: the nameservers of /etc/resolv.conf.
+    /// Overrides the kube-dns ConfigMap's upstreamNameservers. Default: upstreamNameservers if
+    /// the ConfigMap has them; else, with --intercept, the ready endpoints of the intercepted
+    /// Service (kube-dns), followed live; else the nameservers of /etc/resolv.conf.
     #[arg(long = "upstream", value_name = "[tls://]ADDR[:PORT][#SERVERNAME]")]
     pub upstreams: Vec<String>,
+
+    /// Names at or below DOMAIN go to these upstreams instead (repeatable; addresses in the
+    /// forms of --upstream, comma-separated), with the same policy, health checks and cache;
+    /// the longest matching domain wins. Overrides the kube-dns ConfigMap's stubDomains entry
+    /// for the same domain. E.g. corp.example=192.0.2.53,tls://192.0.2.54#dns.corp.example
+    #[arg(
+        long = "stub-domain",
+        value_name = "DOMAIN=ADDR[,ADDR...]",
+        help_heading = "Forwarding"
+    )]
+    pub stub_domains: Vec<String>,
 
     /// CA certificates (PEM) that the certificates of tls:// upstreams are checked against,
     /// instead of the system's CA store (repeatable; give the system bundle too to trust both).
@@ -308,7 +323,8 @@ pub struct RunConfig {
     pub args: RunArgs,
     pub source: ObjectSource,
     pub cluster_domain: String,
-    pub upstreams: Vec<Upstream>,
+    /// Where names outside the cluster go, by the command line.
+    pub routes: RouteFlags,
     pub metrics_addr: SocketAddr,
     pub forward: ForwardSettings,
     pub cache: CacheSettings,
@@ -445,7 +461,72 @@ impl RunArgs {
                 "--no-kernel serves from userspace only; drop --interface or --no-kernel",
             ));
         }
-        let upstreams = if self.upstreams.is_empty() {
+        self.check_intercept(&patterns)?;
+        let rules = UpstreamRules::new(&self.listen, &self.intercept, &domain);
+        let upstreams = self.default_upstreams(&rules)?;
+        let stub_domains = self.stub_domains(&rules)?;
+        let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
+            .map_err(|e| refuse("metrics-addr", e))?;
+        let mut forward = self.forward_settings()?;
+        // Loaded now, so that a missing CA store or a bad --upstream-ca stops the agent at
+        // start rather than failing every handshake later.
+        let tls_flag = match &upstreams {
+            DefaultUpstreams::Flags(u) if u.iter().any(Upstream::is_tls) => Some("upstream"),
+            _ if stub_domains
+                .iter()
+                .any(|s| s.upstreams.iter().any(Upstream::is_tls)) =>
+            {
+                Some("stub-domain")
+            }
+            _ => None,
+        };
+        if tls_flag.is_some() || !self.upstream_ca.is_empty() {
+            forward.tls = Some(client_config(&self.upstream_ca).map_err(|e| match e {
+                TlsConfigError::NoSystemRoots { .. } => {
+                    refuse(tls_flag.unwrap_or("upstream"), e.to_string())
+                }
+                TlsConfigError::CaFile { .. } => refuse("upstream-ca", e.to_string()),
+            })?);
+        }
+        let cache = self.cache_settings()?;
+        Ok(RunConfig {
+            interface_patterns: patterns,
+            source,
+            cluster_domain: domain,
+            routes: RouteFlags {
+                default: upstreams,
+                stub_domains,
+                rules,
+                intercept: self.intercept.clone(),
+            },
+            metrics_addr,
+            forward,
+            cache,
+            args: self,
+        })
+    }
+
+    /// `--upstream`; without it, in intercept mode the kube-dns endpoints (found at run time),
+    /// else the nameservers of /etc/resolv.conf.
+    fn default_upstreams(&self, rules: &UpstreamRules) -> Result<DefaultUpstreams, ConfigError> {
+        if !self.upstreams.is_empty() {
+            let upstreams = self
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let u = parse_upstream_for("upstream", u)?;
+                    rules
+                        .check_upstream(&u)
+                        .map_err(|e| refuse("upstream", e))?;
+                    Ok(u)
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            return Ok(DefaultUpstreams::Flags(upstreams));
+        }
+        if !self.intercept.is_empty() {
+            return Ok(DefaultUpstreams::KubeDnsEndpoints);
+        }
+        let upstreams: Vec<Upstream> =
             resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
                 .map_err(|e| {
                     refuse(
@@ -455,44 +536,67 @@ impl RunArgs {
                 })?
                 .into_iter()
                 .map(Upstream::Dns)
-                .collect()
-        } else {
-            self.upstreams
-                .iter()
-                .map(|u| parse_upstream_for("upstream", u))
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        if let Some(u) = upstreams.iter().find(
-            |u| matches!(u, Upstream::Dns(a) if self.listen.contains(&a.ip()) && a.port() == 53),
-        ) {
-            return Err(refuse(
-                "upstream",
-                format!("{u} is one of this agent's own listen addresses: queries would loop"),
-            ));
+                .collect();
+        for u in &upstreams {
+            rules.check_upstream(u).map_err(|e| {
+                refuse(
+                    "upstream",
+                    format!("none given, and /etc/resolv.conf names {u}: {e}; give --upstream"),
+                )
+            })?;
         }
-        self.check_intercept(&patterns)?;
-        let metrics_addr = crate::metrics::parse_addr(&self.metrics_addr)
-            .map_err(|e| refuse("metrics-addr", e))?;
-        let mut forward = self.forward_settings()?;
-        // Loaded now, so that a missing CA store or a bad --upstream-ca stops the agent at
-        // start rather than failing every handshake later.
-        if upstreams.iter().any(Upstream::is_tls) || !self.upstream_ca.is_empty() {
-            forward.tls = Some(client_config(&self.upstream_ca).map_err(|e| match e {
-                TlsConfigError::NoSystemRoots { .. } => refuse("upstream", e.to_string()),
-                TlsConfigError::CaFile { .. } => refuse("upstream-ca", e.to_string()),
-            })?);
+        Ok(DefaultUpstreams::ResolvConf(upstreams))
+    }
+
+    /// `--stub-domain DOMAIN=ADDR[,ADDR...]`, each domain once.
+    fn stub_domains(&self, rules: &UpstreamRules) -> Result<Vec<StubDomain>, ConfigError> {
+        let flag = "stub-domain";
+        let mut out: Vec<StubDomain> = Vec::new();
+        for given in &self.stub_domains {
+            let (domain, addresses) = given.split_once('=').ok_or_else(|| {
+                refuse(
+                    flag,
+                    format!(
+                        "{given:?} is not DOMAIN=ADDR[,ADDR...]; e.g. \
+                         --stub-domain corp.example=192.0.2.53,tls://192.0.2.54#dns.corp.example"
+                    ),
+                )
+            })?;
+            let (wire, name) = rules
+                .stub_domain(domain)
+                .map_err(|e| refuse(flag, format!("{given:?}: {e}")))?;
+            if out.iter().any(|s| s.domain == wire) {
+                return Err(refuse(
+                    flag,
+                    format!(
+                        "{name} is given twice; give it once, with every address: \
+                         --stub-domain {name}=ADDR,ADDR"
+                    ),
+                ));
+            }
+            if addresses.trim().is_empty() {
+                return Err(refuse(
+                    flag,
+                    format!("{given:?}: no address after '='; e.g. {name}=192.0.2.53"),
+                ));
+            }
+            let upstreams = addresses
+                .split(',')
+                .map(|a| {
+                    let u = parse_upstream_for(flag, a.trim())?;
+                    rules
+                        .check_upstream(&u)
+                        .map_err(|e| refuse(flag, format!("{name}: {e}")))?;
+                    Ok(u)
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            out.push(StubDomain {
+                domain: wire,
+                name,
+                upstreams,
+            });
         }
-        let cache = self.cache_settings()?;
-        Ok(RunConfig {
-            interface_patterns: patterns,
-            source,
-            cluster_domain: domain,
-            upstreams,
-            metrics_addr,
-            forward,
-            cache,
-            args: self,
-        })
+        Ok(out)
     }
 
     fn check_intercept(
@@ -822,9 +926,10 @@ mod tests {
             vec!["169.254.20.10".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(
-            c.upstreams,
-            vec![Upstream::Dns("192.0.2.53:53".parse().unwrap())]
+            c.routes.default,
+            DefaultUpstreams::Flags(vec![Upstream::Dns("192.0.2.53:53".parse().unwrap())])
         );
+        assert!(c.routes.stub_domains.is_empty());
         assert!(c.forward.tls.is_none(), "no TLS upstream, no CA store read");
     }
 
@@ -914,7 +1019,10 @@ mod tests {
         ])
         .validate()
         .unwrap();
-        let shown: Vec<String> = c.upstreams.iter().map(ToString::to_string).collect();
+        let DefaultUpstreams::Flags(upstreams) = &c.routes.default else {
+            panic!("--upstream given: {:?}", c.routes.default)
+        };
+        let shown: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
             [
@@ -933,6 +1041,174 @@ mod tests {
         ])
         .validate()
         .unwrap();
+    }
+
+    /// `dns-agent run` in intercept mode with these arguments and no --upstream.
+    fn intercepting(extra: &[&str]) -> RunArgs {
+        let mut argv = vec![
+            "dns-agent",
+            "run",
+            "--zone-file",
+            "z.yaml",
+            "--intercept",
+            "198.51.100.10",
+            "--interface-pattern",
+            "veth*",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn intercept_mode_without_upstream_forwards_to_the_kube_dns_endpoints() {
+        let c = intercepting(&[]).validate_with(false).unwrap();
+        assert_eq!(c.routes.default, DefaultUpstreams::KubeDnsEndpoints);
+        assert_eq!(
+            c.routes.intercept,
+            ["198.51.100.10".parse::<IpAddr>().unwrap()]
+        );
+        // --upstream still overrides.
+        let c = intercepting(&["--upstream", "203.0.113.53"])
+            .validate_with(false)
+            .unwrap();
+        assert!(matches!(c.routes.default, DefaultUpstreams::Flags(_)));
+        // Never the intercepted address itself, on any port, plain or TLS.
+        for bad in ["198.51.100.10", "198.51.100.10:5353", "tls://198.51.100.10"] {
+            let e = intercepting(&["--upstream", bad])
+                .validate_with(false)
+                .unwrap_err();
+            assert_eq!(e.flag, "upstream", "{bad}");
+            assert!(
+                e.to_string()
+                    .contains("is an intercepted address (--intercept)"),
+                "{e}"
+            );
+        }
+        let e = intercepting(&["--stub-domain", "corp.example=198.51.100.10"])
+            .validate_with(false)
+            .unwrap_err();
+        assert_eq!(e.flag, "stub-domain");
+        assert!(e.to_string().contains("intercepted address"), "{e}");
+    }
+
+    #[test]
+    fn stub_domains_are_checked_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let c = args(&[
+            "--stub-domain",
+            "Corp.Example.=192.0.2.1, 192.0.2.2:5353",
+            "--stub-domain",
+            "10.in-addr.arpa=tls://192.0.2.3#dns.example.com",
+            "--stub-domain",
+            "local=192.0.2.4",
+            "--upstream-ca",
+            ca.to_str().unwrap(),
+        ])
+        .validate()
+        .unwrap();
+        let shown: Vec<(String, Vec<String>)> = c
+            .routes
+            .stub_domains
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.upstreams.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    "corp.example".to_string(),
+                    vec!["192.0.2.1:53".to_string(), "192.0.2.2:5353".to_string()]
+                ),
+                (
+                    "10.in-addr.arpa".to_string(),
+                    vec!["tls://192.0.2.3:853#dns.example.com".to_string()]
+                ),
+                ("local".to_string(), vec!["192.0.2.4:53".to_string()]),
+            ]
+        );
+        assert_eq!(
+            c.routes.stub_domains[0].domain,
+            crate::zone::name::wire_from_dotted("corp.example")
+        );
+        assert!(
+            c.forward.tls.is_some(),
+            "a tls:// stub domain loads the CAs"
+        );
+    }
+
+    #[test]
+    fn bad_stub_domains_are_refused_with_the_fix() {
+        let refused = |value: &str| {
+            let e = args(&["--stub-domain", value]).validate().unwrap_err();
+            assert_eq!(e.flag, "stub-domain", "{value}: {e}");
+            e.to_string()
+        };
+        let e = refused("corp.example");
+        assert!(e.contains("is not DOMAIN=ADDR[,ADDR...]"), "{e}");
+        assert!(
+            e.contains("e.g. --stub-domain corp.example=192.0.2.53"),
+            "{e}"
+        );
+        let e = refused("=192.0.2.53");
+        assert!(e.contains("empty domain"), "{e}");
+        let e = refused(".=192.0.2.53");
+        assert!(e.contains("the root domain covers every name"), "{e}");
+        let e = refused("bad domain=192.0.2.53");
+        assert!(e.contains("is not a domain name"), "{e}");
+        let e = refused("a..b=192.0.2.53");
+        assert!(e.contains("is not a domain name"), "{e}");
+        let e = refused("corp.example=");
+        assert!(e.contains("no address after '='"), "{e}");
+        let e = refused("corp.example=nope");
+        assert!(
+            e.contains("\"nope\" is not ADDR[:PORT], [IPv6]:PORT or tls://"),
+            "{e}"
+        );
+        let e = refused("corp.example=192.0.2.1,");
+        assert!(e.contains("\"\" is not ADDR"), "{e}");
+        let e = refused("corp.example=192.0.2.1#dns.example.com");
+        assert!(e.contains("write tls://"), "{e}");
+        // The cluster's own zone, and anything below it: the agent answers those names.
+        for inside in [
+            "cluster.local",
+            "svc.cluster.local",
+            "Foo.Svc.Cluster.Local.",
+        ] {
+            let e = refused(&format!("{inside}=192.0.2.53"));
+            assert!(
+                e.contains("is at or below the cluster domain cluster.local"),
+                "{inside}: {e}"
+            );
+        }
+        // A domain that merely ends in the same letters is outside it.
+        args(&["--stub-domain", "mycluster.local=192.0.2.53"])
+            .validate()
+            .unwrap();
+        let e = refused("corp.example=169.254.20.10");
+        assert!(e.contains("queries would loop"), "{e}");
+        let e = args(&[
+            "--stub-domain",
+            "corp.example=192.0.2.1",
+            "--stub-domain",
+            "CORP.example.=192.0.2.2",
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.flag, "stub-domain");
+        assert!(e.to_string().contains("corp.example is given twice"), "{e}");
     }
 
     #[test]

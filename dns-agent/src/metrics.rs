@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -472,17 +472,36 @@ impl UpstreamCounters {
 pub struct ForwardCounters {
     max_concurrent_rejects: AtomicU64,
     healthcheck_broken: AtomicU64,
-    upstreams: Mutex<Vec<Arc<UpstreamCounters>>>,
+    /// Held by the upstreams themselves: an upstream that leaves every set (a kube-dns pod
+    /// that rolled away, an address dropped from the ConfigMap) takes its series with it once
+    /// nothing uses it, so endpoints that come and go do not pile up series. One that comes
+    /// back starts from zero, which Prometheus reads as a counter reset.
+    upstreams: Mutex<Vec<Weak<UpstreamCounters>>>,
+    /// The forwarding routes: the kube-dns ConfigMap and the kube-dns Service's endpoints.
+    pub routing: RoutingCounters,
+}
+
+/// How the forwarding routes follow the cluster.
+#[derive(Default)]
+pub struct RoutingCounters {
+    /// Versions of the kube-dns ConfigMap refused (malformed): the last good settings stay.
+    pub config_refused: AtomicU64,
+    /// The kube-dns ConfigMap as it is now is applied (or there is none); false while a
+    /// refused version is the latest.
+    pub config_refused_now: AtomicBool,
+    /// Ready endpoints of the kube-dns Service that names go to (intercept mode).
+    pub kube_dns_endpoints: AtomicU64,
 }
 
 impl ForwardCounters {
     /// The counters of upstream `to` (as [`crate::server::upstream::Upstream`] displays it),
-    /// created on first use.
+    /// created on first use, shared while any user holds them.
     pub fn upstream(&self, to: &str) -> Arc<UpstreamCounters> {
         let to = to.to_string();
         let mut all = self.upstreams.lock().expect("metrics lock");
-        if let Some(u) = all.iter().find(|u| u.to == to) {
-            return u.clone();
+        all.retain(|u| u.strong_count() > 0);
+        if let Some(u) = all.iter().filter_map(Weak::upgrade).find(|u| u.to == to) {
+            return u;
         }
         let u = Arc::new(UpstreamCounters {
             to,
@@ -495,7 +514,7 @@ impl ForwardCounters {
             tls_open: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
         });
-        all.push(u.clone());
+        all.push(Arc::downgrade(&u));
         u
     }
 
@@ -509,7 +528,13 @@ impl ForwardCounters {
     }
 
     fn encode(&self, e: &mut DescriptorEncoder) -> fmt::Result {
-        let all = self.upstreams.lock().expect("metrics lock").clone();
+        let all: Vec<Arc<UpstreamCounters>> = self
+            .upstreams
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         let per = |e: &mut DescriptorEncoder,
                    name: &str,
                    kind: MetricType,
@@ -620,6 +645,25 @@ impl ForwardCounters {
             "coredns_forward_healthcheck_broken",
             "Queries sent while every upstream was down (all tried anyway).",
             self.healthcheck_broken.load(Relaxed),
+        )?;
+        let r = &self.routing;
+        counter(
+            e,
+            "xdns_kube_dns_config_refused",
+            "Versions of the kube-dns ConfigMap refused as malformed (the last good settings stay).",
+            r.config_refused.load(Relaxed),
+        )?;
+        gauge(
+            e,
+            "xdns_kube_dns_config_valid",
+            "0 while the kube-dns ConfigMap as it is now is refused and older settings are in force.",
+            u64::from(!r.config_refused_now.load(Relaxed)),
+        )?;
+        gauge(
+            e,
+            "xdns_kube_dns_endpoints",
+            "Ready endpoints of the kube-dns Service that names outside the cluster go to.",
+            r.kube_dns_endpoints.load(Relaxed),
         )
     }
 }

@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
         qclass: u16::from(asked.query_class()),
         dnssec_ok: data.len() % 2 == 0,
         checking_disabled: upstream.metadata.checking_disabled,
+        upstream_set: Default::default(),
     };
     if matches!(
         RecordType::from(question.qtype),

@@ -16,7 +16,10 @@
 //!   and a BOOKMARK annotated `k8s.io/initial-events-end`; `resourceVersion` 0 or unset
 //!   without it sends them as ADDED too (legacy "any" semantics).
 //! - a bearer token, if configured, is required (401 otherwise); an `Accept` that allows no
-//!   JSON gets 406; selectors are refused (400) rather than silently ignored.
+//!   JSON gets 406. Namespaced paths (`/api/v1/namespaces/NS/configmaps`) and the field
+//!   selectors `metadata.name=` / `metadata.namespace=` narrow lists and watches, as the
+//!   agent's watch of the kube-dns ConfigMap uses them; any other selector is refused (400)
+//!   rather than silently ignored.
 //!
 //! And it fails on demand: [`FakeApi::drop_watches`] cuts every open watch mid-stream,
 //! [`FakeApi::set_down`] closes the listener (connections are refused) and every connection,
@@ -44,17 +47,31 @@ pub enum Resource {
     Namespaces,
     Services,
     EndpointSlices,
+    ConfigMaps,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 3] = [Self::Namespaces, Self::Services, Self::EndpointSlices];
+    pub const ALL: [Resource; 4] = [
+        Self::Namespaces,
+        Self::Services,
+        Self::EndpointSlices,
+        Self::ConfigMaps,
+    ];
 
+    /// The path of the resource in every namespace.
     pub fn path(self) -> &'static str {
         match self {
             Self::Namespaces => "/api/v1/namespaces",
             Self::Services => "/api/v1/services",
             Self::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Self::ConfigMaps => "/api/v1/configmaps",
         }
+    }
+
+    /// The path of the resource in one namespace (`/api/v1/namespaces/NS/configmaps`).
+    pub fn namespaced_path(self, namespace: &str) -> String {
+        let (prefix, plural) = self.path().rsplit_once('/').expect("a path");
+        format!("{prefix}/namespaces/{namespace}/{plural}")
     }
 
     fn kind(self) -> &'static str {
@@ -62,6 +79,7 @@ impl Resource {
             Self::Namespaces => "Namespace",
             Self::Services => "Service",
             Self::EndpointSlices => "EndpointSlice",
+            Self::ConfigMaps => "ConfigMap",
         }
     }
 
@@ -76,8 +94,62 @@ impl Resource {
         Self::ALL.into_iter().find(|r| r.kind() == kind)
     }
 
-    fn of_path(path: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.path() == path)
+    /// The resource a request path names, and the namespace it is narrowed to.
+    fn of_path(path: &str) -> Option<(Self, Option<String>)> {
+        if let Some(r) = Self::ALL.into_iter().find(|r| r.path() == path) {
+            return Some((r, None));
+        }
+        Self::ALL
+            .into_iter()
+            .filter(|r| *r != Self::Namespaces)
+            .find_map(|r| {
+                let (prefix, plural) = r.path().rsplit_once('/')?;
+                let ns = path
+                    .strip_prefix(prefix)?
+                    .strip_prefix("/namespaces/")?
+                    .strip_suffix(plural)?
+                    .strip_suffix('/')?;
+                (!ns.is_empty() && !ns.contains('/')).then(|| (r, Some(ns.to_string())))
+            })
+    }
+}
+
+/// What a list or watch is narrowed to: a namespace (from the path or a field selector), a
+/// name (a field selector).
+#[derive(Clone, Debug, Default)]
+struct Scope {
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl Scope {
+    /// `namespace` from the path, and the request's field selector: `metadata.name=X` and
+    /// `metadata.namespace=X` terms (`=` or `==`), comma-separated. Anything else: `Err`.
+    fn of(namespace: Option<String>, req: &Request) -> Result<Self, String> {
+        let mut scope = Self {
+            namespace,
+            name: None,
+        };
+        if let Some(selector) = req.query.get("fieldSelector") {
+            for term in selector.split(',').filter(|t| !t.is_empty()) {
+                let (field, value) = term
+                    .split_once("==")
+                    .or_else(|| term.split_once('='))
+                    .filter(|(f, _)| !f.ends_with('!'))
+                    .ok_or_else(|| format!("the fake API does not implement {term:?}"))?;
+                match field {
+                    "metadata.name" => scope.name = Some(value.to_string()),
+                    "metadata.namespace" => scope.namespace = Some(value.to_string()),
+                    _ => return Err(format!("the fake API does not implement {term:?}")),
+                }
+            }
+        }
+        Ok(scope)
+    }
+
+    fn admits(&self, namespace: &str, name: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == namespace)
+            && self.name.as_deref().is_none_or(|n| n == name)
     }
 }
 
@@ -116,6 +188,8 @@ type Key = (Resource, String, String);
 struct Event {
     rv: u64,
     resource: Resource,
+    namespace: String,
+    name: String,
     /// The whole watch line, without the newline.
     line: Arc<str>,
 }
@@ -248,8 +322,15 @@ impl FakeApi {
         let text: Arc<str> = object.to_string().into();
         let ty = if existed { "MODIFIED" } else { "ADDED" };
         let line = format!("{{\"type\":\"{ty}\",\"object\":{text}}}").into();
+        let (_, namespace, name) = key.clone();
         st.objects.insert(key, (object, text));
-        st.history.push_back(Event { rv, resource, line });
+        st.history.push_back(Event {
+            rv,
+            resource,
+            namespace,
+            name,
+            line,
+        });
         drop(st);
         self.shared.changed.notify_all();
         rv
@@ -266,7 +347,13 @@ impl FakeApi {
         st.rv = rv;
         let object = stamp(object, resource, rv);
         let line = format!("{{\"type\":\"DELETED\",\"object\":{object}}}").into();
-        st.history.push_back(Event { rv, resource, line });
+        st.history.push_back(Event {
+            rv,
+            resource,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            line,
+        });
         drop(st);
         self.shared.changed.notify_all();
         Some(rv)
@@ -547,7 +634,7 @@ fn respond(
         )?;
         return Ok(true);
     }
-    let Some(resource) = Resource::of_path(&req.path) else {
+    let Some((resource, namespace)) = Resource::of_path(&req.path) else {
         send_body(
             out,
             404,
@@ -587,23 +674,27 @@ fn respond(
         )?;
         return Ok(true);
     }
-    if req.query.contains_key("labelSelector") || req.query.contains_key("fieldSelector") {
-        send_body(
-            out,
-            400,
-            "Bad Request",
-            &status(
+    let scope = match Scope::of(namespace, req) {
+        Ok(scope) if !req.query.contains_key("labelSelector") => scope,
+        Ok(_) | Err(_) => {
+            send_body(
+                out,
                 400,
-                "BadRequest",
-                "the fake API does not implement selectors",
-            ),
-        )?;
-        return Ok(true);
-    }
+                "Bad Request",
+                &status(
+                    400,
+                    "BadRequest",
+                    "the fake API implements no label selector, and field selectors on \
+                     metadata.name and metadata.namespace only",
+                ),
+            )?;
+            return Ok(true);
+        }
+    };
     if req.is_watch() {
-        watch(out, shared, resource, req)
+        watch(out, shared, resource, &scope, req)
     } else {
-        list(out, shared, resource, req).map(|()| true)
+        list(out, shared, resource, &scope, req).map(|()| true)
     }
 }
 
@@ -611,6 +702,7 @@ fn list(
     out: &mut TcpStream,
     shared: &Arc<Shared>,
     resource: Resource,
+    scope: &Scope,
     req: &Request,
 ) -> std::io::Result<()> {
     let limit: usize = req
@@ -656,6 +748,7 @@ fn list(
                 .objects
                 .range((resource, String::new(), String::new())..)
                 .take_while(|((r, _, _), _)| *r == resource)
+                .filter(|((_, ns, name), _)| scope.admits(ns, name))
                 .map(|(_, (_, text))| text.clone())
                 .collect();
             let id = st.next_snapshot;
@@ -710,6 +803,7 @@ fn watch(
     out: &mut TcpStream,
     shared: &Arc<Shared>,
     resource: Resource,
+    scope: &Scope,
     req: &Request,
 ) -> std::io::Result<bool> {
     let bookmarks = req.query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
@@ -758,8 +852,8 @@ fn watch(
     let mut cursor;
     if initial_events || from.is_empty() || from == "0" {
         cursor = st.rv;
-        for ((r, _, _), (_, text)) in st.objects.iter() {
-            if *r == resource {
+        for ((r, ns, name), (_, text)) in st.objects.iter() {
+            if *r == resource && scope.admits(ns, name) {
                 first.push(format!("{{\"type\":\"ADDED\",\"object\":{text}}}"));
             }
         }
@@ -817,7 +911,7 @@ fn watch(
         let lines: Vec<(u64, Arc<str>)> = st
             .history
             .range(start..)
-            .filter(|e| e.resource == resource)
+            .filter(|e| e.resource == resource && scope.admits(&e.namespace, &e.name))
             .map(|e| (e.rv, e.line.clone()))
             .collect();
         if let Some(last) = st.history.back() {
@@ -895,6 +989,15 @@ pub fn service(ns: &str, name: &str, cluster_ip: &str) -> Value {
 pub fn headless(ns: &str, name: &str) -> Value {
     json!({"kind": "Service", "metadata": {"name": name, "namespace": ns},
         "spec": {"clusterIP": "None", "ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}})
+}
+
+/// A ConfigMap with these data keys.
+pub fn config_map(ns: &str, name: &str, data: &[(&str, &str)]) -> Value {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({"kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}, "data": data})
 }
 
 /// An IPv4 EndpointSlice of Service `service`, every address a ready endpoint.

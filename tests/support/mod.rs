@@ -8,7 +8,9 @@
 pub mod cluster_gen;
 pub mod fake_api;
 pub mod frames;
+pub mod kube_node;
 pub mod servers;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
 

@@ -1,6 +1,6 @@
 //! The cache of upstream answers.
 //!
-//! Keyed on [`Question`]: lowercased name, type, class, DO and CD. An entry keeps the upstream's
+//! Keyed on [`Question`]: lowercased name, type, class, DO, CD and upstream set. An entry keeps the upstream's
 //! sections as the upstream sent them (its OPT record removed), with the offsets of their TTL
 //! fields: serving a hit is a copy after the client's question and a TTL patch, no re-encoding.
 //! This works because compression pointers in the sections point either into the question,
@@ -596,6 +596,7 @@ mod tests {
             qclass: 1,
             dnssec_ok,
             checking_disabled: false,
+            upstream_set: Default::default(),
         }
     }
 

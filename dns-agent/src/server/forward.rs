@@ -21,12 +21,22 @@
 //! Forwarding loops (an upstream that forwards back to this agent) are looked for at start, the
 //! way CoreDNS's `loop` plugin does: a query for a random name `<n>.<n>.` of type HINFO goes to
 //! each upstream; if it arrives at our own listener, that upstream loops and is never used.
+//! Upstreams that join later are probed as they join.
+//!
+//! Upstreams come in sets, one per route: the default set, and one per stub domain (names at
+//! or below it; the longest domain wins). Sets change while the agent runs (the kube-dns
+//! Service's endpoints, the kube-dns ConfigMap: [`super::routing`] decides what they hold); an
+//! upstream in the sets before and after a change keeps what is known about it.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
+        atomic::{
+            AtomicBool, AtomicU32, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::{Duration, Instant},
 };
@@ -58,6 +68,9 @@ pub enum ForwardError {
     /// Every upstream loops back to us (see [`Forwarder::detect_loops`]).
     #[error("no upstream is usable: every one forwards our queries back to this agent")]
     NoUpstream,
+    /// The route has no upstream at all (the kube-dns Service has no ready endpoint yet).
+    #[error("no upstream to ask (none among {0})")]
+    Empty(String),
     /// Every attempt failed or answered SERVFAIL/REFUSED; `rcode` is what the client gets.
     #[error("every upstream failed: {detail}")]
     Failed { rcode: u16, detail: String },
@@ -68,7 +81,7 @@ impl ForwardError {
     pub fn rcode(&self) -> u16 {
         match self {
             Self::Overloaded(_) => dns::RCODE_REFUSED,
-            Self::NoUpstream => dns::RCODE_SERVFAIL,
+            Self::NoUpstream | Self::Empty(_) => dns::RCODE_SERVFAIL,
             Self::Failed { rcode, .. } => *rcode,
         }
     }
@@ -135,6 +148,39 @@ pub struct ForwardSettings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// Which set of upstreams a question goes to. Part of the cache key and of the single-flight
+/// key: an answer fetched from one set is never served for a name that another set answers now
+/// (after a stub domain or the kube-dns ConfigMap's `upstreamNameservers` changed). A name
+/// always routes to one set at a time, so without such a change the key would not need it.
+///
+/// Two sets of the same upstreams have the same id, whatever their order or origin: they give
+/// the same answers. The kube-dns Service's endpoints are one set however its pods roll, so a
+/// roll keeps the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UpstreamSetId(pub u64);
+
+impl UpstreamSetId {
+    /// The set of these upstreams.
+    pub fn of(upstreams: &[Upstream]) -> Self {
+        let mut shown: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+        shown.sort();
+        shown.dedup();
+        Self::hash(("upstreams", shown))
+    }
+
+    /// A set followed live whose members come and go without its answers changing (the
+    /// endpoints of one Service).
+    pub fn named(name: &str) -> Self {
+        Self::hash(("named", name))
+    }
+
+    fn hash(v: impl std::hash::Hash) -> Self {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        // Fixed keys: the id only has to tell sets apart within this process.
+        Self(BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(v))
+    }
+}
+
 /// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
 /// case-insensitive, and one cache entry serves every spelling).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -147,6 +193,8 @@ pub struct Question {
     /// CD is part of the key as well as DO: an answer fetched with checking disabled may hold
     /// data a validating upstream would have refused to give to everyone else.
     pub checking_disabled: bool,
+    /// The upstreams the name routes to ([`Forwarder::upstream_set_of`]).
+    pub upstream_set: UpstreamSetId,
 }
 
 /// An accepted upstream reply: its bytes as received and their parse.
@@ -156,7 +204,9 @@ pub struct Exchange {
     pub message: Message,
 }
 
-/// One upstream and what is known about it.
+/// One upstream and what is known about it. Kept for as long as the upstream is in some set:
+/// a set that changes around it (a kube-dns pod roll, a ConfigMap edit) keeps its health, loop
+/// verdict, TLS connections and metrics.
 pub struct UpstreamState {
     pub upstream: Upstream,
     /// The connections of a `tls://` upstream.
@@ -167,6 +217,8 @@ pub struct UpstreamState {
     checking: AtomicBool,
     /// It sent our loop probe back to us: never used.
     looped: AtomicBool,
+    /// It left every set: its health checks and loop probes stop.
+    retired: AtomicBool,
     /// The name of this upstream's loop probe.
     loop_probe: WireName,
     counters: Arc<UpstreamCounters>,
@@ -178,15 +230,93 @@ impl UpstreamState {
     }
 }
 
-pub struct Forwarder {
+/// An upstream set as the routes want it ([`Forwarder::set_routes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetSpec {
+    pub id: UpstreamSetId,
+    /// Where the set comes from, for logs: `--upstream`, `the kube-dns Service's endpoints`...
+    pub origin: String,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// Where names outside the cluster go: names at or below a stub domain to its set (the longest
+/// domain wins), every other name to the default set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub default: SetSpec,
+    /// Lowercased wire-format domain, and its set.
+    pub stubs: Vec<(WireName, SetSpec)>,
+}
+
+/// Upstreams a [`Forwarder::set_routes`] added to the sets, and those that left every set.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub joined: Vec<Upstream>,
+    pub left: Vec<Upstream>,
+}
+
+/// The upstreams of one route, in the order given.
+pub struct UpstreamSet {
+    id: UpstreamSetId,
+    origin: String,
     upstreams: Vec<Arc<UpstreamState>>,
-    settings: ForwardSettings,
     /// Round-robin position.
     next: AtomicUsize,
+}
+
+/// The routes in force: replaced as a whole, read without waiting for a change.
+struct Routes {
+    default: Arc<UpstreamSet>,
+    stubs: HashMap<WireName, Arc<UpstreamSet>>,
+}
+
+impl Routes {
+    /// The set of the longest stub domain at or above `name`, else the default set.
+    fn route(&self, name: &[u8]) -> &Arc<UpstreamSet> {
+        if self.stubs.is_empty() {
+            return &self.default;
+        }
+        // The name's suffixes, longest first, one label at a time.
+        let mut at = 0;
+        while let Some(&len) = name.get(at) {
+            if len == 0 {
+                break;
+            }
+            if let Some(set) = self.stubs.get(&name[at..]) {
+                return set;
+            }
+            at += 1 + len as usize;
+        }
+        &self.default
+    }
+
+    fn sets(&self) -> impl Iterator<Item = &Arc<UpstreamSet>> {
+        std::iter::once(&self.default).chain(self.stubs.values())
+    }
+
+    /// Every upstream of every set, once.
+    fn states(&self) -> Vec<Arc<UpstreamState>> {
+        let mut seen = std::collections::HashSet::new();
+        self.sets()
+            .flat_map(|s| s.upstreams.iter())
+            .filter(|u| seen.insert(u.upstream.clone()))
+            .cloned()
+            .collect()
+    }
+}
+
+pub struct Forwarder {
+    routes: RwLock<Arc<Routes>>,
+    settings: ForwardSettings,
     permits: Semaphore,
     metrics: Arc<Metrics>,
-    /// Health check loops, so that they end with the forwarder.
-    health_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Health check loops and loop probes, so that they end with the forwarder.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Set once the agent's listeners receive its queries: from then on every upstream that
+    /// joins a set is probed for a forwarding loop.
+    probing: AtomicBool,
+    /// The TLS client settings, the system's loaded when a TLS upstream first needs them.
+    tls_config: Mutex<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// How many times the loop probe is sent to an upstream that does not answer it, and how far
@@ -195,74 +325,210 @@ const LOOP_PROBE_ATTEMPTS: u32 = 10;
 const LOOP_PROBE_RETRY: Duration = Duration::from_secs(3);
 
 impl Forwarder {
+    /// A forwarder whose every name goes to `upstreams` (until [`Self::set_routes`]).
     pub fn new(upstreams: Vec<Upstream>, settings: ForwardSettings, metrics: Arc<Metrics>) -> Self {
-        let mut tls_config = settings.tls.clone();
-        let upstreams = upstreams
-            .into_iter()
-            .map(|upstream| {
-                // CoreDNS's loop probe name: two random numbers under the root.
-                let probe = wire_from_labels(&[
-                    rand::random::<u64>().to_string(),
-                    rand::random::<u64>().to_string(),
-                ]);
-                let counters = metrics.forward.upstream(&upstream.to_string());
-                let tls = upstream.tls_server_name().map(|server_name| {
-                    let config = tls_config.get_or_insert_with(system_tls_config).clone();
-                    Arc::new(TlsUpstream::new(
-                        upstream.addr(),
-                        server_name,
-                        upstream.to_string(),
-                        config,
-                        settings.timeouts.attempt,
-                        counters.clone(),
-                    ))
-                });
-                Arc::new(UpstreamState {
-                    upstream,
-                    tls,
-                    fails: AtomicU32::new(0),
-                    checking: AtomicBool::new(false),
-                    looped: AtomicBool::new(false),
-                    loop_probe: probe,
-                    counters,
-                })
-            })
-            .collect();
-        Self {
-            upstreams,
+        let empty = Arc::new(Routes {
+            default: Arc::new(UpstreamSet {
+                id: UpstreamSetId::default(),
+                origin: String::new(),
+                upstreams: Vec::new(),
+                next: AtomicUsize::new(0),
+            }),
+            stubs: HashMap::new(),
+        });
+        let forwarder = Self {
+            routes: RwLock::new(empty),
             permits: Semaphore::new(settings.max_concurrent),
+            tls_config: Mutex::new(settings.tls.clone()),
             settings,
-            next: AtomicUsize::new(0),
             metrics,
-            health_tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            probing: AtomicBool::new(false),
+        };
+        forwarder.set_routes(RouteSpec {
+            default: SetSpec {
+                id: UpstreamSetId::of(&upstreams),
+                origin: "--upstream".to_string(),
+                upstreams,
+            },
+            stubs: Vec::new(),
+        });
+        forwarder
+    }
+
+    fn new_state(&self, upstream: Upstream) -> Arc<UpstreamState> {
+        // CoreDNS's loop probe name: two random numbers under the root.
+        let probe = wire_from_labels(&[
+            rand::random::<u64>().to_string(),
+            rand::random::<u64>().to_string(),
+        ]);
+        let counters = self.metrics.forward.upstream(&upstream.to_string());
+        let tls = upstream.tls_server_name().map(|server_name| {
+            let config = self
+                .tls_config
+                .lock()
+                .expect("TLS config lock")
+                .get_or_insert_with(system_tls_config)
+                .clone();
+            Arc::new(TlsUpstream::new(
+                upstream.addr(),
+                server_name,
+                upstream.to_string(),
+                config,
+                self.settings.timeouts.attempt,
+                counters.clone(),
+            ))
+        });
+        // A newcomer is healthy until it fails (its series may be a returning one's).
+        counters.healthy.store(true, Relaxed);
+        Arc::new(UpstreamState {
+            upstream,
+            tls,
+            fails: AtomicU32::new(0),
+            checking: AtomicBool::new(false),
+            looped: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            loop_probe: probe,
+            counters,
+        })
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes.read().expect("routes lock").clone()
+    }
+
+    /// Puts `spec` in force. Upstreams that stay (in any set) keep their state: health, loop
+    /// verdict, TLS connections, metrics. Those that leave every set stop being health checked;
+    /// their metric series go when nothing uses them any more. Newcomers are probed for a loop
+    /// once the agent receives its own queries ([`Self::detect_loops`]).
+    pub fn set_routes(&self, spec: RouteSpec) -> Membership {
+        let old = self.routes();
+        let mut known: HashMap<Upstream, Arc<UpstreamState>> = old
+            .states()
+            .into_iter()
+            .map(|s| (s.upstream.clone(), s))
+            .collect();
+        let mut joined = Vec::new();
+        let mut build = |spec: SetSpec| {
+            let mut upstreams: Vec<Arc<UpstreamState>> = Vec::new();
+            for u in spec.upstreams {
+                if upstreams.iter().any(|s| s.upstream == u) {
+                    continue;
+                }
+                let state = known
+                    .entry(u.clone())
+                    .or_insert_with(|| {
+                        let s = self.new_state(u);
+                        joined.push(s.clone());
+                        s
+                    })
+                    .clone();
+                upstreams.push(state);
+            }
+            // The round-robin position carries over, so a change does not restart the turn.
+            let next = old
+                .sets()
+                .find(|s| s.id == spec.id)
+                .map_or(0, |s| s.next.load(Relaxed));
+            Arc::new(UpstreamSet {
+                id: spec.id,
+                origin: spec.origin,
+                upstreams,
+                next: AtomicUsize::new(next),
+            })
+        };
+        let routes = Routes {
+            default: build(spec.default),
+            stubs: spec
+                .stubs
+                .into_iter()
+                .map(|(domain, set)| (domain, build(set)))
+                .collect(),
+        };
+        let kept: std::collections::HashSet<Upstream> = routes
+            .states()
+            .into_iter()
+            .map(|s| s.upstream.clone())
+            .collect();
+        let mut left = Vec::new();
+        for s in old.states() {
+            if !kept.contains(&s.upstream) {
+                s.retired.store(true, Relaxed);
+                left.push(s.upstream.clone());
+            }
+        }
+        *self.routes.write().expect("routes lock") = Arc::new(routes);
+        // After the store: a `detect_loops` that starts now sees the new routes, one that
+        // started before has set `probing`, so every newcomer is probed at least once.
+        if self.probing.load(SeqCst) {
+            for s in &joined {
+                self.spawn(probe_for_loop(s.clone(), self.settings.clone()));
+            }
+        }
+        Membership {
+            joined: joined.iter().map(|s| s.upstream.clone()).collect(),
+            left,
         }
     }
 
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(task);
+        let mut tasks = self.tasks.lock().expect("task lock");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+
+    /// Every upstream of every route, once.
     pub fn upstreams(&self) -> Vec<Upstream> {
-        self.upstreams.iter().map(|u| u.upstream.clone()).collect()
+        self.routes()
+            .states()
+            .iter()
+            .map(|u| u.upstream.clone())
+            .collect()
+    }
+
+    /// The upstreams that names at or below `name` go to now.
+    pub fn route_of(&self, name: &[u8]) -> (UpstreamSetId, Vec<Upstream>) {
+        let routes = self.routes();
+        let set = routes.route(name);
+        (
+            set.id,
+            set.upstreams.iter().map(|u| u.upstream.clone()).collect(),
+        )
+    }
+
+    /// The set `name` routes to now: the [`Question::upstream_set`] of a question for it.
+    pub fn upstream_set_of(&self, name: &[u8]) -> UpstreamSetId {
+        self.routes.read().expect("routes lock").route(name).id
     }
 
     pub fn settings(&self) -> &ForwardSettings {
         &self.settings
     }
 
-    /// Asks the upstreams in policy order until one answers, within the total timeout; retries
-    /// over TCP when a UDP answer is truncated. An upstream that answered SERVFAIL or REFUSED
-    /// is not asked again for this query; one that timed out gets a second chance if time is
-    /// left (a lost datagram is the usual reason).
+    /// Asks the upstreams of the question's route in policy order until one answers, within
+    /// the total timeout; retries over TCP when a UDP answer is truncated. An upstream that
+    /// answered SERVFAIL or REFUSED is not asked again for this query; one that timed out gets
+    /// a second chance if time is left (a lost datagram is the usual reason).
     pub async fn resolve(&self, q: &Question) -> Result<Exchange, ForwardError> {
         let Ok(_permit) = self.permits.try_acquire() else {
             self.metrics.forward.reject();
             return Err(ForwardError::Overloaded(self.settings.max_concurrent));
         };
-        let order = self.order();
+        // The route now: after a change, a question keyed on the old set is answered by the
+        // new one, and the answer is kept under a key no question will use again.
+        let set = self.routes().route(&q.name).clone();
+        if set.upstreams.is_empty() {
+            return Err(ForwardError::Empty(set.origin.clone()));
+        }
+        let order = self.order(&set);
         if order.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
         let timeouts = self.settings.timeouts;
         let deadline = Instant::now() + timeouts.total;
         let mut errors = Vec::new();
-        let mut answered = vec![false; self.upstreams.len()];
+        let mut answered = vec![false; set.upstreams.len()];
         let mut rcode = dns::RCODE_SERVFAIL;
         'rounds: for _round in 0..2 {
             for &i in &order {
@@ -273,7 +539,7 @@ impl Forwarder {
                 if left.is_zero() {
                     break 'rounds;
                 }
-                let up = &self.upstreams[i];
+                let up = &set.upstreams[i];
                 let budget = left.min(timeouts.attempt);
                 up.counters.requests.fetch_add(1, Relaxed);
                 let started = Instant::now();
@@ -307,12 +573,12 @@ impl Forwarder {
         })
     }
 
-    /// Indices of the upstreams to try, in policy order: the healthy ones, or every one (but
-    /// those that loop) when all are down, as CoreDNS does when health checking itself seems
-    /// broken.
-    fn order(&self) -> Vec<usize> {
-        let mut usable: Vec<usize> = (0..self.upstreams.len())
-            .filter(|&i| !self.upstreams[i].looped.load(Relaxed))
+    /// Indices of the set's upstreams to try, in policy order: the healthy ones, or every one
+    /// (but those that loop) when all are down, as CoreDNS does when health checking itself
+    /// seems broken.
+    fn order(&self, set: &UpstreamSet) -> Vec<usize> {
+        let mut usable: Vec<usize> = (0..set.upstreams.len())
+            .filter(|&i| !set.upstreams[i].looped.load(Relaxed))
             .collect();
         if usable.is_empty() {
             return usable;
@@ -321,14 +587,14 @@ impl Forwarder {
             Policy::Sequential => {}
             Policy::Random => usable.shuffle(&mut rand::rng()),
             Policy::RoundRobin => {
-                let start = self.next.fetch_add(1, Relaxed) % usable.len();
+                let start = set.next.fetch_add(1, Relaxed) % usable.len();
                 usable.rotate_left(start);
             }
         }
         let healthy: Vec<usize> = usable
             .iter()
             .copied()
-            .filter(|&i| !self.upstreams[i].is_down(self.settings.max_fails))
+            .filter(|&i| !set.upstreams[i].is_down(self.settings.max_fails))
             .collect();
         if healthy.is_empty() {
             self.metrics.forward.broken();
@@ -344,10 +610,7 @@ impl Forwarder {
         if self.settings.max_fails == 0 || up.checking.swap(true, Relaxed) {
             return;
         }
-        let task = tokio::spawn(health_check(up.clone(), self.settings.clone()));
-        let mut tasks = self.health_tasks.lock().expect("health task lock");
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
+        self.spawn(health_check(up.clone(), self.settings.clone()));
     }
 
     /// Is `qname` one of our own loop probes? If so, the upstream it was sent to forwards back to
@@ -355,74 +618,93 @@ impl Forwarder {
     /// amplify the loop). Checked whenever the probe arrives, so an upstream that answers the
     /// probe before passing it on (e.g. one asking several servers at once) is caught too.
     pub fn is_loop_probe(&self, qname: &[u8]) -> bool {
-        let Some(up) = self.upstreams.iter().find(|u| u.loop_probe == qname) else {
+        let routes = self.routes();
+        let Some(up) = routes
+            .sets()
+            .flat_map(|s| s.upstreams.iter())
+            .find(|u| u.loop_probe == qname)
+        else {
             return false;
         };
         if !up.looped.swap(true, Relaxed) {
             up.counters.looped.store(true, Relaxed);
+            let named_by: Vec<&str> = routes
+                .sets()
+                .filter(|s| s.upstreams.iter().any(|u| Arc::ptr_eq(u, up)))
+                .map(|s| s.origin.as_str())
+                .collect();
             tracing::error!(
                 upstream = %up.upstream,
                 probe = %to_text(&up.loop_probe),
                 "forwarding loop: upstream {} sent our loop probe back to this agent, so it \
                  forwards to us; it will not be used. Fix: point that resolver elsewhere, or \
-                 drop `--upstream {}`",
+                 stop naming it ({})",
                 up.upstream,
-                up.upstream,
+                named_by.join("; "),
             );
         }
         true
     }
 
-    /// Sends each upstream a loop probe and marks those that send it back to us. Upstreams that
-    /// loop are logged and never used again. Fails when every upstream loops: the agent cannot
+    /// Sends each upstream a loop probe and marks those that send it back to us; from now on,
+    /// upstreams that join a set are probed as they come. Upstreams that loop are logged and
+    /// never used again. Fails when there are upstreams and every one loops: the agent cannot
     /// forward anything, and saying so beats amplifying every query.
     pub async fn detect_loops(&self) -> Result<(), ForwardError> {
-        let checks = self.upstreams.iter().map(|up| self.detect_loop(up));
+        self.probing.store(true, SeqCst);
+        let states = self.routes().states();
+        let checks = states
+            .iter()
+            .map(|up| probe_for_loop(up.clone(), self.settings.clone()));
         futures::future::join_all(checks).await;
-        if self.upstreams.iter().all(|u| u.looped.load(Relaxed)) {
+        if !states.is_empty() && states.iter().all(|u| u.looped.load(Relaxed)) {
             return Err(ForwardError::NoUpstream);
         }
         Ok(())
     }
+}
 
-    async fn detect_loop(&self, up: &UpstreamState) {
-        let probe = Question {
-            name: up.loop_probe.clone(),
-            qtype: u16::from(RecordType::HINFO),
-            qclass: dns::CLASS_IN,
-            dnssec_ok: false,
-            checking_disabled: false,
-        };
-        for attempt in 1..=LOOP_PROBE_ATTEMPTS {
-            let reply = tokio::time::timeout(
-                self.settings.timeouts.total,
-                exchange(up, &probe, self.settings.force_tcp),
-            )
-            .await;
-            // A looping upstream passes the probe on before it can answer it, so by now
-            // `is_loop_probe` has seen it.
-            if up.looped.load(Relaxed) {
-                return;
-            }
-            if matches!(reply, Ok(Ok(_))) {
-                tracing::debug!(upstream = %up.upstream, "loop probe answered: no loop");
-                return;
-            }
-            if attempt < LOOP_PROBE_ATTEMPTS {
-                tokio::time::sleep(LOOP_PROBE_RETRY).await;
-            }
+/// Sends `up` loop probes until it answers one (or sends it back: `looped` is set by
+/// [`Forwarder::is_loop_probe`] when it arrives), it leaves every set, or the attempts run out.
+async fn probe_for_loop(up: Arc<UpstreamState>, settings: ForwardSettings) {
+    let probe = Question {
+        name: up.loop_probe.clone(),
+        qtype: u16::from(RecordType::HINFO),
+        qclass: dns::CLASS_IN,
+        dnssec_ok: false,
+        checking_disabled: false,
+        upstream_set: UpstreamSetId::default(),
+    };
+    for attempt in 1..=LOOP_PROBE_ATTEMPTS {
+        let reply = tokio::time::timeout(
+            settings.timeouts.total,
+            exchange(&up, &probe, settings.force_tcp),
+        )
+        .await;
+        // A looping upstream passes the probe on before it can answer it, so by now
+        // `is_loop_probe` has seen it.
+        if up.looped.load(Relaxed) || up.retired.load(Relaxed) {
+            return;
         }
-        tracing::warn!(
-            upstream = %up.upstream,
-            "the loop probe got no answer after {LOOP_PROBE_ATTEMPTS} attempts; loop detection \
-             gave up on this upstream"
-        );
+        if matches!(reply, Ok(Ok(_))) {
+            tracing::debug!(upstream = %up.upstream, "loop probe answered: no loop");
+            return;
+        }
+        if attempt < LOOP_PROBE_ATTEMPTS {
+            tokio::time::sleep(LOOP_PROBE_RETRY).await;
+        }
     }
+    tracing::warn!(
+        upstream = %up.upstream,
+        "the loop probe got no answer after {LOOP_PROBE_ATTEMPTS} attempts; loop detection \
+         gave up on this upstream"
+    );
 }
 
 /// The system's CAs, for a TLS upstream whose settings name none. The command line loads them at
-/// start (and refuses to start without them); should they be missing here, every handshake
-/// fails with the reason instead.
+/// start (and refuses to start without them); should they be missing here (a `tls://` upstream
+/// from the kube-dns ConfigMap, on a node without CA certificates), every handshake fails with
+/// the reason instead.
 fn system_tls_config() -> Arc<rustls::ClientConfig> {
     super::tls::client_config(&[]).unwrap_or_else(|e| {
         tracing::error!("TLS upstreams cannot be verified: {e}");
@@ -432,7 +714,7 @@ fn system_tls_config() -> Arc<rustls::ClientConfig> {
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        if let Ok(tasks) = self.health_tasks.lock() {
+        if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.iter() {
                 t.abort();
             }
@@ -442,7 +724,8 @@ impl Drop for Forwarder {
 
 /// CoreDNS's health check: `. IN NS`, recursion desired, over the transport queries use. Any
 /// reply (whatever its RCODE) means the upstream is up. Probes every `health_check` until one
-/// succeeds; `max_fails` failures in a row mark it down.
+/// succeeds; `max_fails` failures in a row mark it down. Stops when the upstream leaves every
+/// set.
 async fn health_check(up: Arc<UpstreamState>, settings: ForwardSettings) {
     let probe = Question {
         name: vec![0],
@@ -450,8 +733,13 @@ async fn health_check(up: Arc<UpstreamState>, settings: ForwardSettings) {
         qclass: dns::CLASS_IN,
         dnssec_ok: false,
         checking_disabled: false,
+        upstream_set: UpstreamSetId::default(),
     };
     loop {
+        if up.retired.load(Relaxed) {
+            up.checking.store(false, Relaxed);
+            return;
+        }
         let reply = tokio::time::timeout(
             settings.timeouts.attempt,
             exchange(&up, &probe, settings.force_tcp),
@@ -589,6 +877,174 @@ async fn exchange_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zone::name::wire_from_dotted;
+
+    fn settings() -> ForwardSettings {
+        ForwardSettings {
+            policy: Policy::Sequential,
+            timeouts: Timeouts {
+                attempt: Duration::from_secs(1),
+                total: Duration::from_secs(2),
+            },
+            force_tcp: false,
+            max_concurrent: 10,
+            health_check: Duration::from_millis(500),
+            max_fails: 2,
+            tls: None,
+        }
+    }
+
+    fn up(s: &str) -> Upstream {
+        Upstream::parse(s).unwrap()
+    }
+
+    fn set(origin: &str, upstreams: &[&str]) -> SetSpec {
+        let upstreams: Vec<Upstream> = upstreams.iter().map(|u| up(u)).collect();
+        SetSpec {
+            id: UpstreamSetId::of(&upstreams),
+            origin: origin.to_string(),
+            upstreams,
+        }
+    }
+
+    fn state(f: &Forwarder, u: &str) -> Arc<UpstreamState> {
+        f.routes()
+            .states()
+            .into_iter()
+            .find(|s| s.upstream == up(u))
+            .unwrap_or_else(|| panic!("{u} in some set"))
+    }
+
+    #[test]
+    fn the_longest_stub_domain_at_or_above_a_name_wins() {
+        let f = Forwarder::new(vec![up("192.0.2.1")], settings(), Arc::default());
+        f.set_routes(RouteSpec {
+            default: set("--upstream", &["192.0.2.1"]),
+            stubs: vec![
+                (
+                    wire_from_dotted("corp.example"),
+                    set("corp", &["192.0.2.2"]),
+                ),
+                (
+                    wire_from_dotted("eng.corp.example"),
+                    set("eng", &["192.0.2.3"]),
+                ),
+            ],
+        });
+        let to = |name: &str| f.route_of(&wire_from_dotted(name)).1;
+        assert_eq!(to("www.example.org"), [up("192.0.2.1")]);
+        assert_eq!(to("corp.example"), [up("192.0.2.2")]);
+        assert_eq!(to("www.corp.example"), [up("192.0.2.2")]);
+        assert_eq!(to("eng.corp.example"), [up("192.0.2.3")]);
+        assert_eq!(to("a.b.eng.corp.example"), [up("192.0.2.3")]);
+        // Whole labels only: `xcorp.example` is not below `corp.example`.
+        assert_eq!(to("xcorp.example"), [up("192.0.2.1")]);
+        assert_eq!(to("example"), [up("192.0.2.1")]);
+        assert_eq!(to(""), [up("192.0.2.1")]);
+        // The cache key follows the set.
+        assert_ne!(
+            f.upstream_set_of(&wire_from_dotted("www.corp.example")),
+            f.upstream_set_of(&wire_from_dotted("www.example.org"))
+        );
+    }
+
+    #[test]
+    fn set_ids_are_the_upstreams_whatever_their_order() {
+        let a = [up("192.0.2.1"), up("tls://192.0.2.2#dns.example")];
+        let b = [up("tls://192.0.2.2#dns.example"), up("192.0.2.1")];
+        assert_eq!(UpstreamSetId::of(&a), UpstreamSetId::of(&b));
+        assert_ne!(UpstreamSetId::of(&a), UpstreamSetId::of(&a[..1]));
+        assert_ne!(
+            UpstreamSetId::of(&[]),
+            UpstreamSetId::named("kube-dns endpoints")
+        );
+    }
+
+    #[test]
+    fn upstreams_that_stay_keep_their_state_and_those_that_leave_are_retired() {
+        let metrics = Arc::new(Metrics::default());
+        let f = Forwarder::new(
+            vec![up("203.0.113.11"), up("203.0.113.12")],
+            settings(),
+            metrics.clone(),
+        );
+        let stays = state(&f, "203.0.113.12");
+        let leaves = state(&f, "203.0.113.11");
+        stays.fails.store(2, Relaxed);
+        stays.looped.store(true, Relaxed);
+        stays.counters.requests.store(7, Relaxed);
+        let m = f.set_routes(RouteSpec {
+            default: SetSpec {
+                id: UpstreamSetId::named("kube-dns endpoints"),
+                origin: "kube-dns".into(),
+                upstreams: vec![up("203.0.113.12"), up("203.0.113.13")],
+            },
+            stubs: vec![],
+        });
+        assert_eq!(
+            m,
+            Membership {
+                joined: vec![up("203.0.113.13")],
+                left: vec![up("203.0.113.11")],
+            }
+        );
+        let now = state(&f, "203.0.113.12");
+        assert!(Arc::ptr_eq(&now, &stays), "the same state, not a copy");
+        assert!(now.is_down(2) && now.looped.load(Relaxed));
+        assert!(leaves.retired.load(Relaxed), "its health checks stop");
+        assert!(!now.retired.load(Relaxed));
+        // An upstream in two sets is one state.
+        f.set_routes(RouteSpec {
+            default: set("a", &["203.0.113.12"]),
+            stubs: vec![(
+                wire_from_dotted("corp.example"),
+                set("b", &["203.0.113.12"]),
+            )],
+        });
+        assert_eq!(f.routes().states().len(), 1);
+        assert!(Arc::ptr_eq(&state(&f, "203.0.113.12"), &stays));
+
+        // The metric series of an upstream that left goes once nothing holds it.
+        let text = metrics.render();
+        assert!(text.contains("to=\"203.0.113.12:53\""), "{text}");
+        assert!(!text.contains("to=\"203.0.113.13:53\""), "{text}");
+        assert!(text.contains("to=\"203.0.113.11:53\""), "still held here");
+        drop(leaves);
+        let text = metrics.render();
+        assert!(!text.contains("203.0.113.11"), "{text}");
+        assert!(
+            text.contains("coredns_forward_requests_total{to=\"203.0.113.12:53\"} 7"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_set_answers_servfail_at_once() {
+        let f = Forwarder::new(Vec::new(), settings(), Arc::default());
+        f.set_routes(RouteSpec {
+            default: SetSpec {
+                id: UpstreamSetId::named("kube-dns endpoints"),
+                origin: "the ready endpoints of the kube-dns Service".into(),
+                upstreams: vec![],
+            },
+            stubs: vec![],
+        });
+        let q = Question {
+            name: wire_from_dotted("www.example.org"),
+            qtype: 1,
+            qclass: 1,
+            dnssec_ok: false,
+            checking_disabled: false,
+            upstream_set: f.upstream_set_of(&wire_from_dotted("www.example.org")),
+        };
+        let e = f.resolve(&q).await.unwrap_err();
+        assert_eq!(e.rcode(), dns::RCODE_SERVFAIL);
+        assert_eq!(
+            e.to_string(),
+            "no upstream to ask (none among the ready endpoints of the kube-dns Service)"
+        );
+        assert!(f.detect_loops().await.is_ok(), "no upstream is no loop");
+    }
 
     #[test]
     fn a_reply_of_another_opcode_is_no_answer() {
@@ -600,6 +1056,7 @@ mod tests {
             qclass: 1,
             dnssec_ok: false,
             checking_disabled: false,
+            upstream_set: UpstreamSetId::default(),
         };
         let sent = query_message(&q);
         let mut reply = Message::new(sent.metadata.id, MessageType::Response, OpCode::Query);

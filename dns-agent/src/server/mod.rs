@@ -7,6 +7,7 @@ pub mod forward;
 pub mod handover;
 pub mod heartbeat;
 pub mod listen_address;
+pub mod routing;
 pub mod sockets;
 pub mod tcp;
 pub mod tls;
@@ -159,9 +160,11 @@ impl Handler {
         reply
     }
 
-    /// The upstream question (and cache key) for `name`, asked as `q` asks.
-    fn question_of(q: &Query<'_>, name: WireName) -> Question {
+    /// The upstream question (and cache key) for `name`, asked as `q` asks, to the upstreams
+    /// `name` routes to now.
+    fn question_of(&self, q: &Query<'_>, name: WireName) -> Question {
         Question {
+            upstream_set: self.external.forwarder().upstream_set_of(&name),
             name,
             qtype: q.qtype,
             qclass: q.qclass,
@@ -184,7 +187,7 @@ impl Handler {
         }
         let resolved = self
             .external
-            .cached(&Self::question_of(q, q.qname.clone()))?;
+            .cached(&self.question_of(q, q.qname.clone()))?;
         Some(self.reply_from_resolved(q, resolved, limit))
     }
 
@@ -193,7 +196,7 @@ impl Handler {
         // the client still sees its own question bytes.
         let resolved = self
             .external
-            .resolve(&Self::question_of(q, q.qname.clone()))
+            .resolve(&self.question_of(q, q.qname.clone()))
             .await;
         self.reply_from_resolved(q, resolved, limit)
     }
@@ -219,7 +222,7 @@ impl Handler {
         target: &[u8],
         limit: Option<usize>,
     ) -> Vec<u8> {
-        let question = Self::question_of(q, target.to_vec());
+        let question = self.question_of(q, target.to_vec());
         match self.external.resolve(&question).await {
             Resolved::Answer { answer, ttl } => match answer.to_message(&question, ttl) {
                 Some(upstream) => reply_from_upstream(q, &upstream, vec![cname], limit),

@@ -3,9 +3,10 @@
 //! `tls://ADDR[:PORT][#SERVERNAME]` for DNS over TLS (RFC 7858). IPv6 addresses go in brackets
 //! when a port or server name follows (`tls://[2001:db8::53]:853#dns.example`).
 //!
-//! [`Upstream::parse`] is the one parser for every place an upstream can be given (`--upstream`
-//! today; stub domains next). Its errors say what was given and which forms are accepted; the
-//! caller puts the flag or field name in front.
+//! [`Upstream::parse`] is the one parser for every place an upstream can be given (`--upstream`,
+//! `--stub-domain`, the kube-dns ConfigMap's `stubDomains` and `upstreamNameservers`). Its errors
+//! say what was given and which forms are accepted; the caller puts the flag or field name in
+//! front.
 
 use std::{
     fmt,

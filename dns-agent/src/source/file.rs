@@ -1,5 +1,5 @@
 //! A zone file: the Kubernetes objects of a cluster as YAML (several documents, or
-//! `kind: List`). Edits apply without a restart.
+//! `kind: List`), and optionally the kube-dns ConfigMap. Edits apply without a restart.
 
 use std::{
     path::{Path, PathBuf},
@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
+    core::v1::{ConfigMap, Namespace, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
@@ -128,10 +128,14 @@ fn object(
         "EndpointSlice" => {
             objects::project_slice(&typed::<EndpointSlice>(value).map_err(&fail)?).transpose()
         }
+        "ConfigMap" => {
+            objects::project_config_map(&typed::<ConfigMap>(value).map_err(&fail)?).transpose()
+        }
         "" => return Err(fail("no `kind`".to_string())),
         other => {
             return Err(fail(format!(
-                "kind {other:?} is not one a zone file holds (Namespace, Service, EndpointSlice, List)"
+                "kind {other:?} is not one a zone file holds (Namespace, Service, EndpointSlice, \
+                 ConfigMap, List)"
             )));
         }
     };
@@ -139,7 +143,7 @@ fn object(
         Some(Ok(o)) => out.push(o),
         Some(Err(e)) => return Err(fail(e.to_string())),
         None => {
-            tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, or no service label)")
+            tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, no service label, or a ConfigMap other than kube-system/kube-dns)")
         }
     }
     Ok(())
@@ -235,6 +239,28 @@ items:
 ";
         let objects = parse(Path::new("z.yaml"), text).unwrap();
         assert_eq!(objects.len(), 3);
+    }
+
+    #[test]
+    fn the_kube_dns_config_map_is_read_and_other_config_maps_are_not() {
+        let text = "\
+kind: ConfigMap
+metadata: {name: kube-dns, namespace: kube-system}
+data:
+  upstreamNameservers: '[\"192.0.2.53\"]'
+---
+kind: ConfigMap
+metadata: {name: coredns, namespace: kube-system}
+data: {Corefile: '.:53 {}'}
+";
+        let objects = parse(Path::new("z.yaml"), text).unwrap();
+        assert_eq!(
+            objects,
+            [ClusterObject::KubeDnsConfig(objects::KubeDnsConfigData {
+                stub_domains: None,
+                upstream_nameservers: Some("[\"192.0.2.53\"]".into()),
+            })]
+        );
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! The Kubernetes API: list and watch the Services, EndpointSlices and Namespaces of every
-//! namespace, and tell the zone.
+//! namespace, and tell the zone; and the kube-dns ConfigMap, for the forwarding routes.
+//!
+//! The ConfigMap watch is narrow: `kube-system` only, and one object by a `metadata.name` field
+//! selector, which is what lets `deploy/rbac.yaml` grant it by `resourceNames` alone. The zone
+//! waits for its first list before it answers (so that the first answers already use its stub
+//! domains), unless it fails (no RBAC for it yet): then a warning with the fix, and the zone
+//! answers without it. Its health does not count in `xdns_api_connected`, which is about the
+//! zone's watches.
 //!
 //! Each object is projected ([`crate::zone::objects`]) the moment it arrives and the
 //! Kubernetes object dropped: a watch of every Service and EndpointSlice runs on every node, so
@@ -25,7 +32,7 @@ use std::{
 
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
+    core::v1::{ConfigMap, Namespace, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -38,7 +45,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc};
 
 use super::SourceEvent;
-use crate::zone::objects::{self, ClusterObject, FieldError, Kind, ObjectKey};
+use crate::zone::objects::{self, ClusterObject, FieldError, KUBE_DNS_CONFIG_MAP, Kind, ObjectKey};
 
 /// Where the API server and the credentials come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,13 +106,19 @@ pub async fn connect(
 // --- connectivity -----------------------------------------------------------------------------
 
 /// The watched resources, in the order of the per-kind arrays below.
-const KINDS: [Kind; 3] = [Kind::Namespace, Kind::Service, Kind::EndpointSlice];
+const KINDS: [Kind; 4] = [
+    Kind::Namespace,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::ConfigMap,
+];
 
 fn kind_index(kind: Kind) -> usize {
     match kind {
         Kind::Namespace => 0,
         Kind::Service => 1,
         Kind::EndpointSlice => 2,
+        Kind::ConfigMap => 3,
     }
 }
 
@@ -114,7 +127,14 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Namespace => "namespaces",
         Kind::Service => "services",
         Kind::EndpointSlice => "endpointslices",
+        Kind::ConfigMap => "configmaps",
     }
+}
+
+/// The kinds the zone is made of: the zone is loaded once each is listed, and the API counts as
+/// connected while their watches are up.
+fn is_zone_kind(kind: Kind) -> bool {
+    kind != Kind::ConfigMap
 }
 
 /// Successful (2xx) API responses per watched resource.
@@ -126,9 +146,9 @@ fn kind_name(kind: Kind) -> &'static str {
 /// next item, so a count taken when an error is handled can only be passed by a later request.
 #[derive(Debug)]
 pub struct ResponseCounts {
-    /// Request paths of the three resources (`/api/v1/services`, ...), as kube builds them.
-    paths: [String; 3],
-    counts: [AtomicU64; 3],
+    /// Request paths of the watched resources (`/api/v1/services`, ...), as kube builds them.
+    paths: [String; 4],
+    counts: [AtomicU64; 4],
     notify: Notify,
 }
 
@@ -139,6 +159,7 @@ impl Default for ResponseCounts {
                 Namespace::url_path(&(), None),
                 Service::url_path(&(), None),
                 EndpointSlice::url_path(&(), None),
+                ConfigMap::url_path(&(), Some(KUBE_DNS_CONFIG_MAP.0)),
             ],
             counts: Default::default(),
             notify: Notify::new(),
@@ -287,12 +308,12 @@ fn project_service(svc: &Service) -> Result<Option<ClusterObject>, FieldError> {
 
 type KindStream = BoxStream<'static, (Kind, Result<Step, watcher::Error>)>;
 
-/// The watcher of one resource in every namespace, projecting as it goes.
-fn watch_kind<K>(client: &Client, kind: Kind, f: Project<K>) -> KindStream
+/// The watcher of one resource (`api`: every namespace, or one), projecting as it goes.
+fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind, f: Project<K>) -> KindStream
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+    watcher(api, config)
         // Retries with exponential backoff (0.8 s doubling to 30 s, with jitter) instead of
         // hammering an API server that is down.
         .default_backoff()
@@ -337,7 +358,7 @@ struct KindState {
 struct Source {
     tx: mpsc::Sender<SourceEvent>,
     counts: Arc<ResponseCounts>,
-    kinds: [KindState; 3],
+    kinds: [KindState; 4],
     synced: bool,
     connected: bool,
 }
@@ -371,6 +392,8 @@ impl Source {
             Ok(step) => step,
             Err(e) => {
                 self.failed(kind, e);
+                // A ConfigMap that cannot be read must not keep the zone from loading.
+                self.maybe_synced().await?;
                 return self.report_connected().await;
             }
         };
@@ -405,10 +428,7 @@ impl Source {
                     seen,
                 })
                 .await?;
-                if !self.synced && self.kinds.iter().all(|k| k.listed) {
-                    self.synced = true;
-                    self.send(SourceEvent::Synced).await?;
-                }
+                self.maybe_synced().await?;
             }
             Step::Applied(Ok(object)) => self.send(SourceEvent::Upsert { object, seen }).await?,
             Step::Applied(Err(removal)) | Step::Deleted(removal) => {
@@ -416,6 +436,19 @@ impl Source {
             }
         }
         self.report_connected().await
+    }
+
+    /// Tells the zone it is complete once every zone kind is listed, and the kube-dns
+    /// ConfigMap too unless its watch failed.
+    async fn maybe_synced(&mut self) -> Result<(), Closed> {
+        let complete = self.kinds.iter().all(|k| {
+            k.listed || (!is_zone_kind(k.kind) && matches!(k.health, Health::Down { .. }))
+        });
+        if !self.synced && complete {
+            self.synced = true;
+            self.send(SourceEvent::Synced).await?;
+        }
+        Ok(())
     }
 
     fn failed(&mut self, kind: Kind, e: watcher::Error) {
@@ -434,6 +467,14 @@ impl Source {
         if matches!(state.health, Health::Down { .. }) {
             // The backoff retries every few seconds; one warning per outage is enough.
             tracing::debug!(kind = kind_name(kind), error = %e, "Kubernetes API watch still failing");
+        } else if !is_zone_kind(kind) {
+            tracing::warn!(
+                kind = kind_name(kind),
+                error = %e,
+                fix,
+                "watching the kube-dns ConfigMap (kube-system/kube-dns) failed; its stubDomains \
+                 and upstreamNameservers stay as last read (none if never), retrying with backoff"
+            );
         } else if self.synced {
             tracing::warn!(
                 kind = kind_name(kind),
@@ -471,7 +512,11 @@ impl Source {
     }
 
     async fn report_connected(&mut self) -> Result<(), Closed> {
-        let connected = self.kinds.iter().all(|k| k.health == Health::Up);
+        let connected = self
+            .kinds
+            .iter()
+            .filter(|k| is_zone_kind(k.kind))
+            .all(|k| k.health == Health::Up);
         if connected != self.connected {
             self.connected = connected;
             self.send(SourceEvent::Connected(connected)).await?;
@@ -495,6 +540,11 @@ fn fix_for(kind: Kind, e: &watcher::Error) -> Option<String> {
              user of --kubeconfig"
                 .to_string(),
         ),
+        403 if kind == Kind::ConfigMap => Some(
+            "the agent may not read the kube-dns ConfigMap: apply deploy/rbac.yaml (its Role \
+             in kube-system grants get, list and watch of that one ConfigMap)"
+                .to_string(),
+        ),
         403 => Some(format!(
             "the agent may not list and watch {}: apply deploy/rbac.yaml and run the agent \
              with its service account (serviceAccountName: xdns)",
@@ -504,12 +554,35 @@ fn fix_for(kind: Kind, e: &watcher::Error) -> Option<String> {
     }
 }
 
-/// Watches the three resources until the zone task goes away.
+/// Watches the four resources until the zone task goes away.
 pub async fn run(client: Client, counts: Arc<ResponseCounts>, tx: mpsc::Sender<SourceEvent>) {
+    let all = watcher::Config::default();
+    let (namespace, name) = KUBE_DNS_CONFIG_MAP;
     let streams = [
-        watch_kind::<Namespace>(&client, Kind::Namespace, project_namespace),
-        watch_kind::<Service>(&client, Kind::Service, project_service),
-        watch_kind::<EndpointSlice>(&client, Kind::EndpointSlice, objects::project_slice),
+        watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            all.clone(),
+            Kind::Namespace,
+            project_namespace,
+        ),
+        watch_kind(
+            Api::<Service>::all(client.clone()),
+            all.clone(),
+            Kind::Service,
+            project_service,
+        ),
+        watch_kind(
+            Api::<EndpointSlice>::all(client.clone()),
+            all,
+            Kind::EndpointSlice,
+            objects::project_slice,
+        ),
+        watch_kind(
+            Api::<ConfigMap>::namespaced(client, namespace),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Kind::ConfigMap,
+            objects::project_config_map,
+        ),
     ];
     drive(futures::stream::select_all(streams), counts, tx).await;
 }
@@ -605,7 +678,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lists_become_relists_and_synced_follows_the_third_kind() {
+    async fn lists_become_relists_and_synced_follows_the_last_kind() {
         let mut steps = done(Kind::Namespace);
         steps.extend([
             svc_step(watcher::Event::Init),
@@ -619,6 +692,7 @@ mod tests {
             svc_step(watcher::Event::InitDone),
         ]);
         steps.extend(done(Kind::EndpointSlice));
+        steps.extend(done(Kind::ConfigMap));
         steps.push(svc_step(watcher::Event::Apply(service(
             "a",
             "new",
@@ -638,8 +712,10 @@ mod tests {
                 "relist namespaces 0",
                 "relist services 1",
                 "relist endpointslices 0",
-                "synced",
+                // The zone's watches are up; the zone waits for the ConfigMap's list.
                 "connected true",
+                "relist configmaps 0",
+                "synced",
                 "upsert a/new",
                 "delete a/web",
                 "delete a/new",
@@ -652,6 +728,7 @@ mod tests {
         let mut steps = done(Kind::Namespace);
         steps.extend(done(Kind::Service));
         steps.extend(done(Kind::EndpointSlice));
+        steps.extend(done(Kind::ConfigMap));
         steps.push((Kind::Service, Err(gone())));
         steps.push((Kind::Service, Err(down())));
         steps.push((Kind::Service, Err(down())));
@@ -665,12 +742,64 @@ mod tests {
                 "relist namespaces 0",
                 "relist services 0",
                 "relist endpointslices 0",
-                "synced",
                 "connected true",
+                "relist configmaps 0",
+                "synced",
                 "connected false",
                 "relist services 0",
                 "connected true",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_config_map_that_cannot_be_read_holds_up_neither_the_zone_nor_connected() {
+        let forbidden = || {
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(
+                Status::failure("configmaps \"kube-dns\" is forbidden", "Forbidden").with_code(403),
+            )))
+        };
+        let mut steps = done(Kind::Namespace);
+        steps.extend(done(Kind::Service));
+        steps.push((Kind::ConfigMap, Err(forbidden())));
+        steps.push((Kind::ConfigMap, Err(forbidden())));
+        steps.extend(done(Kind::EndpointSlice));
+        // Readable again later: its list is sent, nothing else changes.
+        let cm = || -> ConfigMap {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+                "data": {"upstreamNameservers": "[\"192.0.2.53\"]"},
+            }))
+            .expect("test object")
+        };
+        steps.push((Kind::ConfigMap, Ok(Step::Init)));
+        steps.push((
+            Kind::ConfigMap,
+            Ok(step_of(
+                Kind::ConfigMap,
+                objects::project_config_map,
+                watcher::Event::InitApply(cm()),
+            )),
+        ));
+        steps.push((Kind::ConfigMap, Ok(Step::InitDone)));
+        let events = script(steps).await;
+        assert_eq!(
+            summary(&events),
+            [
+                "relist namespaces 0",
+                "relist services 0",
+                "relist endpointslices 0",
+                "synced",
+                "connected true",
+                "relist configmaps 1",
+            ]
+        );
+        assert_eq!(
+            fix_for(Kind::ConfigMap, &forbidden()).as_deref(),
+            Some(
+                "the agent may not read the kube-dns ConfigMap: apply deploy/rbac.yaml (its Role \
+                 in kube-system grants get, list and watch of that one ConfigMap)"
+            )
         );
     }
 
@@ -708,7 +837,9 @@ mod tests {
     }
 
     /// deploy/rbac.yaml grants exactly what the watchers use: list and watch (and get) of
-    /// the three resources, nothing more, bound to the agent's service account.
+    /// the zone's three resources in every namespace, and of the one kube-dns ConfigMap in
+    /// kube-system (a Role, by resourceNames: the watch names it with a field selector);
+    /// nothing more, bound to the agent's service account.
     #[test]
     fn rbac_grants_what_the_watch_needs_and_no_more() {
         use std::collections::BTreeSet;
@@ -717,51 +848,108 @@ mod tests {
         let text = include_str!("../../../deploy/rbac.yaml");
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).expect("YAML");
         let of_kind = |k: &str| {
-            docs.iter()
-                .find(|d| d["kind"].as_str() == Some(k))
-                .unwrap_or_else(|| panic!("a {k} in deploy/rbac.yaml"))
+            let found: Vec<&serde_json::Value> = docs
+                .iter()
+                .filter(|d| d["kind"].as_str() == Some(k))
+                .collect();
+            assert_eq!(found.len(), 1, "one {k} in deploy/rbac.yaml");
+            found[0]
         };
+        // (namespace of the grant, group, resource, resource name, verb)
         let mut granted = BTreeSet::new();
-        for rule in of_kind("ClusterRole")["rules"].as_array().expect("rules") {
-            let list = |k: &str| -> Vec<String> {
-                rule[k]
-                    .as_array()
-                    .expect("a list")
-                    .iter()
-                    .map(|v| v.as_str().expect("a string").to_string())
-                    .collect()
-            };
-            for group in list("apiGroups") {
-                for resource in list("resources") {
-                    for verb in list("verbs") {
-                        granted.insert((group.clone(), resource.clone(), verb));
+        for (role, namespace) in [
+            (of_kind("ClusterRole"), None),
+            (
+                of_kind("Role"),
+                of_kind("Role")["metadata"]["namespace"].as_str(),
+            ),
+        ] {
+            for rule in role["rules"].as_array().expect("rules") {
+                let list = |k: &str| -> Vec<String> {
+                    rule[k]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().expect("a string").to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let names = list("resourceNames");
+                let names = if names.is_empty() {
+                    vec![String::new()]
+                } else {
+                    names
+                };
+                for group in list("apiGroups") {
+                    for resource in list("resources") {
+                        for name in &names {
+                            for verb in list("verbs") {
+                                granted.insert((
+                                    namespace.map(str::to_string),
+                                    group.clone(),
+                                    resource.clone(),
+                                    name.clone(),
+                                    verb,
+                                ));
+                            }
+                        }
                     }
                 }
             }
         }
         let mut wanted = BTreeSet::new();
-        for (group, resource) in [
-            (Namespace::GROUP, Namespace::URL_PATH_SEGMENT),
-            (Service::GROUP, Service::URL_PATH_SEGMENT),
-            (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+        let (cm_namespace, cm_name) = KUBE_DNS_CONFIG_MAP;
+        for (namespace, group, resource, name) in [
+            (None, Namespace::GROUP, Namespace::URL_PATH_SEGMENT, ""),
+            (None, Service::GROUP, Service::URL_PATH_SEGMENT, ""),
+            (
+                None,
+                EndpointSlice::GROUP,
+                EndpointSlice::URL_PATH_SEGMENT,
+                "",
+            ),
+            (
+                Some(cm_namespace),
+                ConfigMap::GROUP,
+                ConfigMap::URL_PATH_SEGMENT,
+                cm_name,
+            ),
         ] {
             for verb in ["get", "list", "watch"] {
-                wanted.insert((group.to_string(), resource.to_string(), verb.to_string()));
+                wanted.insert((
+                    namespace.map(str::to_string),
+                    group.to_string(),
+                    resource.to_string(),
+                    name.to_string(),
+                    verb.to_string(),
+                ));
             }
         }
         assert_eq!(granted, wanted);
 
         let sa = of_kind("ServiceAccount");
-        let binding = of_kind("ClusterRoleBinding");
-        assert_eq!(binding["roleRef"]["kind"].as_str(), Some("ClusterRole"));
-        assert_eq!(
-            binding["roleRef"]["name"],
-            of_kind("ClusterRole")["metadata"]["name"]
-        );
-        let subject = &binding["subjects"][0];
-        assert_eq!(subject["kind"].as_str(), Some("ServiceAccount"));
-        assert_eq!(subject["name"], sa["metadata"]["name"]);
-        assert_eq!(subject["namespace"], sa["metadata"]["namespace"]);
+        for (binding, role) in [
+            ("ClusterRoleBinding", "ClusterRole"),
+            ("RoleBinding", "Role"),
+        ] {
+            let binding = of_kind(binding);
+            assert_eq!(binding["roleRef"]["kind"].as_str(), Some(role));
+            assert_eq!(
+                binding["roleRef"]["name"],
+                of_kind(role)["metadata"]["name"]
+            );
+            if role == "Role" {
+                assert_eq!(
+                    binding["metadata"]["namespace"],
+                    of_kind(role)["metadata"]["namespace"]
+                );
+            }
+            let subject = &binding["subjects"][0];
+            assert_eq!(subject["kind"].as_str(), Some("ServiceAccount"));
+            assert_eq!(subject["name"], sa["metadata"]["name"]);
+            assert_eq!(subject["namespace"], sa["metadata"]["namespace"]);
+        }
     }
 
     fn tokio_stream_from<T: Send + 'static>(

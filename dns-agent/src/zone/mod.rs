@@ -360,6 +360,8 @@ impl ZoneModel {
                     }
                 }
             }
+            // Not zone data: the forwarding routes take it (`app.rs`).
+            Kind::ConfigMap => {}
         }
         changes
     }
@@ -392,6 +394,8 @@ impl ZoneModel {
                 }
             }
             Change::Delete(Kind::Namespace, key) => self.namespace_names(&key.name, out),
+            Change::Upsert(ClusterObject::KubeDnsConfig(_))
+            | Change::Delete(Kind::ConfigMap, _) => {}
         }
     }
 
@@ -430,6 +434,9 @@ impl ZoneModel {
                     self.index_slice(&key, &old, false);
                 }
             }
+            // Names no record: the forwarding routes take it (`app.rs`).
+            Change::Upsert(ClusterObject::KubeDnsConfig(_))
+            | Change::Delete(Kind::ConfigMap, _) => {}
         }
     }
 
@@ -600,6 +607,21 @@ impl ZoneModel {
         let key = ObjectKey::new(ns, svc);
         let info = self.services.get(&key)?;
         Some((key, info))
+    }
+
+    /// The ready endpoints of the Services whose cluster IP is `cluster_ip` (in practice one:
+    /// the kube-dns Service for an intercepted address), each address with the ports of its
+    /// EndpointSlice.
+    pub fn ready_endpoints_at(&self, cluster_ip: IpAddr) -> Vec<(IpAddr, &[objects::Port])> {
+        let Some(owners) = self.reverse.get(&cluster_ip) else {
+            return Vec::new();
+        };
+        owners
+            .services
+            .iter()
+            .flat_map(|key| self.ready_endpoints(key))
+            .flat_map(|(ep, slice)| ep.addresses.iter().map(|a| (*a, &slice.ports[..])))
+            .collect()
     }
 
     /// Ready endpoints of a service with their slices' ports.

@@ -3,16 +3,29 @@
 //! Every node runs a watch of every Service and EndpointSlice, so the agent keeps only what
 //! DNS needs of them: names, IPs, ports, readiness. The same projections come from the API
 //! watch and from a zone file, so both sources feed one model.
+//!
+//! One object is not zone data: the kube-dns ConfigMap (`kube-system/kube-dns`), whose
+//! `stubDomains` and `upstreamNameservers` say where names outside the cluster go, as
+//! NodeLocal DNSCache reads them. Its projection keeps those two values as written; the
+//! forwarding routes ([`crate::server::routing`]) check them, so that a malformed ConfigMap is
+//! refused there and the last good settings stay, from either source.
 
 use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
+    core::v1::{ConfigMap, Namespace, Service},
     discovery::v1::EndpointSlice,
 };
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Namespace and name of the kube-dns ConfigMap (kube-dns's and NodeLocal DNSCache's).
+pub const KUBE_DNS_CONFIG_MAP: (&str, &str) = ("kube-system", "kube-dns");
+/// Its keys that name upstreams: a JSON object of domain to list of addresses, and a JSON list
+/// of addresses.
+pub const STUB_DOMAINS_KEY: &str = "stubDomains";
+pub const UPSTREAM_NAMESERVERS_KEY: &str = "upstreamNameservers";
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,12 +120,21 @@ pub struct SliceInfo {
     pub ports: Vec<Port>,
 }
 
+/// The kube-dns ConfigMap's forwarding keys, as written (`None`: the key is absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeDnsConfigData {
+    pub stub_domains: Option<Box<str>>,
+    pub upstream_nameservers: Option<Box<str>>,
+}
+
 /// One object of the cluster, projected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClusterObject {
     Namespace(Arc<str>),
     Service(ObjectKey, ServiceInfo),
     Slice(ObjectKey, SliceInfo),
+    /// The kube-dns ConfigMap: not zone data, the forwarding routes take it.
+    KubeDnsConfig(KubeDnsConfigData),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,21 +142,25 @@ pub enum Kind {
     Namespace,
     Service,
     EndpointSlice,
+    /// The kube-dns ConfigMap (the only ConfigMap the agent reads).
+    ConfigMap,
 }
 
 /// Objects sorted into one listing per kind, in the order a full load applies them
-/// (namespaces, Services, then their EndpointSlices).
-pub fn by_kind(objects: Vec<ClusterObject>) -> [(Kind, Vec<ClusterObject>); 3] {
+/// (namespaces, Services, then their EndpointSlices; then the kube-dns ConfigMap).
+pub fn by_kind(objects: Vec<ClusterObject>) -> [(Kind, Vec<ClusterObject>); 4] {
     let mut out = [
         (Kind::Namespace, vec![]),
         (Kind::Service, vec![]),
         (Kind::EndpointSlice, vec![]),
+        (Kind::ConfigMap, vec![]),
     ];
     for o in objects {
         let i = match o {
             ClusterObject::Namespace(_) => 0,
             ClusterObject::Service(..) => 1,
             ClusterObject::Slice(..) => 2,
+            ClusterObject::KubeDnsConfig(_) => 3,
         };
         out[i].1.push(o);
     }
@@ -421,6 +447,26 @@ pub fn project_slice(slice: &EndpointSlice) -> Result<Option<ClusterObject>, Fie
     )))
 }
 
+/// `Ok(None)`: a ConfigMap other than kube-system/kube-dns (the agent reads no other). Its two
+/// forwarding keys are kept as written; every other key is dropped.
+pub fn project_config_map(cm: &ConfigMap) -> Result<Option<ClusterObject>, FieldError> {
+    let name = object_name(&cm.metadata)?;
+    let namespace = cm.metadata.namespace.as_deref().unwrap_or("default");
+    if (namespace, name) != KUBE_DNS_CONFIG_MAP {
+        return Ok(None);
+    }
+    let value = |key: &str| {
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| v.as_str().into())
+    };
+    Ok(Some(ClusterObject::KubeDnsConfig(KubeDnsConfigData {
+        stub_domains: value(STUB_DOMAINS_KEY),
+        upstream_nameservers: value(UPSTREAM_NAMESERVERS_KEY),
+    })))
+}
+
 /// The DNS label of an endpoint: its hostname, else its address with dashes
 /// (`10-1-2-3`, `2001-db8--1`), as CoreDNS names them.
 pub fn endpoint_label(hostname: Option<&str>, ip: IpAddr) -> String {
@@ -516,6 +562,29 @@ mod tests {
             project_slice(&bad).unwrap_err().field,
             "endpoints[0].addresses[0]"
         );
+    }
+
+    #[test]
+    fn only_the_kube_dns_config_map_is_kept_with_its_two_keys() {
+        let cm: ConfigMap = serde_saphyr::from_str(
+            "metadata: {name: kube-dns, namespace: kube-system}\n\
+             data:\n  stubDomains: '{\"corp.example\": [\"192.0.2.53\"]}'\n  \
+             federations: 'ignored'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            project_config_map(&cm).unwrap(),
+            Some(ClusterObject::KubeDnsConfig(KubeDnsConfigData {
+                stub_domains: Some("{\"corp.example\": [\"192.0.2.53\"]}".into()),
+                upstream_nameservers: None,
+            }))
+        );
+        let other: ConfigMap =
+            serde_saphyr::from_str("metadata: {name: coredns, namespace: kube-system}\n").unwrap();
+        assert_eq!(project_config_map(&other).unwrap(), None);
+        let elsewhere: ConfigMap =
+            serde_saphyr::from_str("metadata: {name: kube-dns, namespace: default}\n").unwrap();
+        assert_eq!(project_config_map(&elsewhere).unwrap(), None);
     }
 
     #[test]
