@@ -117,7 +117,14 @@ fn the_listen_address_variant_is_accepted() {
         .validate_with(true)
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(config.args.intercept.is_empty());
-    assert_eq!(config.upstreams.len(), 1);
+    assert!(
+        matches!(
+            &config.routes.default,
+            dns_agent::server::routing::DefaultUpstreams::Flags(u) if u.len() == 1
+        ),
+        "{:?}",
+        config.routes.default
+    );
 }
 
 /// Rules the API server applies beyond the schema, which `kubernetes-validate` cannot check.
