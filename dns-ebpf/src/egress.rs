@@ -36,6 +36,8 @@ pub fn xdns_egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
+// The key by reference: by value it would be copied again for the lookup.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn restore(ctx: &TcContext) -> Option<()> {
     // SAFETY: array map values live as long as the map.
     let config = unsafe { &*CONFIG.get_ptr(0)? };

@@ -77,6 +77,9 @@ pub fn steer_or_leave(ctx: &XdpContext) {
 }
 
 #[inline(always)]
+// The flow's key and value live in scratch memory to spare the stack; by value they would be
+// copied onto it.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn steer_v4(ctx: &XdpContext, config: &ZoneConfig) -> Option<()> {
     let listen = config.listen_v4[0];
     if listen == [0; 4] {
@@ -130,6 +133,7 @@ fn steer_v4(ctx: &XdpContext, config: &ZoneConfig) -> Option<()> {
 }
 
 #[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn steer_v6(ctx: &XdpContext, config: &ZoneConfig) -> Option<()> {
     let listen = &config.listen_v6[0];
     if *listen == [0; 16] {
