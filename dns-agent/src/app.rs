@@ -90,6 +90,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &sockets,
         &forwarder,
         attachments,
+        &metrics,
     )
     .await;
     drain(&handler).await;
@@ -113,6 +114,7 @@ async fn serve(
     sockets: &Sockets,
     forwarder: &Arc<Forwarder>,
     mut attachments: Option<Attachments>,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let (link_tx, mut links) = mpsc::channel(256);
     if attachments.as_ref().is_some_and(Attachments::follows_links) {
@@ -130,7 +132,7 @@ async fn serve(
             }),
             loaded = &mut zone_loaded, if loading => {
                 loading = false;
-                if loaded.is_ok() && let Err(e) = take_over(tasks, sockets, forwarder, attachments.as_mut()) {
+                if loaded.is_ok() && let Err(e) = take_over(tasks, sockets, forwarder, attachments.as_mut(), metrics) {
                     break Err(e);
                 }
             }
@@ -154,6 +156,7 @@ fn take_over(
     sockets: &Sockets,
     forwarder: &Arc<Forwarder>,
     attachments: Option<&mut Attachments>,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     sockets
         .steer_to_self()
@@ -163,6 +166,7 @@ fn take_over(
     if let Some(a) = attachments {
         a.zone_loaded()?;
     }
+    metrics.set_serving();
     Ok(())
 }
 

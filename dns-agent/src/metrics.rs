@@ -84,6 +84,8 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     pub programming_latency: Histogram,
     synced: AtomicBool,
+    /// Zone loaded, queries steered to this agent and its programs attached: /ready says 200.
+    serving: AtomicBool,
     api_connected: AtomicBool,
     pub zone_services: AtomicU64,
     pub zone_endpoints: AtomicU64,
@@ -109,6 +111,7 @@ impl Default for Metrics {
             upstream_latency: Histogram::new(LATENCY_BUCKETS),
             programming_latency: Histogram::new(LATENCY_BUCKETS),
             synced: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
             api_connected: AtomicBool::new(false),
             zone_services: AtomicU64::new(0),
             zone_endpoints: AtomicU64::new(0),
@@ -170,6 +173,13 @@ impl Metrics {
 
     pub fn is_synced(&self) -> bool {
         self.synced.load(Relaxed)
+    }
+
+    /// The agent serves: its zone is loaded, queries come to it, its programs are attached.
+    /// Only then is it ready — a rolling update stops the old agent once the new one is ready,
+    /// and the old one must not leave before the new one has taken over.
+    pub fn set_serving(&self) {
+        self.serving.store(true, Relaxed);
     }
 
     pub fn set_api_connected(&self, v: bool) {
@@ -712,13 +722,18 @@ fn respond(req: &Request<Incoming>, metrics: &Arc<Metrics>) -> Response<Full<Byt
             metrics.render(),
         ),
         (&Method::GET | &Method::HEAD, "/health") => (StatusCode::OK, TEXT, "OK\n".to_string()),
-        (&Method::GET | &Method::HEAD, "/ready") if metrics.is_synced() => {
+        (&Method::GET | &Method::HEAD, "/ready") if metrics.serving.load(Relaxed) => {
             (StatusCode::OK, TEXT, "OK\n".to_string())
         }
         (&Method::GET | &Method::HEAD, "/ready") => (
             StatusCode::SERVICE_UNAVAILABLE,
             TEXT,
-            "zone not loaded yet\n".to_string(),
+            if metrics.is_synced() {
+                "zone loaded; taking over\n"
+            } else {
+                "zone not loaded yet\n"
+            }
+            .to_string(),
         ),
         (&Method::GET | &Method::HEAD, _) => {
             (StatusCode::NOT_FOUND, TEXT, "not found\n".to_string())
@@ -905,6 +920,15 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, "zone not loaded yet\n")
         );
         metrics.set_synced(true);
+        let (status, _, body) = get(addr, "/ready").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "zone loaded; taking over\n"
+            )
+        );
+        metrics.set_serving();
         assert_eq!(get(addr, "/ready").await.0, StatusCode::OK);
         assert_eq!(get(addr, "/nope").await.0, StatusCode::NOT_FOUND);
         server.abort();
