@@ -429,3 +429,118 @@ fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
         }
     }
 }
+
+/// Defect 5c of the contract review: after the kernel drops link notifications (ENOBUFS), a
+/// veth deleted and created again under the same name (Calico names veths after the pod) must
+/// be attached again. The agent is stopped while a few hundred other links come and go, which
+/// overflows its notification socket for real; meanwhile the pod's veth is replaced.
+#[test]
+fn a_veth_recreated_while_notifications_overflow_is_attached_again() {
+    use support::{Netns, run, unique};
+    let topo = Topology::new();
+    let probe = unique("xg");
+    let prefix = &probe[..probe.rfind('x').unwrap() + 1];
+    let pattern = format!("{prefix}*");
+    let agent = Agent::start(
+        &topo,
+        &support::example_cluster(),
+        &["--interface-pattern", &pattern],
+    );
+    let pod = Netns::new("xp");
+    let host = unique("xg");
+    let guest = unique("xq");
+    let plug = || {
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host,
+                "netns",
+                &topo.node.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &guest,
+                "netns",
+                &pod.name,
+            ],
+        );
+        topo.node
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", &host]);
+        topo.node.ip(&["link", "set", &host, "up"]);
+        pod.ip(&["addr", "add", "203.0.113.2/24", "dev", &guest]);
+        pod.ip(&["link", "set", &guest, "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            &format!("{LISTEN_V4}/32"),
+            "via",
+            "203.0.113.1",
+        ]);
+    };
+    let attached = format!("XDP program attached (interface pattern) interface={host}");
+    let wait_attached = |count: usize, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while agent.log().matches(&attached).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {host} not attached:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let kernel_answers = |what: &str| {
+        let client = Client::new(&pod, IpAddr::V4(LISTEN_V4));
+        let (kernel, user) = (agent.kernel_answered(), agent.userspace_answers());
+        let m = client.query("web.shop.svc.cluster.local.", RecordType::A, false);
+        assert_eq!(answers(&m), vec!["A 10.96.10.20"], "{what}");
+        assert_eq!(
+            agent.kernel_answered(),
+            kernel + 1,
+            "{what}: the kernel answered"
+        );
+        assert_eq!(agent.userspace_answers(), user, "{what}");
+    };
+    plug();
+    wait_attached(1, "first veth");
+    kernel_answers("first veth");
+
+    // Stopped, the agent reads no notifications; links that match no pattern come and go
+    // until its socket's buffer (rmem_default, 208 KiB here) overflows; then the pod's veth
+    // is replaced: its delete and re-creation are among the notifications the kernel drops.
+    agent.signal(libc::SIGSTOP);
+    let batch = tempfile::NamedTempFile::new().unwrap();
+    let filler = unique("xf");
+    let mut adds = String::new();
+    let mut dels = String::new();
+    for i in 0..300 {
+        adds.push_str(&format!(
+            "link add {filler}a{i} type veth peer name {filler}b{i}\n"
+        ));
+        dels.push_str(&format!("link del {filler}a{i}\n"));
+    }
+    std::fs::write(batch.path(), &adds).unwrap();
+    topo.node
+        .ip(&["-batch", &batch.path().display().to_string()]);
+    std::fs::write(batch.path(), &dels).unwrap();
+    topo.node
+        .ip(&["-batch", &batch.path().display().to_string()]);
+    topo.node.ip(&["link", "del", &host]);
+    plug();
+    agent.signal(libc::SIGCONT);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !agent.log().contains("link notifications overflowed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notification socket did not overflow (more filler links needed?):\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_attached(2, "after the overflow");
+    kernel_answers("the veth created again");
+}
