@@ -26,8 +26,14 @@ use crate::{
     },
     metrics::Metrics,
     server::{
-        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, heartbeat,
-        listen_address::ListenAddresses, sockets::Sockets,
+        Handler,
+        cache::Cache,
+        external::ExternalResolver,
+        forward::Forwarder,
+        handover, heartbeat,
+        limits::{self, Limits},
+        listen_address::ListenAddresses,
+        sockets::Sockets,
     },
     source::{self, SourceEvent},
     zone::{Change, ZoneModel, ZoneSettings},
@@ -36,6 +42,10 @@ use crate::{
 type Tasks = JoinSet<std::io::Result<()>>;
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // Every TCP connection and upstream query holds a file descriptor; the configuration was
+    // checked against the hard limit.
+    let files = limits::raise_fd_limit().context("raising the limit of open files")?;
+    tracing::debug!(files, "open files allowed");
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
@@ -280,6 +290,7 @@ fn userspace_server(
         metrics: metrics.clone(),
         in_flight: Default::default(),
         probe: heartbeat::Probe::new(&config.cluster_domain),
+        limits: Arc::new(Limits::new(config.limits.clone(), metrics.limits.clone())),
     })
 }
 
