@@ -192,10 +192,11 @@ fn every_path_answers(agent: &Agent, topo: &Topology, client: &Client, what: &st
 // TCP connections.
 
 /// Forty pods (addresses) open fifty connections each, 2,000 in all: half of them idle, half
-/// trickling a query (a length prefix announcing 64 KiB, then a byte now and then). The agent
-/// keeps at most `--tcp-max-connections`, closing the longest-waiting ones to make room, and
-/// another pod's TCP and UDP queries are answered at once throughout. Idle and stalled
-/// connections are closed after `--tcp-idle-timeout`.
+/// starting a query they never finish (a length prefix announcing 64 KiB, two bytes of it).
+/// The agent keeps at most `--tcp-max-connections`, closing the heaviest clients'
+/// longest-waiting connections to make room; another pod's connection, kept open and asked on
+/// every 20 ms, is never the one closed, and its new TCP and UDP queries are answered at once
+/// throughout. Idle and stalled connections are closed after `--tcp-idle-timeout`.
 #[test]
 fn thousands_of_idle_and_slow_tcp_connections_do_not_stop_answers() {
     const PODS: u8 = 40;
@@ -225,6 +226,36 @@ fn thousands_of_idle_and_slow_tcp_connections_do_not_stop_answers() {
     let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
     let rss_before = rss_kib(&agent);
     let files_before = open_files(&agent);
+
+    // Another pod keeps one connection and asks on it every 20 ms throughout: holding one
+    // connection, it is never the one closed to make room.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady = {
+        let stop = stop.clone();
+        let ns = Netns::existing(&topo.pod.name);
+        std::thread::spawn(move || {
+            ns.enter(move || {
+                let server = SocketAddr::new(IpAddr::V4(LISTEN_V4), 53);
+                let mut s = tcp_from(victim, server, Duration::from_secs(3)).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let q = query_message(USERSPACE_NAME, RecordType::A, false)
+                    .to_vec()
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(90);
+                let mut asked = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let r = tcp_exchange(&mut s, &q)
+                        .unwrap_or_else(|e| panic!("query {asked} on the kept connection: {e}"));
+                    let m = Message::from_vec(&r).unwrap();
+                    assert_eq!(answers(&m), [USERSPACE_ANSWER]);
+                    asked += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                asked
+            })
+        })
+    };
 
     // Open them all (bounded: 60 s), keeping every socket.
     let list = attackers.clone();
@@ -264,6 +295,11 @@ fn thousands_of_idle_and_slow_tcp_connections_do_not_stop_answers() {
         assert!(took < Duration::from_secs(2), "a TCP answer took {took:?}");
     }
     every_path_answers(&agent, &topo, &client, "with 2,000 connections held");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let asked = steady
+        .join()
+        .expect("the kept connection answered every query");
+    assert!(asked >= 5, "{asked} queries on the kept connection");
 
     let open = agent.metric("xdns_tcp_connections");
     let evicted = agent.metric("xdns_tcp_closed_connections_total{reason=\"evicted\"}");

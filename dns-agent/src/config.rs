@@ -246,9 +246,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, help_heading = "Cache")]
     pub serve_stale: Duration,
 
-    /// TCP connections open at once, all clients together. At the limit, the connection that
-    /// has waited longest for its client is closed to make room for a new one; when none is
-    /// waiting, the new one is closed.
+    /// TCP connections open at once, all clients together. At the limit, a connection waiting
+    /// for its client (idle, or in the middle of a query) is closed to make room for a new one:
+    /// the longest-waiting one of the client holding the most; when none is waiting, the new
+    /// one is closed.
     #[arg(
         long,
         value_name = "N",

@@ -118,10 +118,11 @@ impl Limits {
     }
 
     /// A new TCP connection from `client`: its place in the table, or `None` (counted) when it
-    /// must be closed at once. At a limit, the connection that has waited longest for its
-    /// client (the same client's, at the per-client limit) is closed to make room: a client
-    /// that sends a query is served before one that holds a connection idle (RFC 7766 §6.2.3
-    /// lets servers close idle connections under pressure; clients reconnect).
+    /// must be closed at once. At a limit, a connection waiting for its client is closed to
+    /// make room: at the per-client limit that client's longest-waiting one, at the total limit
+    /// the longest-waiting one of the client holding the most. A client that sends a query is
+    /// served before one that holds a connection idle (RFC 7766 §6.2.3 lets servers close idle
+    /// connections under pressure; clients reconnect).
     pub fn admit_tcp(self: &Arc<Self>, client: IpAddr) -> Option<TcpConnection> {
         let client = client.to_canonical();
         let mut t = self.tcp.lock().expect("tcp table lock");
@@ -167,14 +168,23 @@ struct TcpTable {
 }
 
 impl TcpTable {
-    /// Closes the connection that has waited longest for its client (of `client`, if given).
-    /// It leaves the table when its task ends, a moment later; until then the table is one
-    /// over its limit.
+    /// Closes a connection waiting for its client: `client`'s longest-waiting one, or, with
+    /// no client given, the longest-waiting one of the client that holds the most connections
+    /// (a client with a connection or two keeps them while another holds dozens). It leaves
+    /// the table when its task ends, a moment later; until then the table is one over.
     fn evict_waiting(&mut self, client: Option<IpAddr>, counters: &LimitCounters) -> bool {
+        let held = |c: &IpAddr| self.per_client.get(c).copied().unwrap_or(0);
+        let heaviest = match client {
+            Some(c) => c,
+            None => match self.waiting.values().max_by_key(|(c, _)| held(c)) {
+                Some((c, _)) => *c,
+                None => return false,
+            },
+        };
         let Some(key) = self
             .waiting
             .iter()
-            .find(|(_, (c, _))| client.is_none_or(|want| *c == want))
+            .find(|(_, (c, _))| *c == heaviest)
             .map(|(k, _)| *k)
         else {
             return false;
@@ -532,6 +542,32 @@ mod tests {
         let d2 = l.admit_tcp(d).unwrap();
         assert!(d1.shared.evicted.load(Relaxed));
         assert!(!d2.shared.evicted.load(Relaxed));
+    }
+
+    #[tokio::test]
+    async fn at_the_total_limit_the_client_holding_most_makes_room() {
+        let l = limits(LimitSettings {
+            tcp_connections: 4,
+            tcp_connections_per_client: 4,
+            ..LimitSettings::default()
+        });
+        let light = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let heavy = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+        // The light client's connection waits longest, the heavy one holds three.
+        let l1 = l.admit_tcp(light).unwrap();
+        let h: Vec<TcpConnection> = (0..3).map(|_| l.admit_tcp(heavy).unwrap()).collect();
+        let _new = l
+            .admit_tcp(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3)))
+            .unwrap();
+        assert!(
+            !l1.shared.evicted.load(Relaxed),
+            "the light client keeps its connection"
+        );
+        assert!(
+            h[0].shared.evicted.load(Relaxed),
+            "the heavy one's oldest made room"
+        );
+        assert!(!h[1].shared.evicted.load(Relaxed));
     }
 
     #[tokio::test]
