@@ -43,9 +43,16 @@ type Tasks = JoinSet<std::io::Result<()>>;
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Every TCP connection and upstream query holds a file descriptor; the configuration was
-    // checked against the hard limit.
-    let files = limits::raise_fd_limit().context("raising the limit of open files")?;
-    tracing::debug!(files, "open files allowed");
+    // checked against the hard limit. Failing to raise the soft one is not fatal: `accept`
+    // survives running out (see `accept`).
+    match limits::raise_fd_limit() {
+        Ok(files) => tracing::debug!(files, "open files allowed"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "raising the soft limit of open files to the hard one failed; TCP connections \
+             may run out of file descriptors before --tcp-max-connections"
+        ),
+    }
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());

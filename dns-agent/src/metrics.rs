@@ -417,16 +417,8 @@ impl LimitCounters {
         self.refused[by as usize].fetch_add(1, Relaxed);
     }
 
-    pub fn tcp_refused(&self, by: RefusedBy) {
-        self.refused(by);
-    }
-
     pub fn tcp_closed(&self, by: ClosedBy) {
         self.closed[by as usize].fetch_add(1, Relaxed);
-    }
-
-    pub fn refused_count(&self, by: RefusedBy) -> u64 {
-        self.refused[by as usize].load(Relaxed)
     }
 
     fn encode(&self, e: &mut DescriptorEncoder) -> fmt::Result {

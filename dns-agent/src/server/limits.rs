@@ -1,6 +1,7 @@
 //! What one client, or all of them together, can make the userspace server hold or do: TCP
-//! connections (per client and in all, idle ones closed, the longest-waiting closed first when
-//! full), queries waiting for an upstream, and queries per second per client.
+//! connections (per client and in all; idle ones closed; when full, a connection waiting for
+//! its client closed to make room, the heaviest client's first), queries waiting for an
+//! upstream, and queries per second per client.
 //!
 //! Every table here is bounded by a setting, never by what clients send: a pod cannot grow the
 //! agent's memory by opening connections, asking slow names, or sending from many addresses.
@@ -90,10 +91,6 @@ impl Limits {
         }
     }
 
-    pub fn settings(&self) -> &LimitSettings {
-        &self.settings
-    }
-
     /// May `client` send a query now? Counts a refusal. Every message counts, whatever it
     /// holds: garbage costs the server as much as a query.
     pub fn within_rate(&self, client: IpAddr) -> bool {
@@ -129,12 +126,12 @@ impl Limits {
         let per_client = t.per_client.get(&client).copied().unwrap_or(0);
         if per_client >= self.settings.tcp_connections_per_client {
             if !t.evict_waiting(Some(client), &self.counters) {
-                self.counters.tcp_refused(RefusedBy::PerClient);
+                self.counters.refused(RefusedBy::PerClient);
                 return None;
             }
         } else if t.open >= self.settings.tcp_connections && !t.evict_waiting(None, &self.counters)
         {
-            self.counters.tcp_refused(RefusedBy::Total);
+            self.counters.refused(RefusedBy::Total);
             return None;
         }
         t.open += 1;
