@@ -166,7 +166,11 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
             .stderr(log);
         c
     };
-    let mut agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
+    let mut agent = start_agent(
+        &node,
+        agent_args(std::fs::File::create(&log_path)?),
+        &log_path,
+    )?;
     println!();
     println!(
         "xdns demo: agent in namespace {} with XDP on {host_if}; queries from {}",
@@ -279,7 +283,11 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     println!("agent killed (SIGKILL): its socket is gone, nothing is steered to it");
     ask(false)?;
     println!("agent started again: it takes the pinned XDP and tc links over");
-    let _agent = start_agent(&node, agent_args(std::fs::File::create(&log_path)?), &log_path)?;
+    let _agent = start_agent(
+        &node,
+        agent_args(std::fs::File::create(&log_path)?),
+        &log_path,
+    )?;
     ask(true)?;
     Ok(())
 }
@@ -324,7 +332,13 @@ fn kube_dns(node: &Netns, pod: &Netns, id: u32) -> anyhow::Result<()> {
     coredns.ip(&["addr", "add", &format!("{COREDNS}/24"), "dev", &dns_if])?;
     coredns.ip(&["link", "set", &dns_if, "up"])?;
     coredns.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
-    pod.ip(&["route", "add", &format!("{KUBE_DNS}/32"), "via", "192.0.2.1"])?;
+    pod.ip(&[
+        "route",
+        "add",
+        &format!("{KUBE_DNS}/32"),
+        "via",
+        "192.0.2.1",
+    ])?;
     run(node
         .command("sysctl")
         .args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
@@ -335,13 +349,19 @@ fn kube_dns(node: &Netns, pod: &Netns, id: u32) -> anyhow::Result<()> {
     );
     let file = std::env::temp_dir().join(format!("xdns-demo-{id}.nft"));
     std::fs::write(&file, rules)?;
-    run(node.command("nft").arg("-f").arg(&file)).context("nft (`cargo xtask setup` installs nftables)")?;
+    run(node.command("nft").arg("-f").arg(&file))
+        .context("nft (`cargo xtask setup` installs nftables)")?;
     let _ = std::fs::remove_file(&file);
     coredns
         .spawn(
             coredns
                 .command("dnsmasq")
-                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
                 .arg(format!("--listen-address={COREDNS}"))
                 .args([
                     "--address=/web.shop.svc.cluster.local/10.96.10.20",
