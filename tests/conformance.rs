@@ -1,8 +1,10 @@
 //! Conformance: a generated cluster (hundreds of Services of every kind, dual-stack, several
 //! namespaces), every name and type it implies plus junk names, search-path expansions and
-//! case variants, asked through real packets from a pod's namespace. Each answer must match
-//! what the schema says (an oracle written independently of the agent: support/cluster_gen.rs),
-//! the kernel must answer exactly what it should, and the kernel's answer over UDP must equal
+//! case variants, asked through real packets from a pod's namespace. Each reply must match
+//! what the schema says (an oracle written independently of the agent: support/cluster_gen.rs)
+//! section by section, record by record: owner names, TTLs (the agent runs with a `--ttl` and
+//! `--negative-ttl` of its own), duplicates and the SOA's every field included. The kernel
+//! must answer exactly what it should, and the kernel's answer over UDP must equal
 //! userspace's answer over TCP byte for byte.
 //!
 //! Needs root (`cargo xtask test` runs it).
@@ -21,7 +23,7 @@ use hickory_proto::{
 };
 use support::{
     Agent, Client, LISTEN_V4, LISTEN_V6, Topology, UPSTREAM_V4,
-    cluster_gen::{Cluster, Expected, Rng},
+    cluster_gen::{Cluster, Expected, Rec, Rng, Settings},
     frames::dns_query,
     upstream::{Upstream, example_zone},
 };
@@ -30,7 +32,10 @@ const TYPES: [u16; 11] = [1, 28, 33, 12, 16, 5, 15, 65, 2, 6, 255];
 
 fn rdata_text(r: &Record) -> String {
     match &r.data {
-        RData::SOA(soa) => format!("SOA {} {}", soa.mname, soa.rname),
+        RData::SOA(soa) => format!(
+            "SOA {} {} {} {} {} {} {}",
+            soa.mname, soa.rname, soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum
+        ),
         RData::TXT(txt) => {
             let parts: Vec<String> = txt
                 .txt_data
@@ -43,41 +48,61 @@ fn rdata_text(r: &Record) -> String {
     }
 }
 
-/// What the agent said, in the oracle's terms.
-fn observed(m: &Message) -> Expected {
-    Expected {
-        rcode: m.metadata.response_code.low() as u16,
-        // Names in answers are compressed against the question, so they come back in the
-        // client's case: compare them without case.
-        answers: m
-            .answers
-            .iter()
-            .map(|r| rdata_text(r).to_ascii_lowercase())
-            .collect(),
-        additional: m
-            .additionals
-            .iter()
-            .map(|r| format!("{} {}", r.name.to_ascii(), rdata_text(r)).to_ascii_lowercase())
-            .collect(),
-        soa: m
-            .authorities
-            .iter()
-            .any(|r| matches!(r.data, RData::SOA(_))),
-        authoritative: m.metadata.authoritative,
-        kernel: false,
-    }
+/// A section as (owner, TTL, data), names lowercased (names compressed against the question
+/// come back in the client's case), sorted; the OPT record left out.
+fn section(records: &[Record]) -> Vec<(String, u32, String)> {
+    let mut v: Vec<(String, u32, String)> = records
+        .iter()
+        .filter(|r| r.record_type() != hickory_proto::rr::RecordType::OPT)
+        .map(|r| {
+            (
+                r.name.to_ascii().to_ascii_lowercase(),
+                r.ttl,
+                rdata_text(r).to_ascii_lowercase(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
-/// Names compare without case.
-fn lowercase(e: &Expected) -> Expected {
-    let lower = |set: &std::collections::BTreeSet<String>| {
-        set.iter().map(|s| s.to_ascii_lowercase()).collect()
-    };
-    Expected {
-        answers: lower(&e.answers),
-        additional: lower(&e.additional),
-        ..e.clone()
+/// Where the reply `m` differs from the oracle's: the header bits it decides, and every
+/// section record by record (owner, TTL, data; duplicates count).
+fn differences(expected: &Expected, m: &Message) -> Vec<String> {
+    let mut out = Vec::new();
+    let rcode = m.metadata.response_code.low() as u16;
+    if rcode != expected.rcode {
+        out.push(format!("rcode {rcode}, expected {}", expected.rcode));
     }
+    if m.metadata.authoritative != expected.authoritative {
+        out.push(format!(
+            "AA {}, expected {}",
+            m.metadata.authoritative, expected.authoritative
+        ));
+    }
+    for (name, want, got) in [
+        ("answer", &expected.answer, section(&m.answers)),
+        ("authority", &expected.authority, section(&m.authorities)),
+        ("additional", &expected.additional, section(&m.additionals)),
+    ] {
+        let mut want: Vec<Rec> = want
+            .iter()
+            .map(|r| Rec {
+                owner: r.owner.to_ascii_lowercase(),
+                data: r.data.to_ascii_lowercase(),
+                ttl: r.ttl,
+            })
+            .collect();
+        want.sort();
+        let same = want.len() == got.len()
+            && want.iter().zip(&got).all(|(w, (owner, ttl, data))| {
+                w.owner == *owner && w.data == *data && w.ttl.admits(*ttl)
+            });
+        if !same {
+            out.push(format!("{name}: expected {want:?}\n    got {got:?}"));
+        }
+    }
+    out
 }
 
 /// The same message with every TTL zeroed (forwarded answers age between two queries).
@@ -143,13 +168,48 @@ fn a_generated_cluster_answers_as_the_schema_says() {
     let dir = tempfile::tempdir().unwrap();
     let zone = dir.path().join("cluster.yaml");
     std::fs::write(&zone, cluster.to_yaml()).unwrap();
-    let agent = Agent::start(&topo, &zone, &[]);
+    // TTLs other than the defaults: the flags must reach every record, kernel and userspace.
+    let (ttl, negative_ttl) = (41, 7);
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as u32
+    };
+    let started = unix_now();
+    let agent = Agent::start(
+        &topo,
+        &zone,
+        &[
+            "--ttl",
+            &ttl.to_string(),
+            "--negative-ttl",
+            &negative_ttl.to_string(),
+        ],
+    );
 
     let clients = [
         Client::new(&topo.pod, IpAddr::V4(LISTEN_V4)),
         Client::new(&topo.pod, IpAddr::V6(LISTEN_V6)),
     ];
     let mut tcp = Tcp::connect(&topo, IpAddr::V4(LISTEN_V4));
+    // The serial is the agent's to choose (its start time, seconds since the epoch); every
+    // SOA it gives must carry the same one.
+    let apex = Message::from_vec(&tcp.exchange(&dns_query(1, "cluster.local.", 6, None)))
+        .expect("SOA reply parses");
+    let serial = match apex.answers.first().map(|r| &r.data) {
+        Some(RData::SOA(soa)) => soa.serial,
+        other => panic!("no SOA at the apex: {other:?}"),
+    };
+    assert!(
+        (started.saturating_sub(5)..=unix_now() + 5).contains(&serial),
+        "SOA serial {serial}: not the agent's start time ({started})"
+    );
+    let settings = Settings {
+        ttl,
+        negative_ttl,
+        serial,
+    };
     let mut rng = Rng::new(7);
     let names = cluster.query_names();
     let mut failures: Vec<String> = Vec::new();
@@ -190,7 +250,7 @@ fn a_generated_cluster_answers_as_the_schema_says() {
             let tc = udp_msg.metadata.truncation;
             truncated += tc as u64;
 
-            let expected = cluster.expect(&name.to_ascii_lowercase(), qtype);
+            let expected = cluster.expect(&name.to_ascii_lowercase(), qtype, &settings);
             // The kernel answers exactly what it should.
             let kernel_should = expected.kernel && !tc;
             // Generic XDP on a veth gives the frame a few hundred bytes to grow: a reply much
@@ -231,13 +291,20 @@ fn a_generated_cluster_answers_as_the_schema_says() {
             } else if !udp_msg.answers.is_empty() {
                 failures.push(format!("{what}: a truncated answer carries records"));
             }
-            // And what they say is what the schema says.
-            let mut got = observed(&tcp_msg);
-            got.kernel = expected.kernel;
-            if got != lowercase(&expected) {
-                failures.push(format!(
-                    "{what}:\n  expected {expected:?}\n  got      {got:?}"
-                ));
+            // And what they say is what the schema says, section by section, TTLs included:
+            // over TCP (userspace), and over UDP (the kernel, when it answered) unless cut.
+            for (how, m) in [("tcp", Some(&tcp_msg)), ("udp", (!tc).then_some(&udp_msg))] {
+                let Some(m) = m else { continue };
+                for d in differences(&expected, m) {
+                    failures.push(format!("{what} ({how}): {d}"));
+                }
+            }
+            // OPT in the reply exactly when the query had one.
+            for (how, bytes) in [("udp", &udp), ("tcp", &tcp_reply)] {
+                let m = Message::from_vec(bytes).expect("reply parses");
+                if m.edns.is_some() != edns.is_some() {
+                    failures.push(format!("{what} ({how}): OPT {}", m.edns.is_some()));
+                }
             }
         }
     }

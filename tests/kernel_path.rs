@@ -89,25 +89,46 @@ fn names_outside_the_cluster_reach_the_upstream() {
     assert_eq!(upstream.queries_for("api.payments.example."), 1);
 }
 
+/// A dead upstream: SERVFAIL once `--forward-timeout` has passed, not before (a first attempt
+/// of `--upstream-timeout`, a second with the rest, as with the defaults' 1 s + 0.9 s) and not
+/// much after. The bound follows the settings: 1.5 s of headroom for a shared machine, never
+/// a fixed 2 s against a 1.9 s timeout.
 #[test]
-fn a_dead_upstream_gets_servfail_within_two_seconds() {
+fn a_dead_upstream_gets_servfail_when_the_forward_timeout_ends() {
+    const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(400);
+    const FORWARD_TIMEOUT: Duration = Duration::from_millis(700);
+    const HEADROOM: Duration = Duration::from_millis(1500);
     let topo = Topology::new();
     let upstream = Upstream::start(
         &topo.node,
         (UPSTREAM_V4, 53).into(),
         std::sync::Arc::new(|_| support::upstream::Action::Drop),
     );
-    let _agent = Agent::start(&topo, &support::example_cluster(), &[]);
-    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    let _agent = Agent::start(
+        &topo,
+        &support::example_cluster(),
+        &[
+            "--upstream-timeout",
+            &format!("{}ms", UPSTREAM_TIMEOUT.as_millis()),
+            "--forward-timeout",
+            &format!("{}ms", FORWARD_TIMEOUT.as_millis()),
+        ],
+    );
+    let client = Client::with_timeout(
+        &topo.pod,
+        IpAddr::V4(LISTEN_V4),
+        FORWARD_TIMEOUT + HEADROOM + Duration::from_secs(1),
+    );
     let started = std::time::Instant::now();
     let m = client.query("slow.example.", RecordType::A, false);
+    let took = started.elapsed();
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
+        took + Duration::from_millis(20) >= FORWARD_TIMEOUT && took < FORWARD_TIMEOUT + HEADROOM,
+        "SERVFAIL after {took:?}; --forward-timeout {FORWARD_TIMEOUT:?}"
     );
-    assert!(upstream.query_count() >= 1);
+    // Two attempts: 400 ms, then the 300 ms left.
+    assert_eq!(upstream.queries_for("slow.example."), 2);
 }
 
 #[test]
@@ -428,6 +449,349 @@ fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
             assert!(!agent.pin_path.join("links").join(&host).exists());
         }
     }
+}
+
+/// Defect 5c of the contract review: after the kernel drops link notifications (ENOBUFS), a
+/// veth deleted and created again under the same name (Calico names veths after the pod) must
+/// be attached again. The agent is stopped while a few hundred other links come and go, which
+/// overflows its notification socket for real; meanwhile the pod's veth is replaced.
+#[test]
+fn a_veth_recreated_while_notifications_overflow_is_attached_again() {
+    use support::{Netns, run, unique};
+    let topo = Topology::new();
+    let probe = unique("xg");
+    let prefix = &probe[..probe.rfind('x').unwrap() + 1];
+    let pattern = format!("{prefix}*");
+    let agent = Agent::start(
+        &topo,
+        &support::example_cluster(),
+        &["--interface-pattern", &pattern],
+    );
+    let pod = Netns::new("xp");
+    let host = unique("xg");
+    let guest = unique("xq");
+    let plug = || {
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host,
+                "netns",
+                &topo.node.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &guest,
+                "netns",
+                &pod.name,
+            ],
+        );
+        topo.node
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", &host]);
+        topo.node.ip(&["link", "set", &host, "up"]);
+        pod.ip(&["addr", "add", "203.0.113.2/24", "dev", &guest]);
+        pod.ip(&["link", "set", &guest, "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            &format!("{LISTEN_V4}/32"),
+            "via",
+            "203.0.113.1",
+        ]);
+    };
+    let attached = format!("XDP program attached (interface pattern) interface={host}");
+    let wait_attached = |count: usize, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while agent.log().matches(&attached).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {host} not attached:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let kernel_answers = |what: &str| {
+        let client = Client::new(&pod, IpAddr::V4(LISTEN_V4));
+        let (kernel, user) = (agent.kernel_answered(), agent.userspace_answers());
+        let m = client.query("web.shop.svc.cluster.local.", RecordType::A, false);
+        assert_eq!(answers(&m), vec!["A 10.96.10.20"], "{what}");
+        assert_eq!(
+            agent.kernel_answered(),
+            kernel + 1,
+            "{what}: the kernel answered"
+        );
+        assert_eq!(agent.userspace_answers(), user, "{what}");
+    };
+    plug();
+    wait_attached(1, "first veth");
+    kernel_answers("first veth");
+
+    // Stopped, the agent reads no notifications; links that match no pattern come and go
+    // until its socket's buffer (rmem_default, 208 KiB here) overflows; then the pod's veth
+    // is replaced: its delete and re-creation are among the notifications the kernel drops.
+    agent.signal(libc::SIGSTOP);
+    let batch = tempfile::NamedTempFile::new().unwrap();
+    let filler = unique("xf");
+    let mut adds = String::new();
+    let mut dels = String::new();
+    for i in 0..300 {
+        adds.push_str(&format!(
+            "link add {filler}a{i} type veth peer name {filler}b{i}\n"
+        ));
+        dels.push_str(&format!("link del {filler}a{i}\n"));
+    }
+    std::fs::write(batch.path(), &adds).unwrap();
+    topo.node
+        .ip(&["-batch", &batch.path().display().to_string()]);
+    std::fs::write(batch.path(), &dels).unwrap();
+    topo.node
+        .ip(&["-batch", &batch.path().display().to_string()]);
+    topo.node.ip(&["link", "del", &host]);
+    plug();
+    agent.signal(libc::SIGCONT);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !agent.log().contains("link notifications overflowed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notification socket did not overflow (more filler links needed?):\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_attached(2, "after the overflow");
+    kernel_answers("the veth created again");
+}
+
+/// Driver-mode XDP on the host side of a veth. `XDP_TX` replies in driver mode are dropped
+/// unless the pod-side peer has an XDP program too (DESIGN.md; the bench does the same with
+/// `xdns_pass`), and vanish with GRO on for the peer: both are set up here as the bench does.
+#[test]
+fn driver_mode_answers_from_the_kernel() {
+    use aya::programs::{Xdp, XdpMode};
+    static REFLECTOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reflector"));
+    let topo = Topology::new();
+    let pod_if = topo.pod_if.clone();
+    let _pass = topo.pod.enter(move || {
+        let mut ebpf = aya::Ebpf::load(REFLECTOR).expect("loading the reflector object");
+        let pass: &mut Xdp = ebpf
+            .program_mut("xdns_pass")
+            .expect("xdns_pass in the reflector object")
+            .try_into()
+            .unwrap();
+        pass.load().expect("xdns_pass verifies");
+        pass.attach(&pod_if, XdpMode::Driver)
+            .expect("xdns_pass attached to the pod's side in driver mode");
+        ebpf
+    });
+    let out = topo
+        .pod
+        .command("ethtool")
+        .args(["-K", &topo.pod_if, "gro", "off"])
+        .output()
+        .expect("ethtool is missing: `apt-get install ethtool` (`cargo xtask setup` does)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let agent = Agent::start(
+        &topo,
+        &support::example_cluster(),
+        &["--attach-mode", "driver"],
+    );
+    let link = topo
+        .node
+        .command("ip")
+        .args(["-d", "link", "show", &topo.host_if])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("xdp ") && !link.contains("xdpgeneric"),
+        "attached in driver mode: {link}"
+    );
+    assert!(
+        agent.log().contains("mode=driver"),
+        "the agent says so:\n{}",
+        agent.log()
+    );
+
+    // Every reply is right. The kernel sends what fits: on a veth in driver mode a frame's
+    // tailroom is what its skb had to spare, a few dozen bytes or none (measured: an AAAA
+    // answer fitting in one run and not in the next, a negative answer's SOA seldom), so a
+    // reply that does not fit goes up, counted as pass_no_room, and userspace answers it.
+    // (A NIC's driver gives page-sized buffers; on veths, generic mode is the one to use.)
+    let before = agent.kernel_counters();
+    let user = agent.userspace_answers();
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    let client6 = Client::new(&topo.pod, IpAddr::V6(LISTEN_V6));
+    for _ in 0..10 {
+        let m = client.query("web.shop.svc.cluster.local.", RecordType::A, true);
+        assert_eq!(answers(&m), vec!["A 10.96.10.20"]);
+        let m = client6.query("web.shop.svc.cluster.local.", RecordType::AAAA, true);
+        assert_eq!(answers(&m), vec!["AAAA fd00:96::a14"]);
+        let m = client.query("nope.shop.svc.cluster.local.", RecordType::A, false);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(m.authorities.len(), 1);
+    }
+    let after = agent.kernel_counters();
+    let moved = |c: &str| after[c] - before[c];
+    let (kernel, no_room) = (
+        moved("answered") + moved("answered_nxdomain"),
+        moved("pass_no_room"),
+    );
+    eprintln!("driver mode: {kernel} answered in the kernel, {no_room} without room");
+    assert_eq!(kernel + no_room, 30, "{after:?}");
+    assert!(kernel > 0, "driver-mode replies reach the pod: {after:?}");
+    assert_eq!(agent.userspace_answers(), user + no_room);
+}
+
+/// `dns-agent stats` beside a running agent prints the kernel's counters and the queries by
+/// path, the same numbers the maps and /metrics hold; without an agent it says what to check.
+#[test]
+fn stats_prints_the_counters_of_a_running_agent() {
+    let topo = Topology::new();
+    let upstream = Upstream::start(
+        &topo.node,
+        (UPSTREAM_V4, 53).into(),
+        support::upstream::example_zone(),
+    );
+    let agent = Agent::start(&topo, &support::example_cluster(), &[]);
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    for _ in 0..3 {
+        client.query("web.shop.svc.cluster.local.", RecordType::A, false);
+    }
+    client.query("nope.shop.svc.cluster.local.", RecordType::A, false);
+    client.query("10-1-2-3.shop.pod.cluster.local.", RecordType::A, false);
+    client.query("www.example.", RecordType::A, false);
+    assert_eq!(upstream.queries_for("www.example."), 1);
+
+    let run = |args: &[&str]| {
+        let out = topo
+            .node
+            .command(support::agent_bin())
+            .arg("stats")
+            .args(args)
+            .output()
+            .expect("running dns-agent stats");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pin = agent.pin_path.display().to_string();
+    let metrics = format!("127.0.0.1:{}", agent.metrics_port);
+    let (ok, out, err) = run(&["--pin-path", &pin, "--metrics-addr", &metrics]);
+    assert!(ok, "dns-agent stats failed: {err}");
+    let value = |section: &str, name: &str| -> u64 {
+        out.split(section)
+            .nth(1)
+            .and_then(|rest| {
+                rest.lines().find_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some(name)).then(|| w.next()?.parse().ok())?
+                })
+            })
+            .unwrap_or_else(|| panic!("no {name} under {section:?} in:\n{out}"))
+    };
+    let counters = agent.kernel_counters();
+    for name in dns_agent::kernel::counter_names() {
+        assert_eq!(
+            value("kernel (XDP) counters:", name),
+            counters[*name],
+            "{name}"
+        );
+    }
+    assert_eq!(value("kernel (XDP) counters:", "answered"), 3);
+    assert_eq!(value("kernel (XDP) counters:", "answered_nxdomain"), 1);
+    assert_eq!(value("queries by path:", "kernel"), 4);
+    assert_eq!(value("queries by path:", "userspace"), 1);
+    assert_eq!(value("queries by path:", "forwarded"), 1);
+
+    // The metrics port unreachable: the kernel counters all the same, and why the rest is not.
+    let (ok, out, _) = run(&["--pin-path", &pin, "--metrics-addr", "127.0.0.1:1"]);
+    assert!(ok);
+    assert!(out.contains("answered_nxdomain"), "{out}");
+    assert!(
+        out.contains("userspace counters unavailable from 127.0.0.1:1"),
+        "{out}"
+    );
+    // No agent with that pin path: a failure that says what to check.
+    let (ok, _, err) = run(&["--pin-path", "/sys/fs/bpf/xdns-none-here"]);
+    assert!(!ok);
+    assert!(
+        err.contains("is an agent running with this --pin-path?"),
+        "{err}"
+    );
+}
+
+/// A zone larger than `--kernel-capacity`: the writes that do not fit fail and are counted,
+/// the kernel stops answering NXDOMAIN (a name missing from its maps may exist), and every
+/// name is still answered correctly: by the kernel where its entries fit, by userspace where
+/// they did not.
+#[test]
+fn a_zone_larger_than_the_kernel_maps_is_answered_by_userspace_where_they_are_full() {
+    const ENDPOINTS: usize = 1500;
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().unwrap();
+    let zone = dir.path().join("zone.yaml");
+    let mut text = std::fs::read_to_string(support::example_cluster()).unwrap();
+    text.push_str(&support::headless_yaml(ENDPOINTS));
+    std::fs::write(&zone, text).unwrap();
+    let agent = Agent::start(&topo, &zone, &["--kernel-capacity", "1024"]);
+    assert!(
+        agent
+            .log()
+            .contains("a zone entry did not fit in the kernel maps"),
+        "the agent says the maps are full:\n{}",
+        agent.log()
+    );
+    let failures = agent.metric("xdns_kernel_map_write_failures_total");
+    let entries = agent.metric("xdns_kernel_entries");
+    assert!(failures > 0.0, "write failures counted");
+    eprintln!("{entries} kernel entries, {failures} writes failed");
+
+    let client = Client::new(&topo.pod, IpAddr::V4(LISTEN_V4));
+    let (kernel0, user0) = (agent.kernel_answered(), agent.userspace_answers());
+    let mut asked = 0u64;
+    for i in (0..ENDPOINTS).step_by(15) {
+        let (a, b) = (i / 250, i % 250 + 1);
+        let name = format!("10-250-{a}-{b}.bulk-{ENDPOINTS}.shop.svc.cluster.local.");
+        let m = client.query(&name, RecordType::A, true);
+        assert_eq!(answers(&m), vec![format!("A 10.250.{a}.{b}")], "{name}");
+        let ptr = format!("{b}.{a}.250.10.in-addr.arpa.");
+        let m = client.query(&ptr, RecordType::PTR, true);
+        assert_eq!(answers(&m), vec![format!("PTR {name}")], "{ptr}");
+        asked += 2;
+    }
+    let m = client.query("web.shop.svc.cluster.local.", RecordType::A, true);
+    assert_eq!(answers(&m), vec!["A 10.96.10.20"]);
+    asked += 1;
+    let (kernel, user) = (
+        agent.kernel_answered() - kernel0,
+        agent.userspace_answers() - user0,
+    );
+    eprintln!("{asked} asked: {kernel} by the kernel, {user} by userspace");
+    assert_eq!(kernel + user, asked, "every query answered by one path");
+    assert!(kernel > 0, "the kernel answers what fits");
+    assert!(user > 0, "userspace answers what does not");
+
+    // A name that does not exist: NXDOMAIN, from userspace now.
+    let nx_before = agent.kernel_counters()["answered_nxdomain"];
+    let m = client.query("nope.shop.svc.cluster.local.", RecordType::A, true);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(m.authorities.len(), 1, "with the SOA");
+    assert_eq!(
+        agent.kernel_counters()["answered_nxdomain"],
+        nx_before,
+        "the kernel no longer answers NXDOMAIN"
+    );
 }
 
 /// Two agents overlap during a rolling update, and a pod's veth appears meanwhile: both see it.

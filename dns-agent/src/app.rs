@@ -26,8 +26,15 @@ use crate::{
     },
     metrics::Metrics,
     server::{
-        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, heartbeat,
-        listen_address::ListenAddresses, routing::Routing, sockets::Sockets,
+        Handler,
+        cache::Cache,
+        external::ExternalResolver,
+        forward::Forwarder,
+        handover, heartbeat,
+        limits::{self, Limits},
+        listen_address::ListenAddresses,
+        routing::Routing,
+        sockets::Sockets,
     },
     source::{self, SourceEvent},
     zone::{
@@ -42,6 +49,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // First: a SIGTERM from here on is a clean shutdown, even one that comes the moment /ready
     // says 200 (the default action would kill the agent before it cleans up).
     let signals = Signals::install()?;
+    // Every TCP connection and upstream query holds a file descriptor; the configuration was
+    // checked against the hard limit. Failing to raise the soft one is not fatal: `accept`
+    // survives running out (see `accept`).
+    match limits::raise_fd_limit() {
+        Ok(files) => tracing::debug!(files, "open files allowed"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "raising the soft limit of open files to the hard one failed; TCP connections \
+             may run out of file descriptors before --tcp-max-connections"
+        ),
+    }
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
@@ -349,6 +367,7 @@ fn userspace_server(
         metrics: metrics.clone(),
         in_flight: Default::default(),
         probe: heartbeat::Probe::new(&config.cluster_domain),
+        limits: Arc::new(Limits::new(config.limits.clone(), metrics.limits.clone())),
     })
 }
 

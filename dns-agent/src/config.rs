@@ -13,6 +13,7 @@ use crate::{
     server::{
         cache::CacheSettings,
         forward::{ForwardSettings, Policy, Timeouts},
+        limits::{self, LimitSettings, Rate},
         routing::{DefaultUpstreams, RouteFlags, StubDomain, UpstreamRules},
         tls::{TlsConfigError, client_config},
         upstream::Upstream,
@@ -259,6 +260,57 @@ pub struct RunArgs {
     /// upstream fails (RFC 8767). 0: never serve stale answers.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, help_heading = "Cache")]
     pub serve_stale: Duration,
+
+    /// TCP connections open at once, all clients together. At the limit, a connection waiting
+    /// for its client (idle, or in the middle of a query) is closed to make room for a new one:
+    /// the longest-waiting one of the client holding the most; when none is waiting, the new
+    /// one is closed.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = limits::DEFAULT_TCP_CONNECTIONS,
+        help_heading = "Limits"
+    )]
+    pub tcp_max_connections: usize,
+
+    /// TCP connections open at once from one client address; at the limit, that client's
+    /// longest-waiting connection is closed to make room. Clients behind one address (a node's
+    /// host-network pods) share it.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = limits::DEFAULT_TCP_CONNECTIONS_PER_CLIENT,
+        help_heading = "Limits"
+    )]
+    pub tcp_max_connections_per_client: usize,
+
+    /// How long a TCP connection may wait for its client: for its next query, for the rest of
+    /// one, or to take a reply; then it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, help_heading = "Limits")]
+    pub tcp_idle_timeout: Duration,
+
+    /// Client queries waiting for upstream answers at once, UDP and TCP together (several may
+    /// wait for one upstream query); a query that would be one more gets REFUSED. Each takes
+    /// under 2 KiB while it waits.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = limits::DEFAULT_MAX_PENDING,
+        help_heading = "Limits"
+    )]
+    pub max_pending: usize,
+
+    /// Queries per second one client address may send to the agent; beyond it, REFUSED (counted
+    /// in xdns_refused_queries_total). Queries the kernel answers never reach the agent and are
+    /// not counted. Clients behind one address (a node's host-network pods) share its rate.
+    /// 0: no limit.
+    #[arg(long, value_name = "QPS", default_value_t = 0, help_heading = "Limits")]
+    pub rate_limit: u32,
+
+    /// Queries a client may send at once after being quiet, with --rate-limit. Default: the
+    /// rate (one second's worth).
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +380,7 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub forward: ForwardSettings,
     pub cache: CacheSettings,
+    pub limits: LimitSettings,
     /// `--interface-pattern`s, checked.
     pub interface_patterns: Vec<crate::kernel::links::Pattern>,
 }
@@ -489,6 +542,7 @@ impl RunArgs {
             })?);
         }
         let cache = self.cache_settings()?;
+        let limits = self.limit_settings(limits::fd_hard_limit().ok())?;
         Ok(RunConfig {
             interface_patterns: patterns,
             source,
@@ -502,6 +556,7 @@ impl RunArgs {
             metrics_addr,
             forward,
             cache,
+            limits,
             args: self,
         })
     }
@@ -711,6 +766,105 @@ impl RunArgs {
             max_fails: self.max_fails,
             tls: None,
         })
+    }
+
+    /// The limits, checked; `fd_limit`: the process's hard limit of open files, when known.
+    fn limit_settings(&self, fd_limit: Option<u64>) -> Result<LimitSettings, ConfigError> {
+        if self.tcp_max_connections == 0 {
+            return Err(refuse(
+                "tcp-max-connections",
+                "0 would close every TCP connection (clients retry truncated answers over TCP); at least 1",
+            ));
+        }
+        if self.tcp_max_connections_per_client == 0 {
+            return Err(refuse(
+                "tcp-max-connections-per-client",
+                "0 would close every TCP connection; at least 1",
+            ));
+        }
+        if self.tcp_max_connections_per_client > self.tcp_max_connections {
+            return Err(refuse(
+                "tcp-max-connections-per-client",
+                format!(
+                    "{} is above --tcp-max-connections {}: lower it, or raise --tcp-max-connections",
+                    self.tcp_max_connections_per_client, self.tcp_max_connections
+                ),
+            ));
+        }
+        if self.tcp_idle_timeout < Duration::from_millis(100)
+            || self.tcp_idle_timeout > Duration::from_secs(600)
+        {
+            return Err(refuse(
+                "tcp-idle-timeout",
+                format!(
+                    "{:?}: give 100ms to 10m (RFC 7766: seconds; clients reconnect)",
+                    self.tcp_idle_timeout
+                ),
+            ));
+        }
+        if self.max_pending < self.max_concurrent {
+            return Err(refuse(
+                "max-pending",
+                format!(
+                    "{} is below --max-concurrent {}: every upstream query has a client waiting \
+                     for it; raise --max-pending or lower --max-concurrent",
+                    self.max_pending, self.max_concurrent
+                ),
+            ));
+        }
+        if self.rate_limit > 1_000_000_000 {
+            return Err(refuse(
+                "rate-limit",
+                format!(
+                    "{} queries per second is no limit; at most 1000000000",
+                    self.rate_limit
+                ),
+            ));
+        }
+        let rate = match (self.rate_limit, self.rate_limit_burst) {
+            (0, Some(_)) => {
+                return Err(refuse(
+                    "rate-limit-burst",
+                    "given without --rate-limit: give --rate-limit QPS too, or drop it",
+                ));
+            }
+            (0, None) => None,
+            (_, Some(0)) => {
+                return Err(refuse(
+                    "rate-limit-burst",
+                    "0 would refuse every query; at least 1",
+                ));
+            }
+            (per_second, burst) => Some(Rate {
+                per_second,
+                burst: burst.unwrap_or(per_second),
+            }),
+        };
+        let settings = LimitSettings {
+            tcp_connections: self.tcp_max_connections,
+            tcp_connections_per_client: self.tcp_max_connections_per_client,
+            tcp_idle_timeout: self.tcp_idle_timeout,
+            max_pending: self.max_pending,
+            rate,
+        };
+        let needed = limits::fds_needed(&settings, self.max_concurrent);
+        if let Some(limit) = fd_limit
+            && needed > limit
+        {
+            return Err(refuse(
+                "tcp-max-connections",
+                format!(
+                    "{} TCP connections, {} upstream queries (--max-concurrent) and {} other \
+                     files need {needed} file descriptors, and this process may open {limit} \
+                     (`ulimit -Hn`): lower --tcp-max-connections or --max-concurrent, or raise \
+                     the limit (LimitNOFILE=, the container runtime's nofile)",
+                    self.tcp_max_connections,
+                    self.max_concurrent,
+                    limits::FD_RESERVE
+                ),
+            ));
+        }
+        Ok(settings)
     }
 
     fn cache_settings(&self) -> Result<CacheSettings, ConfigError> {
@@ -984,6 +1138,64 @@ mod tests {
             Cli::try_parse_from(["dns-agent", "run", "--serve-stale", "1 hour"]).is_err(),
             "durations need a unit"
         );
+    }
+
+    #[test]
+    fn limits_defaults_and_refusals() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.limits, LimitSettings::default());
+        assert_eq!(c.limits.tcp_connections, 1024);
+        assert_eq!(c.limits.tcp_connections_per_client, 64);
+        assert_eq!(c.limits.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_pending, 10_000);
+        assert_eq!(c.limits.rate, None, "no rate limit unless asked");
+        let c = args(&["--rate-limit", "200"]).validate().unwrap();
+        assert_eq!(
+            c.limits.rate,
+            Some(Rate {
+                per_second: 200,
+                burst: 200
+            })
+        );
+        let c = args(&["--rate-limit", "200", "--rate-limit-burst", "1000"])
+            .validate()
+            .unwrap();
+        assert_eq!(c.limits.rate.unwrap().burst, 1000);
+
+        let flag = |extra: &[&str]| args(extra).validate().unwrap_err().flag;
+        assert_eq!(flag(&["--tcp-max-connections", "0"]), "tcp-max-connections");
+        assert_eq!(
+            flag(&["--tcp-max-connections-per-client", "0"]),
+            "tcp-max-connections-per-client"
+        );
+        assert_eq!(
+            flag(&[
+                "--tcp-max-connections",
+                "10",
+                "--tcp-max-connections-per-client",
+                "11"
+            ]),
+            "tcp-max-connections-per-client"
+        );
+        assert_eq!(flag(&["--tcp-idle-timeout", "50ms"]), "tcp-idle-timeout");
+        assert_eq!(flag(&["--tcp-idle-timeout", "11m"]), "tcp-idle-timeout");
+        assert_eq!(flag(&["--max-pending", "999"]), "max-pending");
+        assert_eq!(flag(&["--rate-limit-burst", "10"]), "rate-limit-burst");
+        assert_eq!(
+            flag(&["--rate-limit", "10", "--rate-limit-burst", "0"]),
+            "rate-limit-burst"
+        );
+        assert_eq!(flag(&["--rate-limit", "2000000000"]), "rate-limit");
+        let e = args(&["--max-pending", "999"]).validate().unwrap_err();
+        assert!(e.to_string().contains("lower --max-concurrent"), "{e}");
+
+        // The file descriptors the limits need, against what the process may open.
+        let a = args(&["--tcp-max-connections", "4000"]);
+        let e = a.limit_settings(Some(4096)).unwrap_err();
+        assert_eq!(e.flag, "tcp-max-connections");
+        assert!(e.to_string().contains("5256 file descriptors"), "{e}");
+        assert!(a.limit_settings(Some(5256)).is_ok());
+        assert!(a.limit_settings(None).is_ok(), "unknown limit: not refused");
     }
 
     #[test]

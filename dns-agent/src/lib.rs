@@ -4,6 +4,7 @@
 //! model, which feeds the [`kernel`] maps of the XDP program and the userspace [`server`]
 //! (which also forwards what is not the cluster's); [`metrics`] reports on all of it.
 
+pub mod accept;
 pub mod app;
 pub mod capabilities;
 pub mod config;

@@ -96,6 +96,7 @@ pub struct Metrics {
     kernel_pin_path: Mutex<Option<PathBuf>>,
     pub cache: Arc<CacheCounters>,
     pub forward: ForwardCounters,
+    pub limits: Arc<LimitCounters>,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,7 @@ impl Default for Metrics {
             kernel_pin_path: Mutex::new(None),
             cache: Arc::default(),
             forward: ForwardCounters::default(),
+            limits: Arc::default(),
         }
     }
 }
@@ -327,6 +329,7 @@ impl Metrics {
             self.kernel_write_failures.load(Relaxed),
         )?;
         self.cache.encode(&mut e)?;
+        self.limits.encode(&mut e)?;
         self.forward.encode(&mut e)
     }
 }
@@ -384,6 +387,98 @@ fn labelled<'a>(
         }
     }
     Ok(())
+}
+
+/// Which limit turned a query or a connection away (`server::limits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// A query over its client's `--rate-limit`.
+    Rate = 0,
+    /// A query that would have waited for an upstream beyond `--max-pending`.
+    Pending = 1,
+    /// A connection beyond `--tcp-max-connections-per-client`, none of the client's waiting.
+    PerClient = 2,
+    /// A connection beyond `--tcp-max-connections`, none waiting for its client.
+    Total = 3,
+}
+
+/// Why the server closed a TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClosedBy {
+    /// No query for `--tcp-idle-timeout`.
+    Idle = 0,
+    /// A query not finished, or a reply not taken, within `--tcp-idle-timeout`.
+    Stalled = 1,
+    /// The one that had waited longest for its client, to make room for a new connection.
+    Evicted = 2,
+}
+
+/// Counters of the limits on what clients can make the userspace server hold.
+#[derive(Default)]
+pub struct LimitCounters {
+    refused: [AtomicU64; 4],
+    closed: [AtomicU64; 3],
+    /// TCP connections open now.
+    pub tcp_open: AtomicU64,
+}
+
+impl LimitCounters {
+    pub fn refused(&self, by: RefusedBy) {
+        self.refused[by as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn tcp_closed(&self, by: ClosedBy) {
+        self.closed[by as usize].fetch_add(1, Relaxed);
+    }
+
+    fn encode(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let r = |by: RefusedBy| self.refused[by as usize].load(Relaxed);
+        counters(
+            e,
+            "xdns_refused_queries",
+            "Queries answered REFUSED by a limit: the client's rate (--rate-limit), or too many \
+             queries waiting for upstreams (--max-pending).",
+            "limit",
+            [
+                ("rate", r(RefusedBy::Rate)),
+                ("pending", r(RefusedBy::Pending)),
+            ],
+        )?;
+        gauge(
+            e,
+            "xdns_tcp_connections",
+            "TCP connections open.",
+            self.tcp_open.load(Relaxed),
+        )?;
+        counters(
+            e,
+            "xdns_tcp_refused_connections",
+            "TCP connections closed as they were accepted: over a limit with none to close \
+             instead.",
+            "limit",
+            [
+                ("per_client", r(RefusedBy::PerClient)),
+                ("total", r(RefusedBy::Total)),
+            ],
+        )?;
+        counters(
+            e,
+            "xdns_tcp_closed_connections",
+            "TCP connections the server closed, by reason.",
+            "reason",
+            [
+                ("idle", self.closed[ClosedBy::Idle as usize].load(Relaxed)),
+                (
+                    "stalled",
+                    self.closed[ClosedBy::Stalled as usize].load(Relaxed),
+                ),
+                (
+                    "evicted",
+                    self.closed[ClosedBy::Evicted as usize].load(Relaxed),
+                ),
+            ],
+        )
+    }
 }
 
 /// The CoreDNS `type` label of cache metrics, by the cache's kind of answer (success, denial).
@@ -689,8 +784,15 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// Serves `/metrics`, `/health` and `/ready` over HTTP/1.1 (hyper) until the task is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warned = None;
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                crate::accept::accept_failed(e, "metrics", &mut last_warned).await?;
+                continue;
+            }
+        };
         let Ok(place) = places.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "metrics port busy; connection closed");
             continue;

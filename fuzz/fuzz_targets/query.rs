@@ -13,10 +13,14 @@ use dns_agent::{
         cache::{Cache, CacheSettings},
         external::ExternalResolver,
         forward::{ForwardSettings, Forwarder, Policy, Timeouts},
+        limits::{LimitSettings, Limits},
     },
 };
 use hickory_proto::op::Message;
 use libfuzzer_sys::fuzz_target;
+
+/// The pod every message comes from.
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
 struct Agent {
     handler: Handler,
@@ -53,6 +57,10 @@ fn agent() -> &'static Agent {
             metrics.cache.clone(),
         );
         let external = Arc::new(ExternalResolver::new(forwarder, cache, metrics.clone()));
+        let limits = Arc::new(Limits::new(
+            LimitSettings::default(),
+            metrics.limits.clone(),
+        ));
         Agent {
             handler: Handler {
                 zone: Arc::new(RwLock::new(xdns_fuzz::zone_from(
@@ -62,6 +70,7 @@ fn agent() -> &'static Agent {
                 metrics,
                 in_flight: Default::default(),
                 probe: dns_agent::server::heartbeat::Probe::new("cluster.local"),
+                limits,
             },
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -75,7 +84,7 @@ fuzz_target!(|msg: &[u8]| {
     let agent = agent();
     let parsed = dns::parse_query(msg);
     for transport in [Transport::Udp, Transport::Tcp] {
-        let reply = match agent.handler.handle_now(msg, transport) {
+        let reply = match agent.handler.handle_now(msg, transport, CLIENT) {
             Ok(r) => r,
             Err(pending) => Some(agent.runtime.block_on(agent.handler.finish(pending))),
         };

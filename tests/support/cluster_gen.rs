@@ -406,92 +406,54 @@ impl Cluster {
         names.into_iter().collect()
     }
 
-    /// What the schema says the answer to `(qname, qtype)` is. `qname` lowercased, dotted,
-    /// with the trailing dot.
-    pub fn expect(&self, qname: &str, qtype: u16) -> Expected {
-        let node = self.node(qname);
-        let zone_answer = |node: &Node| -> Expected {
-            match node {
-                Node::Missing => Expected::negative(3),
-                Node::Data(rr) => match rr.get(&qtype) {
-                    Some((answers, additional)) if qtype != 255 => Expected {
-                        rcode: 0,
-                        answers: answers.clone(),
-                        additional: additional.clone(),
-                        soa: false,
-                        authoritative: true,
-                        kernel: true,
-                    },
-                    _ => Expected::negative(0),
-                },
-                _ => unreachable!(),
-            }
-        };
+    /// What the schema says the reply to `(qname, qtype)` is, section by section. `qname`
+    /// lowercased, dotted, with the trailing dot; `s`: the agent's TTLs and its SOA serial.
+    pub fn expect(&self, qname: &str, qtype: u16, s: &Settings) -> Expected {
+        let node = self.node(qname, s);
         let meta = qtype == 255 || qtype == 0;
         match node {
             Node::Forward => Expected::forwarded(qname, qtype),
             Node::Reverse(ptrs) => {
                 if qtype == 12 {
-                    Expected {
-                        rcode: 0,
-                        answers: ptrs,
-                        additional: BTreeSet::new(),
-                        soa: false,
-                        authoritative: true,
-                        kernel: true,
-                    }
+                    Expected::positive(records(qname, &ptrs, s), Vec::new())
                 } else {
                     Expected::forwarded(qname, qtype)
                 }
             }
             Node::Cname(target) => {
-                let cname = format!("CNAME {target}");
+                let cname = Rec::exact(qname, s.ttl, &format!("CNAME {target}"));
                 if qtype == 5 {
-                    return Expected {
-                        rcode: 0,
-                        answers: BTreeSet::from([cname]),
-                        additional: BTreeSet::new(),
-                        soa: false,
-                        authoritative: true,
-                        kernel: true,
-                    };
+                    return Expected::positive(vec![cname], Vec::new());
                 }
-                let mut e = match self.node(&target) {
+                let mut e = match self.node(&target, s) {
                     Node::Forward => {
                         let mut f = Expected::forwarded(&target, qtype);
                         f.authoritative = false;
                         f
                     }
                     other @ (Node::Missing | Node::Data(_)) => {
-                        let mut e = zone_answer(&other);
+                        let mut e = zone_answer(&target, &other, qtype, s);
                         e.additional.clear();
                         e
                     }
                     _ => panic!("the generator makes no CNAME chains"),
                 };
-                e.answers.insert(cname);
+                e.answer.push(cname);
                 e.kernel = false;
                 e
             }
             Node::Pod(ip) => {
                 let t = if ip.is_ipv4() { 1 } else { 28 };
                 let mut e = if qtype == t {
-                    Expected {
-                        rcode: 0,
-                        answers: BTreeSet::from([rr_addr(ip)]),
-                        additional: BTreeSet::new(),
-                        soa: false,
-                        authoritative: true,
-                        kernel: false,
-                    }
+                    Expected::positive(vec![Rec::exact(qname, s.ttl, &rr_addr(ip))], Vec::new())
                 } else {
-                    Expected::negative(0)
+                    Expected::negative(0, s)
                 };
                 e.kernel = false;
                 e
             }
             Node::Data(_) | Node::Missing => {
-                let mut e = zone_answer(&node);
+                let mut e = zone_answer(qname, &node, qtype, s);
                 // Per-endpoint names of ClusterIP Services are answered by userspace (the
                 // kernel holds a marker for them).
                 let cluster_ip_endpoint = matches!(node, Node::Data(_))
@@ -514,7 +476,7 @@ impl Cluster {
         }
     }
 
-    fn node(&self, qname: &str) -> Node {
+    fn node(&self, qname: &str, s: &Settings) -> Node {
         let z = format!(".{ZONE}.");
         let rel = if qname == format!("{ZONE}.") {
             Some(String::new())
@@ -547,10 +509,7 @@ impl Cluster {
         };
         match labels.as_slice() {
             [] => {
-                rr.entry(6)
-                    .or_default()
-                    .0
-                    .insert(format!("SOA ns.dns.{ZONE}. hostmaster.{ZONE}."));
+                rr.entry(6).or_default().0.insert(soa_data(s));
                 let ns = rr.entry(2).or_default();
                 ns.0.insert(format!("NS ns.dns.{ZONE}."));
                 for ip in &self.ns_addrs {
@@ -820,47 +779,160 @@ fn parse_reverse(name: &str) -> Option<IpAddr> {
     Some(IpAddr::V6(Ipv6Addr::from(o)))
 }
 
-/// The expected answer.
+/// What the agent is told that the schema leaves open: the TTLs (`--ttl`, `--negative-ttl`),
+/// and the SOA serial it chose (its start time).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub ttl: u32,
+    pub negative_ttl: u32,
+    pub serial: u32,
+}
+
+/// The zone's SOA record's data: `ns.dns.<zone>. hostmaster.<zone>.` (the specification),
+/// CoreDNS's refresh, retry and expire, and the negative TTL as MINIMUM (RFC 2308 §4: the
+/// TTL of negative answers).
+fn soa_data(s: &Settings) -> String {
+    format!(
+        "SOA ns.dns.{ZONE}. hostmaster.{ZONE}. {} 7200 1800 86400 {}",
+        s.serial, s.negative_ttl
+    )
+}
+
+/// A TTL as the client must see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ttl {
+    /// The zone's: exactly this.
+    Exact(u32),
+    /// An upstream's answer, served from the cache: its TTL counting down, at most this (and
+    /// not more than [`COUNTDOWN_SLACK`] seconds less, in a test this short).
+    CountingDown(u32),
+}
+
+pub const COUNTDOWN_SLACK: u32 = 10;
+
+impl Ttl {
+    pub fn admits(&self, ttl: u32) -> bool {
+        match *self {
+            Ttl::Exact(t) => ttl == t,
+            Ttl::CountingDown(max) => ttl <= max && ttl + COUNTDOWN_SLACK >= max,
+        }
+    }
+}
+
+/// One resource record: owner (lowercase, dotted, trailing dot), TTL, "TYPE rdata".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rec {
+    pub owner: String,
+    pub data: String,
+    pub ttl: Ttl,
+}
+
+impl Rec {
+    pub fn exact(owner: &str, ttl: u32, data: &str) -> Self {
+        Self {
+            owner: owner.to_string(),
+            data: data.to_string(),
+            ttl: Ttl::Exact(ttl),
+        }
+    }
+}
+
+/// Records of one RRset at `owner`, with the zone's TTL; the SOA record's is the negative TTL
+/// (its TTL and MINIMUM are what negative answers are cached for, RFC 2308 §3).
+fn records(owner: &str, data: &BTreeSet<String>, s: &Settings) -> Vec<Rec> {
+    data.iter()
+        .map(|d| {
+            let ttl = if d.starts_with("SOA ") {
+                s.negative_ttl
+            } else {
+                s.ttl
+            };
+            Rec::exact(owner, ttl, d)
+        })
+        .collect()
+}
+
+/// The answer of a name of the zone (data or missing).
+fn zone_answer(owner: &str, node: &Node, qtype: u16, s: &Settings) -> Expected {
+    match node {
+        Node::Missing => Expected::negative(3, s),
+        Node::Data(rr) => match rr.get(&qtype) {
+            Some((answers, additional)) if qtype != 255 => Expected::positive(
+                records(owner, answers, s),
+                additional
+                    .iter()
+                    .map(|line| {
+                        let (owner, data) = line.split_once(' ').expect("owner then data");
+                        Rec::exact(owner, s.ttl, data)
+                    })
+                    .collect(),
+            ),
+            _ => Expected::negative(0, s),
+        },
+        _ => unreachable!(),
+    }
+}
+
+/// The expected reply, every section whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expected {
     pub rcode: u16,
-    /// "TYPE rdata" of each answer record.
-    pub answers: BTreeSet<String>,
-    /// "owner TYPE rdata" of each additional record (OPT excluded).
-    pub additional: BTreeSet<String>,
-    /// The zone SOA is in the authority section.
-    pub soa: bool,
+    pub answer: Vec<Rec>,
+    pub authority: Vec<Rec>,
+    /// The additional section without the OPT record.
+    pub additional: Vec<Rec>,
     pub authoritative: bool,
     /// The kernel answers this one (when it fits the client's limit).
     pub kernel: bool,
 }
 
 impl Expected {
-    fn negative(rcode: u16) -> Self {
+    fn positive(answer: Vec<Rec>, additional: Vec<Rec>) -> Self {
         Self {
-            rcode,
-            answers: BTreeSet::new(),
-            additional: BTreeSet::new(),
-            soa: true,
+            rcode: 0,
+            answer,
+            authority: Vec::new(),
+            additional,
             authoritative: true,
             kernel: true,
         }
     }
 
-    /// What the test upstream (`upstream::example_zone`) answers.
+    /// NXDOMAIN or NODATA: the zone's SOA in the authority section.
+    fn negative(rcode: u16, s: &Settings) -> Self {
+        Self {
+            rcode,
+            answer: Vec::new(),
+            authority: vec![Rec::exact(
+                &format!("{ZONE}."),
+                s.negative_ttl,
+                &soa_data(s),
+            )],
+            additional: Vec::new(),
+            authoritative: true,
+            kernel: true,
+        }
+    }
+
+    /// What the test upstream (`upstream::example_zone`) answers: A records with TTL 300
+    /// below `example.`, NXDOMAIN without an SOA elsewhere.
     fn forwarded(qname: &str, qtype: u16) -> Self {
         let mut e = Self {
             rcode: 0,
-            answers: BTreeSet::new(),
-            additional: BTreeSet::new(),
-            soa: false,
+            answer: Vec::new(),
+            authority: Vec::new(),
+            additional: Vec::new(),
             authoritative: false,
             kernel: false,
         };
         if qname.ends_with("example.") {
             if qtype == 1 {
                 let labels = qname.trim_end_matches('.').split('.').count();
-                e.answers.insert(format!("A 203.0.113.{labels}"));
+                e.answer.push(Rec {
+                    owner: qname.to_string(),
+                    data: format!("A 203.0.113.{labels}"),
+                    ttl: Ttl::CountingDown(300),
+                });
             }
         } else {
             e.rcode = 3;

@@ -1006,3 +1006,115 @@ mod tests {
         assert!(cache.is_empty());
     }
 }
+
+/// What the cache holds in memory per entry, counted by the allocator (the figure
+/// docs/forwarding.md gives). A test binary of its own would be cleaner; the counter is per
+/// thread, so the other unit tests running beside it do not disturb it.
+#[cfg(test)]
+mod memory {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+    };
+
+    use super::*;
+
+    struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: forwards to the system allocator; the counter is a const-initialised thread
+    // local, which never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let _ = LIVE.try_with(|c| c.set(c.get() + l.size() as isize));
+            // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            let _ = LIVE.try_with(|c| c.set(c.get() - l.size() as isize));
+            // SAFETY: as above.
+            unsafe { System.dealloc(p, l) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    fn live() -> isize {
+        LIVE.with(Cell::get)
+    }
+
+    /// A cached A answer as the flood test's upstream gives it: one record, its owner a
+    /// pointer to the question.
+    fn upstream_answer(name: &str) -> Answer {
+        use hickory_proto::{
+            op::Query,
+            rr::{Name, Record, RecordType},
+        };
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        let name = Name::from_ascii(name).unwrap();
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            name,
+            300,
+            RData::A("203.0.113.1".parse().unwrap()),
+        ));
+        Answer::from_upstream(&m.to_vec().unwrap(), &m).unwrap()
+    }
+
+    #[test]
+    fn bytes_per_entry() {
+        const N: usize = 10_000;
+        let cache = Cache::new(
+            CacheSettings {
+                capacity: N,
+                min_ttl: 5,
+                max_ttl: 3600,
+                negative_max_ttl: 1800,
+                servfail_ttl: 5,
+                prefetch: 10,
+                serve_stale: Duration::from_secs(3600),
+            },
+            Arc::new(CacheCounters::default()),
+        );
+        let now = Instant::now();
+        let fill = |from: usize| {
+            for i in from..from + N {
+                let name = format!("n{i}.flood.example.");
+                let q = Question {
+                    name: crate::zone::name::wire_from_dotted(&name),
+                    qtype: 1,
+                    qclass: 1,
+                    dnssec_ok: false,
+                    checking_disabled: false,
+                    upstream_set: Default::default(),
+                };
+                let a = Arc::new(upstream_answer(&name));
+                cache.insert(&q, a, 300, Kind::Success, now);
+            }
+        };
+        let before = live();
+        fill(0);
+        let full = live();
+        // As many again: every insert evicts one; what is held stays the same.
+        fill(N);
+        let after = live();
+        let per_entry = (full - before) as usize / N;
+        eprintln!(
+            "cache: {per_entry} bytes per entry (an A answer of {} bytes), {} after {N} evictions",
+            upstream_answer("n1.flood.example.").sections.len(),
+            (after - before) as usize / N
+        );
+        assert!(
+            (300..=1024).contains(&per_entry),
+            "{per_entry} bytes per entry: update docs/forwarding.md"
+        );
+        assert!(
+            (after - full).unsigned_abs() < N * 64,
+            "evictions free what inserts take: {full} then {after}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ pub mod external;
 pub mod forward;
 pub mod handover;
 pub mod heartbeat;
+pub mod limits;
 pub mod listen_address;
 pub mod routing;
 pub mod sockets;
@@ -14,7 +15,10 @@ pub mod tls;
 pub mod udp;
 pub mod upstream;
 
-use std::sync::{Arc, RwLock};
+use std::{
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
 use dns_common::FLAG_RA;
 use hickory_proto::{
@@ -26,6 +30,7 @@ use self::{
     cache::Answer,
     external::{ExternalResolver, Resolved},
     forward::Question,
+    limits::Limits,
 };
 use crate::{
     dns::{self, Body, EXT_RCODE_BADVERS, Query, Reject},
@@ -48,6 +53,8 @@ pub struct Handler {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// The agent's own liveness probe, answered apart.
     pub probe: heartbeat::Probe,
+    /// Per-client rate, queries waiting for upstreams, TCP connections.
+    pub limits: Arc<Limits>,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -64,6 +71,8 @@ pub struct Pending {
     msg: Vec<u8>,
     limit: Option<usize>,
     zone: ZoneReply,
+    /// Its place among the queries waiting for an upstream (`--max-pending`).
+    _waiting: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Handler {
@@ -71,9 +80,14 @@ impl Handler {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The reply to one message, or `None` when it deserves none.
-    pub async fn handle(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        match self.handle_now(msg, transport) {
+    /// The reply to one message from `client`, or `None` when it deserves none.
+    pub async fn handle(
+        &self,
+        msg: &[u8],
+        transport: Transport,
+        client: IpAddr,
+    ) -> Option<Vec<u8>> {
+        match self.handle_now(msg, transport, client) {
             Ok(reply) => reply,
             Err(pending) => Some(self.finish(pending).await),
         }
@@ -81,9 +95,19 @@ impl Handler {
 
     /// The reply to one message when it needs no waiting: errors, answers from the zone, and
     /// answers from the cache of upstream answers. Otherwise the query, for [`Self::finish`].
-    /// Lets the UDP loop answer most queries without a task of their own.
-    pub fn handle_now(&self, msg: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Pending> {
+    /// Lets the UDP loop answer most queries without a task of their own. A client over its
+    /// rate (`--rate-limit`) gets REFUSED, and so does a query that would wait for an upstream
+    /// while `--max-pending` others wait.
+    pub fn handle_now(
+        &self,
+        msg: &[u8],
+        transport: Transport,
+        client: IpAddr,
+    ) -> Result<Option<Vec<u8>>, Pending> {
         self.metrics.request(transport);
+        if !self.limits.within_rate(client) {
+            return Ok(self.refuse(msg, transport));
+        }
         let q = match dns::parse_query(msg) {
             Ok(q) => q,
             Err(Reject::Drop) => {
@@ -115,20 +139,57 @@ impl Handler {
             }
             zone => {
                 self.metrics.path(Path::Forwarded);
-                match zone {
+                let now = match zone {
                     ZoneReply::Forward => self.forward_now(&q, limit),
                     _ => None,
+                };
+                match now {
+                    Some(reply) => reply,
+                    None => match self.limits.pending() {
+                        Some(waiting) => {
+                            return Err(Pending {
+                                msg: msg.to_vec(),
+                                limit,
+                                zone,
+                                _waiting: waiting,
+                            });
+                        }
+                        None => {
+                            dns::build_reply(&q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit)
+                        }
+                    },
                 }
-                .ok_or_else(|| Pending {
-                    msg: msg.to_vec(),
-                    limit,
-                    zone,
-                })?
             }
         };
         self.metrics
             .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
         Ok(Some(reply))
+    }
+
+    /// REFUSED, to a message a limit stops before it is looked at: the question echoed when
+    /// the message has one, nothing for a message that deserves no reply at all.
+    fn refuse(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let reply = match dns::parse_query(msg) {
+            Ok(q) => {
+                let limit = match transport {
+                    Transport::Udp => Some(q.udp_limit()),
+                    Transport::Tcp => None,
+                };
+                dns::build_reply(&q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit)
+            }
+            Err(Reject::Drop) => {
+                self.metrics.dropped();
+                return None;
+            }
+            Err(Reject::Error {
+                id,
+                flags,
+                question,
+                ..
+            }) => dns::build_error(msg, id, flags, dns::RCODE_REFUSED, question),
+        };
+        self.metrics.response(dns::RCODE_REFUSED);
+        Some(reply)
     }
 
     /// The reply to the agent's own heartbeat probe (`heartbeat.rs`): answered from the zone

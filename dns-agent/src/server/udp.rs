@@ -24,8 +24,9 @@ pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<
             continue;
         }
         // Answers from the zone and the cache are sent from here: a task per query would cost
-        // more than the answer. Only queries that wait for an upstream get one.
-        let pending = match handler.handle_now(&buf[..n], Transport::Udp) {
+        // more than the answer. Only queries that wait for an upstream get one (at most
+        // --max-pending; the client's address is for --rate-limit).
+        let pending = match handler.handle_now(&buf[..n], Transport::Udp, peer.ip()) {
             Ok(Some(reply)) => {
                 send(&socket, &reply, peer).await;
                 continue;
