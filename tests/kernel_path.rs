@@ -358,7 +358,7 @@ fn an_agent_replaced_by_another_drops_no_query() {
 
 #[test]
 fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
-    use support::{Netns, run, unique};
+    use support::{Netns, unique};
     let topo = Topology::new();
     // New pods' host-side veths are named xg<pid>x<n>: the pattern matches them only.
     let probe = unique("xg");
@@ -370,37 +370,7 @@ fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
     );
 
     let pod = Netns::new("xp");
-    let plug = |host: &str, guest: &str| {
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                host,
-                "netns",
-                &topo.node.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                guest,
-                "netns",
-                &pod.name,
-            ],
-        );
-        topo.node
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", host]);
-        topo.node.ip(&["link", "set", host, "up"]);
-        pod.ip(&["addr", "add", "203.0.113.2/24", "dev", guest]);
-        pod.ip(&["link", "set", guest, "up"]);
-        pod.ip(&[
-            "route",
-            "add",
-            &format!("{LISTEN_V4}/32"),
-            "via",
-            "203.0.113.1",
-        ]);
-    };
+    let plug = |host: &str, guest: &str| support::plug_pod(&topo.node, &pod, host, guest);
     let wait_log = |what: &str, needle: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !agent.log().contains(needle) {
@@ -457,7 +427,7 @@ fn interfaces_matching_a_pattern_are_attached_as_they_appear() {
 /// overflows its notification socket for real; meanwhile the pod's veth is replaced.
 #[test]
 fn a_veth_recreated_while_notifications_overflow_is_attached_again() {
-    use support::{Netns, run, unique};
+    use support::{Netns, unique};
     let topo = Topology::new();
     let probe = unique("xg");
     let prefix = &probe[..probe.rfind('x').unwrap() + 1];
@@ -470,37 +440,7 @@ fn a_veth_recreated_while_notifications_overflow_is_attached_again() {
     let pod = Netns::new("xp");
     let host = unique("xg");
     let guest = unique("xq");
-    let plug = || {
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host,
-                "netns",
-                &topo.node.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &guest,
-                "netns",
-                &pod.name,
-            ],
-        );
-        topo.node
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", &host]);
-        topo.node.ip(&["link", "set", &host, "up"]);
-        pod.ip(&["addr", "add", "203.0.113.2/24", "dev", &guest]);
-        pod.ip(&["link", "set", &guest, "up"]);
-        pod.ip(&[
-            "route",
-            "add",
-            &format!("{LISTEN_V4}/32"),
-            "via",
-            "203.0.113.1",
-        ]);
-    };
+    let plug = || support::plug_pod(&topo.node, &pod, &host, &guest);
     let attached = format!("XDP program attached (interface pattern) interface={host}");
     let wait_attached = |count: usize, what: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -800,7 +740,7 @@ fn a_zone_larger_than_the_kernel_maps_is_answered_by_userspace_where_they_are_fu
 /// pins (`dns-agent stats` reads them).
 #[test]
 fn an_old_agent_leaves_a_newer_agents_links_and_pins_alone() {
-    use support::{Netns, run, unique};
+    use support::{Netns, unique};
     let topo = Topology::new();
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("xdns-o"));
     let zone = support::example_cluster();
@@ -818,35 +758,7 @@ fn an_old_agent_leaves_a_newer_agents_links_and_pins_alone() {
     // A pod plugged in while both run.
     let pod = Netns::new("xp");
     let (host, guest) = (unique("xg"), unique("xq"));
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &host,
-            "netns",
-            &topo.node.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &guest,
-            "netns",
-            &pod.name,
-        ],
-    );
-    topo.node
-        .ip(&["addr", "add", "203.0.113.1/24", "dev", &host]);
-    topo.node.ip(&["link", "set", &host, "up"]);
-    pod.ip(&["addr", "add", "203.0.113.2/24", "dev", &guest]);
-    pod.ip(&["link", "set", &guest, "up"]);
-    pod.ip(&[
-        "route",
-        "add",
-        &format!("{LISTEN_V4}/32"),
-        "via",
-        "203.0.113.1",
-    ]);
+    support::plug_pod(&topo.node, &pod, &host, &guest);
     support::wait::eventually(
         "both agents saw the new veth",
         Duration::from_secs(10),

@@ -230,6 +230,29 @@ impl Topology {
     }
 }
 
+/// Plugs another pod's veth into the node, as a CNI does when a pod starts: `host` on the node
+/// (203.0.113.1/24), `guest` in `pod` (203.0.113.2/24) with a route to the listen address.
+pub fn plug_pod(node: &Netns, pod: &Netns, host: &str, guest: &str) {
+    run(
+        "ip",
+        &[
+            "link", "add", host, "netns", &node.name, "type", "veth", "peer", "name", guest,
+            "netns", &pod.name,
+        ],
+    );
+    node.ip(&["addr", "add", "203.0.113.1/24", "dev", host]);
+    node.ip(&["link", "set", host, "up"]);
+    pod.ip(&["addr", "add", "203.0.113.2/24", "dev", guest]);
+    pod.ip(&["link", "set", guest, "up"]);
+    pod.ip(&[
+        "route",
+        "add",
+        &format!("{LISTEN_V4}/32"),
+        "via",
+        "203.0.113.1",
+    ]);
+}
+
 /// The agent, running as a process in the node namespace. Stopped with SIGTERM on drop; its
 /// log is printed when the test failed.
 pub struct Agent {
