@@ -33,16 +33,25 @@ enum Command {
     Demo,
     /// Run the whole test suite as CI does: fmt, clippy, unit tests, XDP and namespace tests.
     Test,
-    /// Benchmark xdns against unbound, dnsmasq and a bare XDP reflector in network
-    /// namespaces: throughput, latency percentiles, in-kernel cost, memory. Results go to
-    /// results/<timestamp>/.
+    /// Benchmark xdns against unbound, dnsmasq, knotd (XDP and UDP), kresd, PowerDNS Recursor
+    /// and a bare XDP reflector in network namespaces: throughput, latency percentiles,
+    /// in-kernel cost, memory. Results go to results/<timestamp>/.
     Bench {
-        /// A short run that checks every system answers correctly (CI); not a measurement.
+        /// A short run that checks every system answers correctly and within the loss bound
+        /// (CI); not a measurement.
         #[arg(long)]
         quick: bool,
         /// Also write the results into docs/benchmarks.md and docs/benchmarks.svg.
         #[arg(long)]
         publish: bool,
+        /// Sender threads of the throughput load generator, each pinned to its own CPU
+        /// [default: one per CPU the bench may use].
+        #[arg(long, value_name = "N")]
+        senders: Option<usize>,
+        /// Measure only these systems (comma-separated ids as in the report, e.g.
+        /// `reflector-generic,xdns-generic`), for development [default: all].
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        systems: Vec<String>,
     },
 }
 
@@ -70,6 +79,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo => demo::demo(),
         Command::Test => test::test(),
-        Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
+        Command::Bench {
+            quick,
+            publish,
+            senders,
+            systems,
+        } => bench::bench(bench::Options {
+            quick,
+            publish,
+            senders,
+            systems,
+        }),
     }
 }

@@ -24,11 +24,21 @@ const TEST_PACKAGES: &[&str] = &[
     "dnsperf",
     "unbound",
     "dnsmasq-base",
+    // The benchmark's peers: knotd (with its XDP mode), kresd, PowerDNS Recursor.
+    "knot",
+    "knot-resolver",
+    "pdns-recursor",
 ];
 
 /// Services Debian would start when their package is installed: tests start their own copies
 /// inside network namespaces, never the machine's.
-const SERVICES: &[&str] = &["unbound"];
+const SERVICES: &[&str] = &[
+    "unbound",
+    "knot",
+    "kresd.target",
+    "kres-cache-gc",
+    "pdns-recursor",
+];
 
 /// What building needs: bpf-linker links against LLVM `LLVM_MAJOR` (Debian 12 has it from
 /// bookworm-security).
