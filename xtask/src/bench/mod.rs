@@ -56,9 +56,9 @@ pub struct Options {
 }
 
 /// Loss bound asserted on every system and set (quick and full runs): at the lowest latency
-/// load (1,000 queries/s) and, in `--quick`, in its throughput trial at `QUICK_RATE`, fewer
-/// than this share of the queries may go without a valid reply. A working server answers
-/// that much; a system that SERVFAILs or drops under load does not.
+/// load (1,000 queries/s) and, in `--quick`, in its throughput trial at `QUICK_RATE` (cluster
+/// names), fewer than this share of the queries may go without a valid reply. A working
+/// server answers that much; a system that SERVFAILs or drops under load does not.
 pub const LOSS_BOUND: f64 = 0.01;
 /// The quick run's one throughput trial per system and set.
 const QUICK_RATE: u64 = 2_000;
@@ -299,6 +299,8 @@ fn measure(
     reflector: &Path,
     senders: Option<usize>,
 ) -> anyhow::Result<Measurements> {
+    let begun = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>4.0} s] {what}", begun.elapsed().as_secs_f64());
     let zone_file = dir.join("zone.yaml");
     std::fs::write(&zone_file, workload.zone_yaml())?;
     let mut topo = Topology::new(reflector, senders)?;
@@ -340,8 +342,10 @@ fn measure(
         memory: BTreeMap::new(),
     };
 
+    phase("every system answers");
     // Correctness, and the caches warmed with the external names.
     check_all(&topo, &processes, workload, &mut m, true)?;
+    phase("checked");
     for (id, p) in &processes {
         m.memory.entry(id).or_default().rss_ready = p.rss();
     }
@@ -351,6 +355,7 @@ fn measure(
     let result = throughput_all(plan, workload, dir, &mut topo, &mut m);
     topo.attach_pass()?;
     result?;
+    phase("throughput measured");
 
     // Latency at fixed loads, in rounds.
     let lowest_load = plan.loads.iter().map(|l| l.0).min().unwrap_or(0);
@@ -400,8 +405,10 @@ fn measure(
         }
     }
 
+    phase("latency measured");
     // Still correct after the load.
     check_all(&topo, &processes, workload, &mut m, false)?;
+    phase("checked again");
     for (id, p) in &processes {
         let mem = m.memory.entry(id).or_default();
         mem.rss_end = p.rss();
@@ -472,13 +479,30 @@ fn throughput_all(
         .map(|q| q.name.as_str())
         .collect();
     let cluster_file = dir.join("queries-cluster.txt");
-    for g in [Generator::LiveFrames, Generator::Kxdpgun] {
-        let ceiling =
-            throughput::generator_ceiling(topo, g, &cluster_names, &cluster_file, plan.trial_secs)?;
-        eprintln!("{} alone: {ceiling:.0} queries/s", g.name());
-        m.generator.push((g, ceiling));
-    }
-    for set in &workload.sets {
+    // The generators' own ceilings move with the machine's load: measured before every round
+    // of searches and at the end.
+    let ceilings = |topo: &mut Topology, m: &mut Measurements| -> anyhow::Result<()> {
+        for g in [Generator::LiveFrames, Generator::Kxdpgun] {
+            let ceiling = throughput::generator_ceiling(
+                topo,
+                g,
+                &cluster_names,
+                &cluster_file,
+                plan.trial_secs,
+            )?;
+            eprintln!("{} alone: {ceiling:.0} queries/s", g.name());
+            m.generator.push((g, ceiling));
+        }
+        Ok(())
+    };
+    // The quick run drives both generators on cluster names only; every set is under load
+    // in its latency run.
+    let sets = if plan.quick {
+        &workload.sets[..1]
+    } else {
+        &workload.sets[..]
+    };
+    for set in sets {
         let systems = systems_for(set.id);
         let valid = |s: &System| {
             if s.is_reflector() {
@@ -514,6 +538,7 @@ fn throughput_all(
             })
             .collect();
         for repeat in 0..plan.repeats {
+            ceilings(topo, m)?;
             let mut searches: Vec<Search> = systems
                 .iter()
                 .zip(&figures)
@@ -611,11 +636,6 @@ fn throughput_all(
             m.throughput.insert((set.id, s.id), figure);
         }
     }
-    for g in [Generator::LiveFrames, Generator::Kxdpgun] {
-        let ceiling =
-            throughput::generator_ceiling(topo, g, &cluster_names, &cluster_file, plan.trial_secs)?;
-        eprintln!("{} alone: {ceiling:.0} queries/s", g.name());
-        m.generator.push((g, ceiling));
-    }
+    ceilings(topo, m)?;
     Ok(())
 }

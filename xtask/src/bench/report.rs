@@ -144,15 +144,22 @@ impl Results<'_> {
         self.m.throughput.get(&(set, system))?.median()
     }
 
-    /// A generator's own ceiling: the lower of its measurements (start and end).
+    /// A generator's own ceiling: the median of its measurements (before every round of
+    /// searches, and at the end).
     pub fn generator_ceiling(&self, g: Generator) -> f64 {
-        self.m
+        let mut v: Vec<f64> = self
+            .m
             .generator
             .iter()
             .filter(|(x, _)| *x == g)
             .map(|(_, v)| *v)
-            .reduce(f64::min)
-            .unwrap_or(f64::INFINITY)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::INFINITY,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     }
 
     fn generator_bound(&self, set: &str, system: &str) -> bool {
@@ -291,7 +298,7 @@ pub fn markdown(r: &Results) -> String {
          Highest rate answered with under {}% loss (answers of the expected kind per second, {} s trials). \
          Each figure is the median of {} search(es) (in brackets: the lowest and highest), taken in rotation with the other systems.\n\n\
          Two load generators, chosen by where the correctness check saw the answers come from:\n\n\
-         - *live frames* where an XDP program answered (the reflectors; the xdns kernel path where it answered at least 99% of the set; knotd's AF_XDP path): the bench's own generator, {} sender thread(s), each pinned to its own CPU, injecting the queries with `BPF_PROG_TEST_RUN` live frames on the pod side of the veth; replies counted by rcode in XDP on the same interface. Alone (into a link whose host side drops everything in XDP) it sends {} queries/s (start and end of the run: {}).\n\
+         - *live frames* where an XDP program answered (the reflectors; the xdns kernel path where it answered at least 99% of the set; knotd's AF_XDP path): the bench's own generator, {} sender thread(s), each pinned to its own CPU, injecting the queries with `BPF_PROG_TEST_RUN` live frames on the pod side of the veth; replies counted by rcode in XDP on the same interface. Alone (into a link whose host side drops everything in XDP) it sends {} queries/s (median; measured before every round of searches and at the end: {}).\n\
          - *kxdpgun* (one thread, AF_XDP in copy mode) where a socket answered: its queries reach the server's socket as small buffers, as a pod's would; live frames arrive page-sized and overflow a server's default socket buffer long before the server is busy. Alone it sends {} queries/s ({}).\n\n\
          \"≥\": the figure's sending rate was within {:.0}% of its generator's own, so the generator, not the system, bounded it. Every other figure is the system's: it lost more than {}% of what was offered, or (the XDP systems, whose work runs in the sender's own softirq) it slowed the sender well below the generator's own rate.\n",
         MAX_LOSS * 100.0,
