@@ -49,7 +49,8 @@ enum Command {
         #[arg(long, value_name = "N")]
         senders: Option<usize>,
         /// Measure only these systems (comma-separated ids as in the report, e.g.
-        /// `reflector-generic,xdns-generic`), for development [default: all].
+        /// `reflector-generic,xdns-generic`), for development; skips the in-kernel cost and
+        /// programming benches; not with --publish [default: all].
         #[arg(long, value_name = "IDS", value_delimiter = ',')]
         systems: Vec<String>,
     },

@@ -58,7 +58,10 @@ pub struct Options {
 /// Loss bound asserted on every system and set (quick and full runs): at the lowest latency
 /// load (1,000 queries/s) and, in `--quick`, in its throughput trial at `QUICK_RATE` (cluster
 /// names), fewer than this share of the queries may go without a valid reply. A working
-/// server answers that much; a system that SERVFAILs or drops under load does not.
+/// server answers that much; a system that SERVFAILs or drops under load does not. At these
+/// rates a server's socket buffer holds a few hundred milliseconds of queries, so a loss here
+/// means it stalled that long or is broken: one that breaks the bound is measured once more,
+/// and fails the run if it breaks it again.
 pub const LOSS_BOUND: f64 = 0.01;
 /// The quick run's one throughput trial per system and set.
 const QUICK_RATE: u64 = 2_000;
@@ -389,16 +392,38 @@ fn measure(
             }
         }
         for s in &systems {
-            if let Some(r) = m.latency.get(&(set.id, s.id, lowest_load))
-                && r.loss() > LOSS_BOUND
-            {
+            let Some(r) = m.latency.get(&(set.id, s.id, lowest_load)) else {
+                continue;
+            };
+            if r.loss() <= LOSS_BOUND {
+                continue;
+            }
+            // A server that stalls for a few hundred milliseconds on a shared machine loses
+            // a burst: measured once more, alone, before it counts as broken.
+            let again = loadgen::run(
+                &topo.pod,
+                SocketAddr::new(IpAddr::V4(s.listen), 53),
+                set,
+                lowest_load,
+                Duration::from_secs(1),
+                s.is_reflector(),
+            )?;
+            eprintln!(
+                "latency    {:<9} {:<18} {lowest_load:>6}/s  lost {:.2}%, measured again: lost {:.2}%",
+                set.id,
+                s.id,
+                r.loss() * 100.0,
+                again.loss() * 100.0
+            );
+            if again.loss() > LOSS_BOUND || again.wrong > 0 {
                 m.failures.push(format!(
                     "{}: {:.2}% of the {} queries at {lowest_load}/s went without a valid reply \
-                     ({} SERVFAIL); the bound is {}%",
+                     ({} SERVFAIL), and {:.2}% measured again; the bound is {}%",
                     s.id,
                     r.loss() * 100.0,
                     set.id,
                     r.servfail,
+                    again.loss() * 100.0,
                     LOSS_BOUND * 100.0
                 ));
             }
@@ -610,15 +635,36 @@ fn throughput_all(
                         ));
                     }
                     if plan.quick && t.loss() > LOSS_BOUND {
-                        m.failures.push(format!(
-                            "{}: {:.2}% of the {} queries at {rate}/s went without a valid reply \
-                             ({} SERVFAIL); the bound is {}%",
+                        // As for latency: measured once more before it counts as broken.
+                        std::thread::sleep(Duration::from_millis(300));
+                        let again = throughput::trial(
+                            topo,
+                            s,
+                            g,
+                            valid(s),
+                            &query_file,
+                            rate,
+                            plan.trial_secs,
+                        )?;
+                        eprintln!(
+                            "throughput {:<9} {:<18} lost {:.2}%, measured again: lost {:.2}%",
+                            set.id,
                             s.id,
                             t.loss() * 100.0,
-                            set.id,
-                            t.servfail,
-                            LOSS_BOUND * 100.0
-                        ));
+                            again.loss() * 100.0
+                        );
+                        if again.loss() > LOSS_BOUND || again.wrong > 0 {
+                            m.failures.push(format!(
+                                "{}: {:.2}% of the {} queries at {rate}/s went without a valid \
+                                 reply ({} SERVFAIL), and {:.2}% measured again; the bound is {}%",
+                                s.id,
+                                t.loss() * 100.0,
+                                set.id,
+                                t.servfail,
+                                again.loss() * 100.0,
+                                LOSS_BOUND * 100.0
+                            ));
+                        }
                     }
                     if !t.passed() {
                         // Let late replies and forwarding timeouts of this trial drain.

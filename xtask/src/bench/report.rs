@@ -382,6 +382,7 @@ pub fn markdown(r: &Results) -> String {
         ("xdns-generic", "unbound", "× unbound", "≥ 3×"),
         ("xdns-driver", "unbound", "× unbound", "≥ 3×"),
         ("xdns-generic", "knot-xdp", "× knotd XDP", ""),
+        ("xdns-driver", "knot-xdp", "× knotd XDP", ""),
         ("xdns-generic", "knot", "× knotd", ""),
         ("xdns-generic", "kresd", "× kresd", ""),
         ("xdns-generic", "pdns-recursor", "× PowerDNS Recursor", ""),
