@@ -58,16 +58,26 @@ enum Command {
         #[arg(long)]
         write_corpora: bool,
     },
-    /// Benchmark xdns against unbound, dnsmasq and a bare XDP reflector in network
-    /// namespaces: throughput, latency percentiles, in-kernel cost, memory. Results go to
-    /// results/<timestamp>/.
+    /// Benchmark xdns against unbound, dnsmasq, knotd (XDP and UDP), kresd, PowerDNS Recursor
+    /// and a bare XDP reflector in network namespaces: throughput, latency percentiles,
+    /// in-kernel cost, memory. Results go to results/<timestamp>/.
     Bench {
-        /// A short run that checks every system answers correctly (CI); not a measurement.
+        /// A short run that checks every system answers correctly and within the loss bound
+        /// (CI); not a measurement.
         #[arg(long)]
         quick: bool,
         /// Also write the results into docs/benchmarks.md and docs/benchmarks.svg.
         #[arg(long)]
         publish: bool,
+        /// Sender threads of the throughput load generator, each pinned to its own CPU
+        /// [default: one per CPU the bench may use].
+        #[arg(long, value_name = "N")]
+        senders: Option<usize>,
+        /// Measure only these systems (comma-separated ids as in the report, e.g.
+        /// `reflector-generic,xdns-generic`), for development; skips the in-kernel cost and
+        /// programming benches; not with --publish [default: all].
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        systems: Vec<String>,
     },
     /// The soak: mixed traffic at a set rate against a churning zone (fake API server), a
     /// flapping upstream and agents replaced now and then, every answer checked; the agent's
@@ -144,7 +154,17 @@ fn run(command: Command) -> anyhow::Result<()> {
                 })
             }
         }
-        Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
+        Command::Bench {
+            quick,
+            publish,
+            senders,
+            systems,
+        } => bench::bench(bench::Options {
+            quick,
+            publish,
+            senders,
+            systems,
+        }),
         Command::BenchTls { quick } => bench::tls::bench_tls(quick),
         Command::Soak {
             duration,

@@ -34,11 +34,21 @@ const TEST_PACKAGES: &[&str] = &[
     // The manifests' validator (kubernetes-validate, from PyPI) runs in a venv of Debian's
     // Python.
     "python3-venv",
+    // The benchmark's peers: knotd (with its XDP mode), kresd, PowerDNS Recursor.
+    "knot",
+    "knot-resolver",
+    "pdns-recursor",
 ];
 
 /// Services Debian would start when their package is installed: tests start their own copies
 /// inside network namespaces, never the machine's.
-const SERVICES: &[&str] = &["unbound"];
+const SERVICES: &[&str] = &[
+    "unbound",
+    "knot",
+    "kresd.target",
+    "kres-cache-gc",
+    "pdns-recursor",
+];
 
 /// What building needs: bpf-linker links against LLVM `LLVM_MAJOR` (Debian 12 has it from
 /// bookworm-security).

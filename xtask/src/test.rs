@@ -70,6 +70,8 @@ pub fn test() -> anyhow::Result<()> {
     crate::bench::bench(crate::bench::Options {
         quick: true,
         publish: false,
+        senders: None,
+        systems: Vec::new(),
     })?;
     Ok(())
 }

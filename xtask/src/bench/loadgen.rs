@@ -8,6 +8,9 @@
 //! (`SO_TIMESTAMPNS`, the same clock), so the latency is send call → reply in the client's
 //! socket, without the receiver's own wake-up delay. A reply counts when its ID, rcode and
 //! answer count are what the query must get; a query without a valid reply within 1 s is lost.
+//! After the run (outside the timed part) every such reply is parsed (hickory-proto) and held
+//! to the exact answer: the question asked, and for an A query the one expected address; one
+//! that differs counts as wrong.
 //! Rates above 60k/s would reuse DNS IDs within that second, so they are refused.
 
 use std::{
@@ -21,6 +24,10 @@ use std::{
 };
 
 use anyhow::bail;
+use hickory_proto::{
+    op::Message,
+    rr::{RData, RecordType},
+};
 
 use super::workload::{Expect, QuerySet};
 use crate::netns::Netns;
@@ -149,6 +156,34 @@ fn recv_timestamped(fd: i32, buf: &mut [u8]) -> Option<(usize, u64)> {
     Some((n as usize, rx))
 }
 
+/// The reply asks `name` A and answers as `expect` says: NOERROR with exactly that address,
+/// or NXDOMAIN with no answer.
+fn exact(reply: &[u8], name: &str, expect: Expect) -> bool {
+    let Ok(m) = Message::from_vec(reply) else {
+        return false;
+    };
+    let asked = m.queries.len() == 1
+        && m.queries[0].query_type() == RecordType::A
+        && m.queries[0]
+            .name()
+            .to_ascii()
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(name);
+    let addresses: Vec<std::net::Ipv4Addr> = m
+        .answers
+        .iter()
+        .filter_map(|rr| match &rr.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    asked
+        && match expect {
+            Expect::A(ip) => m.metadata.response_code.low() == 0 && addresses == [ip],
+            Expect::Nxdomain => m.metadata.response_code.low() == 3 && m.answers.is_empty(),
+        }
+}
+
 /// Sends `set` round and round to `server` from the pod's namespace at `rate` queries per
 /// second for `duration`, and waits up to 1 s for the last replies. `echo`: the server is the
 /// reflector, whose valid reply is the query itself with QR set.
@@ -196,6 +231,10 @@ pub fn run(
             let mut out = LatencyRun::default();
             let mut buf = [0u8; 1500];
             let mut valid_count = 0usize;
+            // Replies that looked valid, for the exact check after the run: (query sequence
+            // number, latency, range in `arena`).
+            let mut kept: Vec<(usize, u64, std::ops::Range<usize>)> = Vec::new();
+            let mut arena: Vec<u8> = Vec::new();
             loop {
                 if sending_done.load(Ordering::Acquire) {
                     let all = valid_count >= total;
@@ -232,16 +271,17 @@ pub fn run(
                     qr && rcode == expect_rcode && (ancount > 0) == expect_answer
                 };
                 if ok {
-                    out.valid += 1;
                     valid_count += 1;
-                    out.lat_ns.push(rx - sent_at);
+                    let start = arena.len();
+                    arena.extend_from_slice(&buf[..n]);
+                    kept.push((seq, rx - sent_at, start..arena.len()));
                 } else if rcode == 2 {
                     out.servfail += 1;
                 } else {
                     out.wrong += 1;
                 }
             }
-            out
+            (out, kept, arena)
         })
     };
 
@@ -271,9 +311,18 @@ pub fn run(
     let send_secs = start.elapsed().as_secs_f64();
     last_send.store(realtime_ns(), Ordering::Release);
     sending_done.store(true, Ordering::Release);
-    let mut out = receiver
+    let (mut out, kept, arena) = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
+    for (seq, lat, range) in kept {
+        let query = &set.queries[seq % set.queries.len()];
+        if echo || exact(&arena[range], &query.name, query.expect) {
+            out.valid += 1;
+            out.lat_ns.push(lat);
+        } else {
+            out.wrong += 1;
+        }
+    }
     out.offered_qps = rate;
     out.sent = total as u64;
     out.send_secs = send_secs;

@@ -5,7 +5,12 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, bail};
 
-use super::{Measurements, systems_for, throughput::MAX_LOSS, topo, workload::Workload};
+use super::{
+    LOSS_BOUND, Measurements, systems_for,
+    throughput::{GENERATOR_BOUND, Generator, MAX_LOSS},
+    topo,
+    workload::Workload,
+};
 
 pub struct Machine {
     pub cpu: String,
@@ -74,7 +79,16 @@ impl Machine {
             tools: vec![
                 ("unbound".into(), first_line("unbound", &["-V"])),
                 ("dnsmasq".into(), first_line("dnsmasq", &["--version"])),
-                ("kxdpgun".into(), first_line("kxdpgun", &["-V"])),
+                ("knotd".into(), first_line("knotd", &["-V"])),
+                ("kresd".into(), first_line("kresd", &["-V"])),
+                (
+                    "pdns_recursor".into(),
+                    // It prints its banner behind a timestamp on stderr.
+                    first_line("pdns_recursor", &["--version"])
+                        .split_once("PowerDNS")
+                        .map(|(_, v)| format!("PowerDNS{v}"))
+                        .unwrap_or_default(),
+                ),
             ],
         }
     }
@@ -111,7 +125,11 @@ pub struct Results<'a> {
     pub external: usize,
     /// (offered load, seconds measured per system in all).
     pub loads: Vec<(u32, f64)>,
-    pub trial_secs: u32,
+    pub trial_secs: f64,
+    /// Throughput searches per (system, set).
+    pub repeats: usize,
+    /// Sender threads asked for (`None`: one per CPU).
+    pub senders: Option<usize>,
     pub workload: &'a Workload,
     pub m: Measurements,
     pub kernel_cost_md: String,
@@ -123,25 +141,72 @@ pub struct Results<'a> {
 
 impl Results<'_> {
     fn tput(&self, set: &str, system: &str) -> Option<f64> {
+        self.m.throughput.get(&(set, system))?.median()
+    }
+
+    /// A generator's own ceiling: the median of its measurements (before every round of
+    /// searches, and at the end).
+    pub fn generator_ceiling(&self, g: Generator) -> f64 {
+        let mut v: Vec<f64> = self
+            .m
+            .generator
+            .iter()
+            .filter(|(x, _)| *x == g)
+            .map(|(_, v)| *v)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::INFINITY,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    fn generator_bound(&self, set: &str, system: &str) -> bool {
         self.m
             .throughput
             .get(&(set, system))
-            .and_then(|s| s.result())
+            .is_some_and(|f| f.generator_bound(self.generator_ceiling(f.generator)))
     }
 
-    fn tput_cell(&self, set: &str, system: &str) -> String {
-        let Some(s) = self.m.throughput.get(&(set, system)) else {
+    fn tput_cell(&self, set: &str, system: &topo::System) -> String {
+        if let Some(why) = system.skips(set) {
+            return format!("— ({why})");
+        }
+        let Some(f) = self.m.throughput.get(&(set, system.id)) else {
             return "—".into();
         };
-        match s.result() {
-            Some(v) => format!(
-                "{}{:.0}k",
-                if s.generator_limited { "≥ " } else { "" },
-                v / 1000.0
-            ),
-            None => {
-                let lowest = s.trials.iter().map(|t| t.offered).min().unwrap_or(0);
-                format!("< {:.0}k", lowest as f64 / 1000.0)
+        let k = |v: f64| format!("{:.0}k", v / 1000.0);
+        match (f.median(), f.spread()) {
+            (Some(m), Some((lo, hi))) => {
+                let (found, of) = f.found();
+                format!(
+                    "{}{}{}{} {}",
+                    if self.generator_bound(set, system.id) {
+                        "≥ "
+                    } else {
+                        ""
+                    },
+                    k(m),
+                    if of > 1 {
+                        format!(" ({}–{})", k(lo), k(hi))
+                    } else {
+                        String::new()
+                    },
+                    if found < of {
+                        format!(" [{found} of {of} searches]")
+                    } else {
+                        String::new()
+                    },
+                    match f.generator {
+                        Generator::LiveFrames => "ᴸ",
+                        Generator::Kxdpgun => "ᴷ",
+                    }
+                )
+            }
+            _ => {
+                let lowest = f.trials().map(|(_, t)| t.offered).min().unwrap_or(0);
+                format!("< {}", k(lowest as f64))
             }
         }
     }
@@ -150,18 +215,14 @@ impl Results<'_> {
         self.m.latency.get(&(set, system, load))?.pct_us(q)
     }
 
-    /// Only correctness failures: speed is never asserted.
+    /// Correctness failures and broken loss bounds: speed is never asserted.
     pub fn failures(&self) -> anyhow::Result<()> {
-        let wrong: u64 = self.m.latency.values().map(|r| r.wrong).sum::<u64>()
-            + self
-                .m
-                .throughput
-                .values()
-                .flat_map(|s| &s.trials)
-                .map(|t| t.wrong)
-                .sum::<u64>();
-        if wrong > 0 {
-            bail!("{wrong} wrong replies during the run (see the report)");
+        if !self.m.failures.is_empty() {
+            bail!(
+                "{} failure(s) (see the report):\n  {}",
+                self.m.failures.len(),
+                self.m.failures.join("\n  ")
+            );
         }
         Ok(())
     }
@@ -197,8 +258,8 @@ pub fn markdown(r: &Results) -> String {
          - command: `{}` ({}), network part {:.0} s, whole run {:.0} s\n\
          - machine: {} × {}, {:.0} GiB, kernel {}; load average at start {} (other work on the machine shares the cores)\n\
          - tools: {}\n\
-         - zone: {} ClusterIP Services with a named port in 50 namespaces; the same A, SRV and PTR records in the xdns zone file, unbound `local-data` and dnsmasq `host-record`/`srv-host`; {} external names on an upstream dnsmasq (TTL 3600), warmed into every cache before measuring\n\
-         - client: a second network namespace over a veth pair per setup; server and client share the cores\n",
+         - zone: {} ClusterIP Services with a named port in 50 namespaces; the same A, SRV and PTR records in the xdns zone file, unbound `local-data`, dnsmasq `host-record`/`srv-host`, a master file for knotd and PowerDNS Recursor (`cluster.local.zone`, `96.10.in-addr.arpa.zone`) and a response policy zone for kresd (`cluster.local.rpz`); {} external names on an upstream dnsmasq (TTL 3600), warmed into every cache before measuring\n\
+         - client: a second network namespace over a veth pair per setup; every server, the client and the load generator share the same cores; threads: unbound 2, knotd 2 UDP workers (in XDP mode 1 XDP worker: knotd finds one queue on a veth), PowerDNS Recursor 2, kresd 1 process, dnsmasq 1, the xdns agent its runtime's 2 workers\n",
         r.command,
         if r.quick {
             "quick: one short trial per system; checks answers, measures nothing"
@@ -222,11 +283,35 @@ pub fn markdown(r: &Results) -> String {
         r.external,
     );
 
+    let k = |v: f64| format!("{:.0}k", v / 1000.0);
+    let measured = |g: Generator| {
+        r.m.generator
+            .iter()
+            .filter(|(x, _)| *x == g)
+            .map(|(_, v)| k(*v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(
         s,
-        "### Throughput\n\nHighest rate answered with under {}% loss (answers of the expected rcode per second; kxdpgun, one thread, AF_XDP on the pod's veth, {} s trials). \"≥\": the system answered everything kxdpgun could send.\n",
+        "### Throughput\n\n\
+         Highest rate answered with under {}% loss (answers of the expected kind per second, {} s trials). \
+         Each figure is the median of {} search(es) (in brackets: the lowest and highest), taken in rotation with the other systems.\n\n\
+         Two load generators, chosen by where the correctness check saw the answers come from:\n\n\
+         - *live frames* where an XDP program answered (the reflectors; the xdns kernel path where it answered at least 99% of the set; knotd's AF_XDP path): the bench's own generator, {} sender thread(s), each pinned to its own CPU, injecting the queries with `BPF_PROG_TEST_RUN` live frames on the pod side of the veth; replies counted by rcode in XDP on the same interface. Alone (into a link whose host side drops everything in XDP) it sends {} queries/s (median; measured before every round of searches and at the end: {}).\n\
+         - *kxdpgun* (one thread, AF_XDP in copy mode) where a socket answered: its queries reach the server's socket as small buffers, as a pod's would; live frames arrive page-sized and overflow a server's default socket buffer long before the server is busy. Alone it sends {} queries/s ({}).\n\n\
+         \"≥\": the figure's sending rate was within {:.0}% of its generator's own, so the generator, not the system, bounded it. Every other figure is the system's: it lost more than {}% of what was offered, or (the XDP systems, whose work runs in the sender's own softirq) it slowed the sender well below the generator's own rate.\n",
         MAX_LOSS * 100.0,
-        r.trial_secs
+        r.trial_secs,
+        r.repeats,
+        r.senders
+            .map_or_else(|| r.machine.cores.to_string(), |n| n.to_string()),
+        k(r.generator_ceiling(Generator::LiveFrames)),
+        measured(Generator::LiveFrames),
+        k(r.generator_ceiling(Generator::Kxdpgun)),
+        measured(Generator::Kxdpgun),
+        (1.0 - GENERATOR_BOUND) * 100.0,
+        MAX_LOSS * 100.0,
     );
     let _ = writeln!(
         s,
@@ -244,10 +329,14 @@ pub fn markdown(r: &Results) -> String {
             .workload
             .sets
             .iter()
-            .map(|q| r.tput_cell(q.id, sys.id))
+            .map(|q| r.tput_cell(q.id, sys))
             .collect();
         let _ = writeln!(s, "| {} | {} |", sys.title, cells.join(" | "));
     }
+    let _ = writeln!(
+        s,
+        "\nGenerator: ᴸ live frames, ᴷ kxdpgun. Every trial, with what the generator sent, the replies by kind and where queries were lost (the host side's receive ring full: `ring_drops`; a server's socket buffer full: `socket_drops`), is in `throughput.tsv`."
+    );
     let _ = writeln!(
         s,
         "\nFor context, the most valid answers per second any trial got, whatever its loss (the search does not look far above its first failing rate, so this is a lower bound of the peak):\n"
@@ -292,8 +381,14 @@ pub fn markdown(r: &Results) -> String {
         ),
         ("xdns-generic", "unbound", "× unbound", "≥ 3×"),
         ("xdns-driver", "unbound", "× unbound", "≥ 3×"),
+        ("xdns-generic", "knot-xdp", "× knotd XDP", ""),
+        ("xdns-driver", "knot-xdp", "× knotd XDP", ""),
+        ("xdns-generic", "knot", "× knotd", ""),
+        ("xdns-generic", "kresd", "× kresd", ""),
+        ("xdns-generic", "pdns-recursor", "× PowerDNS Recursor", ""),
         ("xdns-generic", "dnsmasq", "× dnsmasq", ""),
         ("xdns-userspace", "unbound", "× unbound", ""),
+        ("knot-xdp", "unbound", "× unbound", ""),
     ];
     let _ = writeln!(
         s,
@@ -344,8 +439,10 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n### Latency\n\nMicroseconds from the client's `send()` to the reply's arrival in its socket (kernel receive timestamp), at fixed offered loads from the project's open-loop generator; loss = queries without a valid reply within 1 s. Measured in {} rotation(s) per load.\n",
-        if r.quick { 1 } else { 2 }
+        "\n### Latency\n\nMicroseconds from the client's `send()` to the reply's arrival in its socket (kernel receive timestamp), at fixed offered loads from the project's open-loop generator; loss = queries without a valid reply within 1 s (every reply is checked: rcode and the exact A record). Measured in {} rotation(s) per load. Bound, asserted: at {}/s every system loses under {}%.\n",
+        if r.quick { 1 } else { 2 },
+        r.loads.iter().map(|l| l.0).min().unwrap_or(0),
+        LOSS_BOUND * 100.0
     );
     for q in &r.workload.sets {
         let _ = writeln!(s, "**{}**\n", q.title);
@@ -407,7 +504,7 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n### Who answered\n\nDuring the correctness check (one query each), answered by the XDP program of each xdns kernel-path system, and the program's other counters that moved (`pass_*`: handed to userspace, which answered):\n\n| system | set | answered in kernel | other counters |\n|---|---|---:|---|"
+        "\n### Who answered\n\nDuring the correctness check (one query each): for the xdns kernel-path systems, answered by the XDP program, and the program's other counters that moved (`pass_*`: handed to userspace, which answered); for knotd in XDP mode, frames its XDP program redirected to its AF_XDP socket (the veth's `xdp_redirect` counters):\n\n| system | set | answered on the fast path | other counters |\n|---|---|---:|---|"
     );
     for ((sys, set), (k, n, others)) in &r.m.kernel_share {
         let _ = writeln!(s, "| {sys} | {set} | {k} of {n} | {others} |");
@@ -487,15 +584,17 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
-const COLORS: [&str; 7] = [
-    "#7f7f7f", "#1f77b4", "#bcbd22", "#17becf", "#9467bd", "#d62728", "#ff7f0e",
+const COLORS: [&str; 11] = [
+    "#7f7f7f", "#1f77b4", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#d62728", "#e377c2",
+    "#2ca02c", "#393b79", "#ff7f0e",
 ];
 
-/// One SVG: throughput per system and set (top), latency percentiles per system at each
-/// load for cluster names (bottom, log scale).
+/// One SVG: throughput per system and set (top: median bars, whiskers from the lowest to the
+/// highest search), latency percentiles per system at each load for cluster names (bottom,
+/// log scale).
 pub fn svg(r: &Results) -> String {
     let systems = topo::systems();
-    let (w, h) = (1000.0, 760.0);
+    let (w, h) = (1200.0, 820.0);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -512,17 +611,18 @@ pub fn svg(r: &Results) -> String {
     );
 
     // Throughput bars.
-    let (x0, y0, pw, ph) = (70.0, 50.0, 900.0, 260.0);
+    let (x0, y0, pw, ph) = (70.0, 50.0, 1100.0, 260.0);
     let max =
         r.m.throughput
             .values()
-            .filter_map(|s| s.result())
+            .filter_map(|f| f.spread().map(|(_, hi)| hi))
             .fold(1.0f64, f64::max)
             * 1.1;
     let _ = writeln!(
         s,
-        "<text x=\"{x0}\" y=\"{}\" font-size=\"13\">Throughput, &lt; 0.1% loss (thousand answers/s; ≥: all kxdpgun could send)</text>",
-        y0 - 6.0
+        "<text x=\"{x0}\" y=\"{}\" font-size=\"13\">Throughput, &lt; 0.1% loss (thousand answers/s; bar: median of {} searches, whisker: lowest to highest; ≥: the generator's limit)</text>",
+        y0 - 6.0,
+        r.repeats
     );
     axis_y_linear(&mut s, x0, y0, pw, ph, max / 1000.0);
     let group = pw / systems.len() as f64;
@@ -532,47 +632,63 @@ pub fn svg(r: &Results) -> String {
         for (j, q) in r.workload.sets.iter().enumerate() {
             let bw = group * 0.8 / r.workload.sets.len() as f64;
             let bx = gx + group * 0.1 + j as f64 * bw;
-            if let Some(v) = r.tput(q.id, sys.id) {
-                let bh = v / max * ph;
+            let Some(f) = r.m.throughput.get(&(q.id, sys.id)) else {
+                continue;
+            };
+            let (Some(v), Some((lo, hi))) = (f.median(), f.spread()) else {
+                continue;
+            };
+            let y = |v: f64| y0 + ph - v / max * ph;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} {}: median {:.0}/s, {:.0}–{:.0}</title></rect>",
+                y(v),
+                bw - 2.0,
+                v / max * ph,
+                set_colors[j % 3],
+                sys.id,
+                q.id,
+                v,
+                lo,
+                hi
+            );
+            let cx = bx + bw / 2.0 - 1.0;
+            if hi > lo {
                 let _ = writeln!(
                     s,
-                    "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {:.0}/s</title></rect>",
-                    y0 + ph - bh,
-                    bw - 2.0,
-                    set_colors[j % 3],
-                    sys.id,
-                    q.id,
-                    v
-                );
-                let _ = writeln!(
-                    s,
-                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}{:.0}</text>",
-                    bx + bw / 2.0 - 1.0,
-                    y0 + ph - bh - 3.0,
-                    if r.m
-                        .throughput
-                        .get(&(q.id, sys.id))
-                        .is_some_and(|x| x.generator_limited)
-                    {
-                        "≥"
-                    } else {
-                        ""
-                    },
-                    v / 1000.0
+                    "<path d=\"M{:.1},{:.1}H{:.1}M{cx:.1},{:.1}V{:.1}M{:.1},{:.1}H{:.1}\" stroke=\"black\" stroke-width=\"1\"/>",
+                    cx - 3.0,
+                    y(hi),
+                    cx + 3.0,
+                    y(hi),
+                    y(lo),
+                    cx - 3.0,
+                    y(lo),
+                    cx + 3.0
                 );
             }
+            let _ = writeln!(
+                s,
+                "<text x=\"{cx:.1}\" y=\"{:.1}\" font-size=\"8\" text-anchor=\"middle\">{}{:.0}</text>",
+                y(hi) - 3.0,
+                if r.generator_bound(q.id, sys.id) {
+                    "≥"
+                } else {
+                    ""
+                },
+                v / 1000.0
+            );
         }
+        let (lx, ly) = (gx + group / 2.0, y0 + ph + 14.0);
         let _ = writeln!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
-            gx + group / 2.0,
-            y0 + ph + 16.0,
+            "<text x=\"{lx:.1}\" y=\"{ly:.1}\" text-anchor=\"end\" font-size=\"11\" transform=\"rotate(-25 {lx:.1} {ly:.1})\">{}</text>",
             sys.id
         );
     }
     for (j, q) in r.workload.sets.iter().enumerate() {
-        let lx = x0 + 520.0 + j as f64 * 125.0;
-        let ly = y0 - 6.0;
+        let lx = x0 + 700.0 + j as f64 * 125.0;
+        let ly = y0 + 14.0;
         let _ = writeln!(
             s,
             "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
@@ -589,7 +705,7 @@ pub fn svg(r: &Results) -> String {
     }
 
     // Latency percentiles, cluster names, one panel per load.
-    let (ly0, lph) = (380.0, 300.0);
+    let (ly0, lph) = (420.0, 300.0);
     let _ = writeln!(
         s,
         "<text x=\"{x0}\" y=\"{}\" font-size=\"13\">Latency percentiles, cluster names (µs, log scale; client send() → reply in its socket)</text>",
@@ -681,7 +797,7 @@ pub fn svg(r: &Results) -> String {
         }
     }
     for (c, sys) in systems.iter().enumerate() {
-        let lx = x0 + (c % 4) as f64 * 225.0;
+        let lx = x0 + (c % 4) as f64 * 275.0;
         let ly = ly0 + lph + 34.0 + (c / 4) as f64 * 16.0;
         let _ = writeln!(
             s,
@@ -738,22 +854,36 @@ fn esc(s: &str) -> String {
 
 /// Raw figures, one TSV per kind.
 pub fn write_raw(r: &Results, dir: &Path) -> anyhow::Result<()> {
-    let mut t = String::from("set\tsystem\toffered\tsent\treplies\tvalid\twrong\tsecs\tloss\n");
-    for ((set, sys), search) in &r.m.throughput {
-        for x in &search.trials {
+    let mut t = String::from(
+        "set\tsystem\tsearch\toffered\tsent\treplies\tvalid\tservfail\twrong\tsecs\tloss\tring_drops\tsocket_drops\n",
+    );
+    for ((set, sys), figure) in &r.m.throughput {
+        for (search, x) in figure.trials() {
             let _ = writeln!(
                 t,
-                "{set}\t{sys}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}",
+                "{set}\t{sys}\t{search}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.3}\t{:.5}\t{}\t{}",
                 x.offered,
                 x.sent,
                 x.replies,
                 x.valid,
+                x.servfail,
                 x.wrong,
                 x.secs,
-                x.loss()
+                x.loss(),
+                x.ring_drops,
+                x.socket_drops
             );
         }
     }
+    let _ = writeln!(
+        t,
+        "# generators alone (queries/s): {}",
+        r.m.generator
+            .iter()
+            .map(|(g, v)| format!("{} {v:.0}", g.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     std::fs::write(dir.join("throughput.tsv"), t)?;
     let mut l = String::from(
         "set\tsystem\tload\tsent\tvalid\tservfail\twrong\tp50_us\tp90_us\tp99_us\tp999_us\n",

@@ -4,15 +4,27 @@
 //!
 //! | link | host side XDP | pod side XDP | systems (listen address on the node's `lo`) |
 //! |---|---|---|---|
-//! | 0 | none | none | xdns userspace (.12), unbound (.13), dnsmasq (.14) |
+//! | 0 | none | none | xdns userspace (.12), unbound (.13), dnsmasq (.14), knotd (.17), kresd (.19), pdns-recursor (.20) |
 //! | 1 | xdns, generic | none | xdns kernel path, generic (.10) |
 //! | 2 | xdns, driver | `xdns_pass` | xdns kernel path, driver (.11) |
 //! | 3 | reflector, generic | none | reflector, generic (.15) |
 //! | 4 | reflector, driver | `xdns_pass` | reflector, driver (.16) |
+//! | 5 | knotd's own (AF_XDP) | none | knotd in XDP mode (.18) |
+//! | 6 | `xdns_drop`, driver | none | none: the load generator's own ceiling |
 //!
 //! Driver-mode `XDP_TX` on a veth needs a program on the peer (DESIGN.md), hence `xdns_pass`
-//! on the pod side of links 2 and 4. kxdpgun attaches its own program to the pod side; the
-//! bench detaches `xdns_pass` before it runs and removes kxdpgun's program after.
+//! on the pod side of links 2 and 4. The throughput generator (`xdpgen`) puts its reply
+//! counter on the pod side for each trial, in place of `xdns_pass`. knotd in XDP mode takes
+//! every UDP packet to port 53 that arrives on its interface, whatever the address: it needs a
+//! link of its own.
+//!
+//! Every veth has one queue per CPU, as a NIC with receive-side scaling would, and GRO on the
+//! host side: that gives each receive queue a NAPI context, which is where frames the
+//! generator transmits with `ndo_xdp_xmit` land when the host side has no driver-mode program.
+//! Except knotd's: knotd counts an interface's queues by its combined channels, which a veth
+//! does not report, so it opens one AF_XDP socket, on queue 0, and frames arriving on another
+//! queue would go up the stack to its UDP sockets instead. Its link has one queue, and
+//! knotd one XDP worker.
 
 use std::{
     fs::File,
@@ -28,10 +40,15 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 
+use super::xdpgen::XdpGen;
 use crate::netns::{self, Netns};
 
 pub const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
-pub const LINKS: usize = 5;
+pub const LINKS: usize = 7;
+/// knotd's own link in XDP mode.
+const KNOT_XDP_LINK: usize = 5;
+/// The link whose host side drops everything (the generator's ceiling).
+pub const SINK_LINK: usize = 6;
 
 /// How a system is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +58,12 @@ pub enum Kind {
     XdnsUserspace,
     Unbound,
     Dnsmasq,
+    /// knotd with the cluster zone as an authoritative zone; `xdp`: in its AF_XDP mode.
+    Knot {
+        xdp: bool,
+    },
+    Kresd,
+    PdnsRecursor,
 }
 
 #[derive(Clone, Debug)]
@@ -62,10 +85,50 @@ impl System {
             Kind::Reflector(XdpMode::Driver) | Kind::XdnsKernel(XdpMode::Driver)
         )
     }
+    /// Answers only its own zones: no forwarding, so no external names.
+    pub fn authoritative_only(&self) -> bool {
+        matches!(self.kind, Kind::Knot { .. })
+    }
+    /// Whether `set` is measured on this system, and if not, why (for the report).
+    pub fn skips(&self, set: &str) -> Option<&'static str> {
+        if self.is_reflector() && set != "cluster" {
+            Some("reflector: answers every query alike")
+        } else if self.authoritative_only() && set == "external" {
+            Some("authoritative only: no forwarding")
+        } else {
+            None
+        }
+    }
 }
 
-/// Every system, in the order the bench rotates through them.
+/// Systems chosen with `--systems` (all when unset).
+static SELECTED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Restricts the run to these systems; refuses an unknown id.
+pub fn select(ids: &[String]) -> anyhow::Result<()> {
+    let known: Vec<&str> = all_systems().iter().map(|s| s.id).collect();
+    if let Some(bad) = ids.iter().find(|id| !known.contains(&id.as_str())) {
+        bail!(
+            "--systems: no system {bad:?}; the systems are {}",
+            known.join(", ")
+        );
+    }
+    SELECTED
+        .set(ids.to_vec())
+        .map_err(|_| anyhow::anyhow!("systems already selected"))
+}
+
+/// The systems of this run, in the order the bench rotates through them.
 pub fn systems() -> Vec<System> {
+    let selected = SELECTED.get();
+    all_systems()
+        .into_iter()
+        .filter(|s| selected.is_none_or(|ids| ids.iter().any(|id| id == s.id)))
+        .collect()
+}
+
+/// Every system.
+pub fn all_systems() -> Vec<System> {
     let l = |d| Ipv4Addr::new(169, 254, 20, d);
     vec![
         System {
@@ -97,6 +160,13 @@ pub fn systems() -> Vec<System> {
             link: 2,
         },
         System {
+            id: "knot-xdp",
+            title: "knotd, XDP mode (AF_XDP, 1 worker)",
+            kind: Kind::Knot { xdp: true },
+            listen: l(18),
+            link: 5,
+        },
+        System {
             id: "xdns-userspace",
             title: "xdns userspace only (--no-kernel)",
             kind: Kind::XdnsUserspace,
@@ -108,6 +178,27 @@ pub fn systems() -> Vec<System> {
             title: "unbound (2 threads)",
             kind: Kind::Unbound,
             listen: l(13),
+            link: 0,
+        },
+        System {
+            id: "knot",
+            title: "knotd, UDP sockets (2 workers)",
+            kind: Kind::Knot { xdp: false },
+            listen: l(17),
+            link: 0,
+        },
+        System {
+            id: "kresd",
+            title: "Knot Resolver (kresd, 1 process)",
+            kind: Kind::Kresd,
+            listen: l(19),
+            link: 0,
+        },
+        System {
+            id: "pdns-recursor",
+            title: "PowerDNS Recursor (2 threads)",
+            kind: Kind::PdnsRecursor,
+            listen: l(20),
             link: 0,
         },
         System {
@@ -134,10 +225,73 @@ pub struct Topology {
     pub node: Netns,
     pub pod: Netns,
     pub links: Vec<Link>,
-    /// The reflector object: `xdns_reflect` and `xdns_pass`.
-    programs: Ebpf,
+    /// The reflector object: `xdns_reflect`, `xdns_pass`, `xdns_drop` and the load
+    /// generator's `xdns_gen_query` and `xdns_count_reply`.
+    pub programs: Ebpf,
+    /// The load generator's maps.
+    pub generator: XdpGen,
     /// `xdns_pass` attachments on the pod side, by link.
     pass_links: Vec<(usize, XdpLinkId)>,
+}
+
+/// A veth pair between the two namespaces with `queues` receive and transmit queues a side.
+fn veth_pair(
+    node: &Netns,
+    host_if: &str,
+    pod: &Netns,
+    pod_if: &str,
+    queues: usize,
+) -> anyhow::Result<()> {
+    let q = queues.to_string();
+    let out = std::process::Command::new("ip")
+        .args(["link", "add", host_if, "netns", &node.name])
+        .args(["numtxqueues", &q, "numrxqueues", &q])
+        .args(["type", "veth", "peer", "name", pod_if, "netns", &pod.name])
+        .args(["numtxqueues", &q, "numrxqueues", &q])
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip link add {host_if} type veth with {queues} queues: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Replies the host's stack sends (sockets, generic XDP) leave on transmit queue 0 whatever
+/// the CPU (XPS), so they arrive on the pod side's receive queue 0: kxdpgun listens there
+/// only (it finds one queue on a veth, as knotd does).
+fn replies_on_queue_zero(node: &Netns, host_if: &str, queues: usize) -> anyhow::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let all_cpus = format!("{:x}", (1u64 << cpus.min(63)) - 1);
+    let mut script = format!("echo {all_cpus} > /sys/class/net/{host_if}/queues/tx-0/xps_cpus");
+    for q in 1..queues {
+        script += &format!(" && echo 0 > /sys/class/net/{host_if}/queues/tx-{q}/xps_cpus");
+    }
+    // `ip netns exec` mounts the namespace's own /sys/class/net.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, "sh", "-c", &script])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "setting XPS on {host_if}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ethtool(ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+    let out = ns.command("ethtool").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ethtool {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
@@ -149,8 +303,9 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp
 }
 
 impl Topology {
-    pub fn new(reflector_object: &Path) -> anyhow::Result<Self> {
+    pub fn new(reflector_object: &Path, senders: Option<usize>) -> anyhow::Result<Self> {
         let id = std::process::id() % 100_000;
+        let queues = std::thread::available_parallelism().map_or(1, |n| n.get());
         let node = Netns::new(format!("xdns-bench-node-{id}"))?;
         let pod = Netns::new(format!("xdns-bench-pod-{id}"))?;
         let mut links = Vec::new();
@@ -163,7 +318,8 @@ impl Topology {
                 host_mac: format!("02:00:00:00:{i:02x}:01"),
                 pod_mac: format!("02:00:00:00:{i:02x}:02"),
             };
-            netns::veth(&node, &l.host_if, &pod, &l.pod_if)?;
+            let link_queues = if i == KNOT_XDP_LINK { 1 } else { queues };
+            veth_pair(&node, &l.host_if, &pod, &l.pod_if, link_queues)?;
             node.ip(&["link", "set", &l.host_if, "address", &l.host_mac])?;
             pod.ip(&["link", "set", &l.pod_if, "address", &l.pod_mac])?;
             node.ip(&[
@@ -200,21 +356,16 @@ impl Topology {
                 "permanent",
             ])?;
             // GRO on the receiving peer made driver-mode XDP_TX replies vanish (DESIGN.md).
-            let out = pod
-                .command("ethtool")
-                .args(["-K", &l.pod_if, "gro", "off"])
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "ethtool -K {} gro off: {}",
-                    l.pod_if,
-                    String::from_utf8_lossy(&out.stderr)
-                );
+            ethtool(&pod, &["-K", &l.pod_if, "gro", "off"])?;
+            // A NAPI context per queue on the host side, for the generator's frames.
+            ethtool(&node, &["-K", &l.host_if, "gro", "on"])?;
+            if link_queues > 1 {
+                replies_on_queue_zero(&node, &l.host_if, link_queues)?;
             }
             links.push(l);
         }
         node.ip(&["addr", "add", &format!("{UPSTREAM}/32"), "dev", "lo"])?;
-        for s in systems() {
+        for s in all_systems() {
             node.ip(&["addr", "add", &format!("{}/32", s.listen), "dev", "lo"])?;
             pod.ip(&[
                 "route",
@@ -227,16 +378,49 @@ impl Topology {
 
         let mut programs = Ebpf::load_file(reflector_object)
             .with_context(|| format!("loading {}", reflector_object.display()))?;
-        for name in ["xdns_reflect", "xdns_pass"] {
-            xdp_program(&mut programs, name)?.load()?;
+        for name in [
+            "xdns_reflect",
+            "xdns_pass",
+            "xdns_drop",
+            "xdns_gen_query",
+            "xdns_count_reply",
+        ] {
+            xdp_program(&mut programs, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
         }
+        let generator = XdpGen::new(&mut programs, senders)?;
         let mut topo = Self {
             node,
             pod,
             links,
             programs,
+            generator,
             pass_links: Vec::new(),
         };
+        // BPF_PROG_TEST_RUN with repeat > 1 adds the program to the kernel's XDP dispatcher
+        // for the call and removes it after, each time waiting for an RCU grace period (26 ms
+        // a call on the 2-core test machine). A program attached to an interface stays in the
+        // dispatcher, so the generator's is attached in driver mode to a veth that stays down
+        // and never sees a frame.
+        let (anchor, anchor_peer) = (format!("xb{id}ga"), format!("xb{id}gb"));
+        topo.pod.ip(&[
+            "link",
+            "add",
+            &anchor,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &anchor_peer,
+        ])?;
+        let prog = xdp_program(&mut topo.programs, "xdns_gen_query")?;
+        crate::netns::in_netns(&topo.pod.path(), || prog.attach(&anchor, XdpMode::Driver))?
+            .with_context(|| format!("attaching xdns_gen_query to {anchor} (down)"))?;
+        let sink = topo.links[SINK_LINK].host_if.clone();
+        let prog = xdp_program(&mut topo.programs, "xdns_drop")?;
+        crate::netns::in_netns(&topo.node.path(), || prog.attach(&sink, XdpMode::Driver))?
+            .with_context(|| format!("attaching xdns_drop to {sink}"))?;
         for s in systems() {
             if let Kind::Reflector(mode) = s.kind {
                 let iface = topo.links[s.link].host_if.clone();
@@ -273,7 +457,8 @@ impl Topology {
         Ok(())
     }
 
-    /// Takes `xdns_pass` off every pod-side link (kxdpgun attaches its own program there).
+    /// Takes `xdns_pass` off every pod-side link (the load generator's reply counter takes its
+    /// place during a trial).
     pub fn detach_pass(&mut self) -> anyhow::Result<()> {
         let pod = self.pod.path();
         for (_, id) in std::mem::take(&mut self.pass_links) {
@@ -281,12 +466,6 @@ impl Topology {
             crate::netns::in_netns(&pod, || prog.detach(id))??;
         }
         Ok(())
-    }
-
-    /// Removes whatever XDP program kxdpgun left on a pod-side interface.
-    pub fn clear_pod_xdp(&self, link: usize) -> anyhow::Result<()> {
-        self.pod
-            .ip(&["link", "set", "dev", &self.links[link].pod_if, "xdp", "off"])
     }
 }
 
@@ -402,6 +581,10 @@ pub fn start(
             c.arg("-d").arg("-c").arg(dir.join("unbound.conf"));
             (c, None)
         }
+        Kind::Knot { .. } | Kind::Kresd | Kind::PdnsRecursor => (
+            super::peers::command(node, system, dir).expect("a peer"),
+            None,
+        ),
         Kind::Dnsmasq => {
             let mut c = node.command("dnsmasq");
             c.arg("--keep-in-foreground")

@@ -44,8 +44,9 @@ impl QuerySet {
         }
     }
 
-    /// The kxdpgun query file.
-    pub fn write_kxdpgun(&self, path: &Path) -> anyhow::Result<()> {
+    /// The set's questions, one `NAME TYPE` a line (the format of kxdpgun's and dnsperf's query
+    /// files), for the results directory.
+    pub fn write_queries(&self, path: &Path) -> anyhow::Result<()> {
         let mut s = String::new();
         for q in &self.queries {
             writeln!(s, "{} A", q.name)?;
