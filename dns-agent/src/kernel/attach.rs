@@ -60,6 +60,15 @@ impl Attachments {
         for iface in std::mem::take(&mut self.pending) {
             self.attach_matching(&iface);
         }
+        // Those the link watcher has not reported yet, too: the agent says it is ready when
+        // this returns, and a pod already running must be served by then.
+        if !self.patterns.is_empty() {
+            for iface in interface_names() {
+                if self.patterns.iter().any(|p| p.matches(&iface)) {
+                    self.attach_matching(&iface);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -106,6 +115,29 @@ impl Attachments {
             }
         }
     }
+}
+
+/// The names of this network namespace's interfaces.
+fn interface_names() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zeroed entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            names.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
 }
 
 /// Refuses an `--interface` that does not exist in this network namespace.

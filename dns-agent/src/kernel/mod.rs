@@ -392,11 +392,13 @@ impl Kernel {
     /// are switched to this agent's programs in one step each (the kernel swaps programs
     /// atomically), so queries never find the interface without an answering program.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Takeover, KernelError> {
-        let takeover = self.attach_hook(interface, Hook::Xdp, mode)?;
+        // The egress program first: once the XDP program steers a query, its reply must find
+        // the program that gives it the intercepted address back (without it the pod would
+        // drop the reply, from an address it did not ask).
         if self.egress {
             self.attach_hook(interface, Hook::Egress, mode)?;
         }
-        Ok(takeover)
+        self.attach_hook(interface, Hook::Xdp, mode)
     }
 
     fn attach_hook(
