@@ -10,16 +10,24 @@ mod support;
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use dns_agent::{
     dns,
     kernel::{
         Capacity, Kernel,
+        cache_sync::KernelCache,
         sync::{KernelSync, entries_of},
     },
-    server::{ZoneReply, answer_from_zone},
-    zone::ZoneModel,
+    server::{ZoneReply, answer_from_zone, cache::Answer, forward::Question, reply_from_answer},
+    zone::{ZoneModel, name::wire_from_dotted},
+};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RData, Record, RecordType, rdata::SOA},
 };
 use support::{
     LISTEN_V4, LISTEN_V6,
@@ -48,6 +56,8 @@ const HTTPS: u16 = 65;
 struct Fixture {
     kernel: Kernel,
     sync: KernelSync,
+    /// The cache of upstream answers' side of the maps.
+    cache: KernelCache,
     zone: ZoneModel,
     pin: std::path::PathBuf,
 }
@@ -68,6 +78,7 @@ fn fixture_with(synced: bool) -> Fixture {
     let (kernel, maps) =
         Kernel::load(Capacity::default(), &pin, true).expect("loading the XDP program");
     let mut sync = KernelSync::new(maps);
+    let cache = KernelCache::new(sync.maps_mut().take_cache().expect("the cache maps"));
     sync.maps_mut()
         .set_listen(&[LISTEN_V4.octets()], &[LISTEN_V6.octets()])
         .unwrap();
@@ -85,6 +96,7 @@ fn fixture_with(synced: bool) -> Fixture {
     Fixture {
         kernel,
         sync,
+        cache,
         zone,
         pin,
     }
@@ -688,4 +700,367 @@ fn an_update_of_one_service_rewrites_only_its_own_entries() {
         "answered",
     );
     assert_eq!(&r[r.len() - 4..], &[10, 96, 10, 99]);
+}
+
+#[test]
+fn the_verifier_accepts_the_program_with_room_to_spare() {
+    let f = fixture();
+    let insns = f
+        .kernel
+        .verified_instructions()
+        .expect("the kernel reports verified instructions");
+    eprintln!("verifier: {insns} instructions processed (limit 1000000)");
+    // Headroom: a change that brings the program near the kernel's limit fails here first,
+    // with the count, rather than as a load failure on some other kernel's verifier.
+    assert!(
+        insns < 800_000,
+        "{insns} instructions: within 20% of the verifier's limit"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cache of upstream answers in the kernel.
+
+fn record(name: &str, ttl: u32, data: RData) -> Record {
+    Record::from_rdata(Name::from_str(name).unwrap(), ttl, data)
+}
+
+fn upstream_soa(zone: &str) -> Record {
+    record(
+        zone,
+        3600,
+        RData::SOA(SOA::new(
+            Name::from_str(&format!("ns1.{zone}")).unwrap(),
+            Name::from_str(&format!("hostmaster.{zone}")).unwrap(),
+            2026112901,
+            7200,
+            900,
+            1_209_600,
+            300,
+        )),
+    )
+}
+
+/// An upstream's reply to `name`/`qtype`, kept as the agent's cache keeps it.
+fn upstream(
+    name: &str,
+    qtype: u16,
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+) -> Arc<Answer> {
+    let mut m = Message::new(0x4242, MessageType::Response, OpCode::Query);
+    m.metadata.recursion_available = true;
+    m.metadata.response_code = rcode;
+    m.add_query(Query::query(
+        Name::from_str(name).unwrap(),
+        RecordType::from(qtype),
+    ));
+    m.insert_answers(answers);
+    m.insert_authorities(authorities);
+    let bytes = m.to_vec().unwrap();
+    Arc::new(Answer::from_upstream(&bytes, &m).expect("an answer the cache keeps"))
+}
+
+fn question(name: &str, qtype: u16, dnssec_ok: bool, checking_disabled: bool) -> Question {
+    Question {
+        name: wire_from_dotted(name),
+        qtype,
+        qclass: 1,
+        dnssec_ok,
+        checking_disabled,
+    }
+}
+
+fn a(name: &str, ttl: u32, ip: &str) -> Record {
+    record(name, ttl, RData::A(ip.parse().unwrap()))
+}
+
+impl Fixture {
+    /// Puts `answer` in the kernel for `q`, valid for `ttl` from now; returns when it expires.
+    fn cache_put(&mut self, q: &Question, answer: &Arc<Answer>, ttl: Duration) -> Instant {
+        let expires = Instant::now() + ttl;
+        self.cache
+            .set(q, Some((answer.clone(), expires)))
+            .expect("writing a cached answer");
+        expires
+    }
+
+    /// A query the kernel answers from the cache: checks the frame, and that its DNS payload is
+    /// the agent's cache's reply at that moment (the seconds left, counted down), byte for byte.
+    /// Returns the reply and the TTL it carried.
+    fn cached(
+        &self,
+        client: IpAddr,
+        server: IpAddr,
+        dns_bytes: &[u8],
+        answer: &Answer,
+        expires: Instant,
+    ) -> (Vec<u8>, u32) {
+        let frame = query_frame(client, server, dns_bytes);
+        let ttl_now = || expires.saturating_duration_since(Instant::now()).as_secs() as u32;
+        let before = ttl_now();
+        let out = self.run(&frame, XDP_TX, "answered_cached");
+        let after = ttl_now();
+        let reply = check_reply(&frame, &out).dns;
+        let q = dns::parse_query(dns_bytes).unwrap();
+        // The second may turn between the two readings: the kernel's reply is one of the two.
+        let agent: Vec<_> = [before, after]
+            .iter()
+            .map(|t| {
+                (
+                    reply_from_answer(&q, answer, Some(*t), Some(q.udp_limit())),
+                    *t,
+                )
+            })
+            .collect();
+        let Some((_, ttl)) = agent.iter().find(|(r, _)| *r == reply) else {
+            panic!(
+                "the kernel's reply is not the agent's:\n kernel {reply:02x?}\n agent  {:02x?}",
+                agent[0].0
+            );
+        };
+        (reply, *ttl)
+    }
+}
+
+/// Every TTL of a reply's records (answer, authority, additional; not OPT).
+fn ttls(reply: &[u8]) -> Vec<u32> {
+    let m = Message::from_vec(reply).expect("a reply that parses");
+    m.answers
+        .iter()
+        .chain(&m.authorities)
+        .chain(
+            m.additionals
+                .iter()
+                .filter(|r| r.record_type() != RecordType::OPT),
+        )
+        .map(|r| r.ttl)
+        .collect()
+}
+
+#[test]
+fn cached_answers_are_the_agents_bytes_positive_nodata_and_nxdomain() {
+    let mut f = fixture();
+    let positive = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![
+            a("www.example.org.", 300, "192.0.2.80"),
+            a("www.example.org.", 300, "192.0.2.81"),
+        ],
+        vec![],
+    );
+    // A CNAME chain: longer than an entry holds, so its bytes go to a blob.
+    let chain = upstream(
+        "api.example.net.",
+        A,
+        ResponseCode::NoError,
+        vec![
+            record(
+                "api.example.net.",
+                60,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                    Name::from_str("api.eu-west-1.edge.example.net.").unwrap(),
+                )),
+            ),
+            record(
+                "api.eu-west-1.edge.example.net.",
+                60,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                    Name::from_str("lb-7.eu-west-1.edge.example.net.").unwrap(),
+                )),
+            ),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.7"),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.8"),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.9"),
+        ],
+        vec![],
+    );
+    let nodata = upstream(
+        "mail.example.org.",
+        AAAA,
+        ResponseCode::NoError,
+        vec![],
+        vec![upstream_soa("example.org.")],
+    );
+    let nxdomain = upstream(
+        "nothing.example.org.",
+        A,
+        ResponseCode::NXDomain,
+        vec![],
+        vec![upstream_soa("example.org.")],
+    );
+    // Longer than 62 bytes: the long-key map.
+    let long_name = "a-rather-long-label-for-a-host.in-a-deep.subdomain.example.org.";
+    let long = upstream(
+        long_name,
+        A,
+        ResponseCode::NoError,
+        vec![a(long_name, 120, "203.0.113.5")],
+        vec![],
+    );
+    let entries = [
+        ("www.example.org.", A, &positive, "inline"),
+        ("api.example.net.", A, &chain, "blob"),
+        ("mail.example.org.", AAAA, &nodata, "NODATA"),
+        ("nothing.example.org.", A, &nxdomain, "NXDOMAIN"),
+        (long_name, A, &long, "long name"),
+    ];
+    for (name, qtype, answer, what) in entries {
+        for edns in [None, Some((1232, 0, false))] {
+            let q = question(name, qtype, false, false);
+            let expires = f.cache_put(&q, answer, Duration::from_secs(100));
+            for (client, server) in [(CLIENT_V4, SERVER_V4), (CLIENT_V6, SERVER_V6)] {
+                // Any spelling: the key is lowercased, the question echoed as asked.
+                let spelled = name.to_ascii_uppercase();
+                let (r, ttl) = f.cached(
+                    client,
+                    server,
+                    &dns_query(7, &spelled, qtype, edns),
+                    answer,
+                    expires,
+                );
+                assert!((98..=100).contains(&ttl), "{what}: TTL {ttl}");
+                assert!(
+                    ttls(&r).iter().all(|t| *t == ttl),
+                    "{what}: every TTL counted down: {:?}",
+                    ttls(&r)
+                );
+                let (expected_rcode, records) = match what {
+                    "NXDOMAIN" => (3, [1, 0, 1]),
+                    "NODATA" => (0, [1, 0, 1]),
+                    "blob" => (0, [1, 5, 0]),
+                    "inline" => (0, [1, 2, 0]),
+                    _ => (0, [1, 1, 0]),
+                };
+                assert_eq!(rcode(&r), expected_rcode, "{what}");
+                assert_eq!(counts(&r)[..3], records, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cache_key_is_the_agents_name_type_do_and_cd() {
+    let mut f = fixture();
+    let answer = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("www.example.org.", 300, "192.0.2.80")],
+        vec![],
+    );
+    let plain = question("www.example.org", A, false, false);
+    let expires = f.cache_put(&plain, &answer, Duration::from_secs(60));
+    let miss = |f: &Fixture, dns_bytes: Vec<u8>| {
+        f.run(
+            &query_frame(CLIENT_V4, SERVER_V4, &dns_bytes),
+            XDP_PASS,
+            "pass_miss",
+        );
+    };
+    // DO=1 and CD=1 are other keys; so is another type.
+    miss(
+        &f,
+        dns_query(1, "www.example.org", A, Some((1232, 0, true))),
+    );
+    let mut cd = dns_query(1, "www.example.org", A, None);
+    cd[3] |= 0x10;
+    miss(&f, cd.clone());
+    miss(&f, dns_query(1, "www.example.org", AAAA, None));
+    f.cached(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "www.example.org", A, Some((1232, 0, false))),
+        &answer,
+        expires,
+    );
+    // With DO and CD set, the entry written for them.
+    let both = question("www.example.org", A, true, true);
+    let expires = f.cache_put(&both, &answer, Duration::from_secs(60));
+    let mut q = dns_query(1, "www.example.org", A, Some((1232, 0, true)));
+    q[3] |= 0x10;
+    f.cached(CLIENT_V4, SERVER_V4, &q, &answer, expires);
+    // Gone from the cache, gone from the kernel.
+    f.cache.set(&plain, None).unwrap();
+    miss(&f, dns_query(1, "www.example.org", A, None));
+    // A zone name is the zone's, whatever a cache entry says.
+    let zone_name = question("web.shop.svc.cluster.local", A, false, false);
+    f.cache_put(&zone_name, &answer, Duration::from_secs(60));
+    f.answered(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "web.shop.svc.cluster.local", A, None),
+        "answered",
+    );
+}
+
+#[test]
+fn cached_ttls_count_down_and_an_expired_entry_goes_up() {
+    let mut f = fixture();
+    let answer = upstream(
+        "countdown.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("countdown.example.org.", 300, "192.0.2.9")],
+        vec![upstream_soa("example.org.")],
+    );
+    let q = question("countdown.example.org", A, false, false);
+    let expires = f.cache_put(&q, &answer, Duration::from_millis(3500));
+    let query = dns_query(3, "countdown.example.org", A, None);
+    let mut seen = Vec::new();
+    while Instant::now() + Duration::from_millis(150) < expires {
+        let (r, ttl) = f.cached(CLIENT_V4, SERVER_V4, &query, &answer, expires);
+        assert_eq!(ttls(&r), vec![ttl, ttl], "answer and authority");
+        seen.push(ttl);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    seen.dedup();
+    assert_eq!(seen, vec![3, 2, 1, 0], "counted down second by second");
+    while Instant::now() < expires {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.run(
+        &query_frame(CLIENT_V4, SERVER_V4, &query),
+        XDP_PASS,
+        "pass_expired",
+    );
+}
+
+#[test]
+fn an_answer_with_more_ttls_than_the_kernel_counts_stays_with_the_agent() {
+    let mut f = fixture();
+    let many: Vec<Record> = (0..33)
+        .map(|i| a("many.example.org.", 60, &format!("192.0.2.{i}")))
+        .collect();
+    let answer = upstream("many.example.org.", A, ResponseCode::NoError, many, vec![]);
+    let q = question("many.example.org", A, false, false);
+    f.cache_put(&q, &answer, Duration::from_secs(60));
+    assert!(f.cache.is_empty(), "not written");
+    f.run(
+        &query_frame(
+            CLIENT_V4,
+            SERVER_V4,
+            &dns_query(1, "many.example.org", A, Some((1232, 0, false))),
+        ),
+        XDP_PASS,
+        "pass_miss",
+    );
+    // 32 fit.
+    let fits: Vec<Record> = (0..32)
+        .map(|i| a("fits.example.org.", 60, &format!("192.0.2.{i}")))
+        .collect();
+    let answer = upstream("fits.example.org.", A, ResponseCode::NoError, fits, vec![]);
+    let q = question("fits.example.org", A, false, false);
+    let expires = f.cache_put(&q, &answer, Duration::from_secs(60));
+    let (r, _) = f.cached(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "fits.example.org", A, Some((1232, 0, false))),
+        &answer,
+        expires,
+    );
+    assert_eq!(counts(&r)[1], 32);
 }

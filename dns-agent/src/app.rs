@@ -22,6 +22,7 @@ use crate::{
     kernel::{
         Capacity, Kernel,
         attach::{Attachments, check_interfaces},
+        cache_sync::KernelCache,
         sync::KernelSync,
     },
     metrics::Metrics,
@@ -44,7 +45,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .context("putting the listen addresses on the node")?;
     let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
     check_interfaces(&config.args.interfaces)?;
-    let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
+    let (attachments, mut sync) = load_kernel(&config, &model, &metrics)?.unzip();
+    let kernel_cache = sync
+        .as_mut()
+        .filter(|_| config.args.kernel_cache())
+        .and_then(|s| s.maps_mut().take_cache())
+        .map(KernelCache::new);
 
     let model = Arc::new(RwLock::new(model));
     let forwarder = Arc::new(Forwarder::new(
@@ -68,11 +74,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
+    if let Some(kernel_cache) = kernel_cache {
+        tasks.spawn(crate::kernel::cache_sync::follow(
+            handler.external.clone(),
+            kernel_cache,
+            metrics.clone(),
+        ));
+    }
     tracing::info!(
         listen = ?config.args.listen,
         upstreams = ?config.upstreams,
         policy = %config.forward.policy,
         cache_size = config.cache.capacity,
+        kernel_cache = config.args.kernel_cache(),
         kernel = attachments.is_some(),
         "serving"
     );
@@ -235,8 +249,14 @@ fn load_kernel(
     if args.no_kernel {
         return Ok(None);
     }
+    let cache = if args.kernel_cache() {
+        // Checked against MAX_KERNEL_CACHE at start.
+        args.cache_size as u32
+    } else {
+        0
+    };
     let (kernel, maps) = Kernel::load(
-        Capacity::scaled(args.kernel_capacity),
+        Capacity::scaled(args.kernel_capacity).with_cache(cache),
         &args.pin_path,
         !args.intercept.is_empty(),
     )?;

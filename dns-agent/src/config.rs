@@ -244,6 +244,13 @@ pub struct RunArgs {
     /// upstream fails (RFC 8767). 0: never serve stale answers.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, help_heading = "Cache")]
     pub serve_stale: Duration,
+
+    /// Keep the cache of upstream answers out of the kernel. By default every answer the cache
+    /// holds is also written to the XDP program's maps with its expiry, and the kernel answers
+    /// it until then with its TTLs counted down (stale answers and prefetch stay the agent's);
+    /// the kernel's room for them is --cache-size entries.
+    #[arg(long, help_heading = "Cache")]
+    pub no_kernel_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +295,9 @@ fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Most entries the kernel's cache maps take (`--cache-size` with the kernel cache on).
+const MAX_KERNEL_CACHE: usize = 1 << 24;
+
 /// Largest TTL DNS allows (RFC 2181 §8).
 const MAX_TTL: u32 = i32::MAX as u32;
 /// Longest a failure may be remembered (RFC 2308 §7.1, RFC 9520: five minutes).
@@ -323,6 +333,11 @@ pub fn in_pod() -> bool {
 }
 
 impl RunArgs {
+    /// The cache of upstream answers goes into the kernel too.
+    pub fn kernel_cache(&self) -> bool {
+        !self.no_kernel && !self.no_kernel_cache && self.cache_size > 0
+    }
+
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
         self.validate_with(in_pod())
     }
@@ -483,6 +498,16 @@ impl RunArgs {
             })?);
         }
         let cache = self.cache_settings()?;
+        if self.kernel_cache() && self.cache_size > MAX_KERNEL_CACHE {
+            return Err(refuse(
+                "cache-size",
+                format!(
+                    "{} entries do not fit in the kernel's cache maps (at most {MAX_KERNEL_CACHE}); \
+                     lower it, or add --no-kernel-cache",
+                    self.cache_size
+                ),
+            ));
+        }
         Ok(RunConfig {
             interface_patterns: patterns,
             source,

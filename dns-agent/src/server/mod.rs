@@ -353,13 +353,8 @@ pub fn reply_from_answer(
     ttl: Option<u32>,
     limit: Option<usize>,
 ) -> Vec<u8> {
-    let ad = if answer.authentic_data {
-        dns_common::FLAG_AD
-    } else {
-        0
-    };
     let body = Body::sections(
-        FLAG_RA | ad | answer.rcode,
+        answer.reply_flags(),
         answer.ancount,
         answer.nscount,
         answer.arcount,
