@@ -69,14 +69,17 @@ impl Drop for Fixture {
 }
 
 fn fixture_with(synced: bool) -> Fixture {
+    fixture_sized(synced, Capacity::default())
+}
+
+fn fixture_sized(synced: bool, capacity: Capacity) -> Fixture {
     support::require_root();
     let mut objects = support::example_objects();
     objects.extend(support::headless_with(40));
     objects.extend(support::headless_with(100));
     let zone = support::zone_from(objects);
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-p"));
-    let (kernel, maps) =
-        Kernel::load(Capacity::default(), &pin, true).expect("loading the XDP program");
+    let (kernel, maps) = Kernel::load(capacity, &pin, true).expect("loading the XDP program");
     let mut sync = KernelSync::new(maps);
     let cache = KernelCache::new(sync.maps_mut().take_cache().expect("the cache maps"));
     sync.maps_mut()
@@ -1063,4 +1066,403 @@ fn an_answer_with_more_ttls_than_the_kernel_counts_stays_with_the_agent() {
         expires,
     );
     assert_eq!(counts(&r)[1], 32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers against writers: the program on one CPU, the agent's writes on another.
+
+/// How long each churn test runs its reader and writer side by side.
+const CHURN: Duration = Duration::from_secs(3);
+
+/// A zone-style answer of one A record for `name`.
+fn a_answer(name: &str, ip: [u8; 4]) -> dns_agent::zone::KernelAnswer {
+    let wire = wire_from_dotted(name);
+    let sections = dns_agent::zone::encode::encode_sections(
+        &wire,
+        A,
+        vec![a(&format!("{name}."), 30, &Ipv4Addr::from(ip).to_string())],
+        vec![],
+        vec![],
+    );
+    dns_agent::zone::KernelAnswer::Answer {
+        flags: dns_agent::zone::ZONE_FLAGS,
+        sections,
+    }
+}
+
+/// The short-name answer map, through its pin: the test writes it as the agent does, but in
+/// batches (`BPF_MAP_UPDATE_BATCH`: one syscall, elements in order), so that the element a
+/// replacement frees is handed to the next insert within a microsecond.
+struct AnswerMap {
+    map: aya::maps::HashMap<aya::maps::MapData, dns_common::ShortKey, dns_common::AnswerValue>,
+}
+
+impl AnswerMap {
+    fn open(f: &Fixture) -> Self {
+        let path = dns_agent::kernel::pin_dir(&f.pin).join(dns_common::MAP_ANSWERS_SHORT);
+        let data = aya::maps::MapData::from_pin(&path).expect("the pinned answer map");
+        Self {
+            map: aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap(),
+        }
+    }
+
+    fn key(name: &str, qtype: u16) -> dns_common::ShortKey {
+        let wire = wire_from_dotted(name);
+        let mut k = dns_common::ShortKey::zeroed();
+        k.qtype = qtype;
+        k.name[..wire.len()].copy_from_slice(&wire);
+        k
+    }
+
+    /// The entry the agent would write (a fresh generation each time).
+    fn value(answer: &dns_agent::zone::KernelAnswer) -> dns_common::AnswerValue {
+        let (mut v, blob) = dns_agent::kernel::maps::answer_value(answer);
+        assert!(blob.is_none(), "inline answers only");
+        v.generation = dns_agent::kernel::maps::next_generation();
+        v
+    }
+
+    fn update_batch(&self, keys: &[dns_common::ShortKey], values: &[dns_common::AnswerValue]) {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // The BPF_MAP_*_BATCH member of union bpf_attr.
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: self.map.map().fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attribute points at `count` keys and values that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_MAP_UPDATE_BATCH: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn readers_never_mix_answers_while_entries_churn() {
+    let f = fixture();
+    let x = "x.churn.example";
+    let answers = [a_answer(x, [10, 9, 9, 1]), a_answer(x, [10, 9, 9, 2])];
+    let query = dns_query(9, x, A, None);
+    let q = dns::parse_query(&query).unwrap();
+    let valid: Vec<Vec<u8>> = answers
+        .iter()
+        .map(|answer| {
+            let dns_agent::zone::KernelAnswer::Answer { flags, sections } = answer else {
+                unreachable!()
+            };
+            dns::build_reply(
+                &q,
+                dns::Body::sections(*flags, 1, 0, 0, &sections.data),
+                Some(q.udp_limit()),
+            )
+        })
+        .collect();
+    let mut map = AnswerMap::open(&f);
+    let x_key = AnswerMap::key(x, A);
+    map.map
+        .insert(x_key, AnswerMap::value(&answers[0]), 0)
+        .unwrap();
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &query);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kernel = &f.kernel;
+    let (reads, races, batches) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let (mut reads, mut races) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = kernel.test_run(&frame, 1).expect("test run");
+                match out.action {
+                    XDP_TX => {
+                        let reply = check_reply(&frame, &out.frame).dns;
+                        assert!(
+                            valid.contains(&reply),
+                            "a reply for {x} that is not one of its answers: {reply:02x?}"
+                        );
+                        reads += 1;
+                    }
+                    XDP_PASS => {
+                        assert_eq!(out.frame, frame, "passed untouched");
+                        races += 1;
+                    }
+                    other => panic!("verdict {other}"),
+                }
+            }
+            (reads, races)
+        });
+        // Each batch replaces x (freeing its element) and inserts a name the map did not
+        // have (taking the freed element); older names leave, so the map stays small.
+        let mut n = 0u32;
+        let until = Instant::now() + CHURN;
+        while Instant::now() < until {
+            let y = format!("y{}.churn.example", n % 4096);
+            let y_answer = a_answer(&y, [10, 8, (n >> 8) as u8, n as u8]);
+            map.update_batch(
+                &[x_key, AnswerMap::key(&y, A)],
+                &[
+                    AnswerMap::value(&answers[(n % 2) as usize]),
+                    AnswerMap::value(&y_answer),
+                ],
+            );
+            let old = format!("y{}.churn.example", n.wrapping_sub(64) % 4096);
+            let _ = map.map.remove(&AnswerMap::key(&old, A));
+            n += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (reads, races) = reader.join().unwrap();
+        (reads, races, n)
+    });
+    eprintln!(
+        "{batches} replacements of {x} each followed by another name's insert; {reads} answers \
+         read, all {x}'s own; {races} passed up (pass_race)"
+    );
+    assert!(
+        reads > 1000 && batches > 1000,
+        "{reads} reads, {batches} batches"
+    );
+}
+
+#[test]
+fn a_name_coming_and_going_is_never_nodata_for_its_type() {
+    let mut f = fixture();
+    let z = "churn.shop.svc.cluster.local";
+    let wire = wire_from_dotted(z);
+    let present = vec![(
+        wire.clone(),
+        vec![
+            (A, a_answer(z, [10, 7, 7, 7])),
+            (
+                dns_common::QTYPE_OTHER,
+                dns_agent::zone::KernelAnswer::Nodata,
+            ),
+        ],
+    )];
+    let absent = vec![(wire.clone(), Vec::new())];
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &dns_query(4, z, A, None));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kernel = &f.kernel;
+    let sync = &mut f.sync;
+    let (seen, flips) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut seen = [0u64; 3];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = kernel.test_run(&frame, 1).expect("test run");
+                if out.action != XDP_TX {
+                    continue;
+                }
+                let reply = check_reply(&frame, &out.frame).dns;
+                match (rcode(&reply), counts(&reply)[1]) {
+                    (0, 1) => seen[0] += 1,
+                    (3, 0) => seen[1] += 1,
+                    _ => seen[2] += 1,
+                }
+            }
+            seen
+        });
+        let mut flips = 0;
+        let until = Instant::now() + CHURN;
+        while Instant::now() < until {
+            let stats = sync.apply(absent.clone(), present.clone());
+            assert_eq!(stats.failed, 0);
+            let stats = sync.apply(present.clone(), absent.clone());
+            assert_eq!(stats.removed, 2);
+            flips += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (reader.join().unwrap(), flips)
+    });
+    eprintln!(
+        "{flips} times added and removed: {} answers, {} NXDOMAIN, {} other",
+        seen[0], seen[1], seen[2]
+    );
+    assert_eq!(
+        seen[2], 0,
+        "a query for a type the name has got NODATA while the name came or went"
+    );
+    assert!(seen[0] > 100 && seen[1] > 100, "{seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes that fail, blobs that are gone.
+
+/// `count` A records for `name` (more than 6 need a blob).
+fn a_records(name: &str, count: u8) -> dns_agent::zone::KernelAnswer {
+    let wire = wire_from_dotted(name);
+    let records = (1..=count)
+        .map(|i| a(&format!("{name}."), 30, &format!("10.6.6.{i}")))
+        .collect();
+    let sections = dns_agent::zone::encode::encode_sections(&wire, A, records, vec![], vec![]);
+    dns_agent::zone::KernelAnswer::Answer {
+        flags: dns_agent::zone::ZONE_FLAGS,
+        sections,
+    }
+}
+
+/// A name of the zone with `count` A records and the catch-all of a name that exists.
+fn name_entries(name: &str, count: u8) -> dns_agent::kernel::sync::NameEntries {
+    vec![(
+        wire_from_dotted(name),
+        vec![
+            (A, a_records(name, count)),
+            (
+                dns_common::QTYPE_OTHER,
+                dns_agent::zone::KernelAnswer::Nodata,
+            ),
+        ],
+    )]
+}
+
+impl Fixture {
+    /// Entries in the answer maps, counted by walking them.
+    fn map_entries(&self) -> usize {
+        let (short, long, _) = self.sync.maps().entry_counts();
+        short + long
+    }
+}
+
+#[test]
+fn a_typed_entry_that_does_not_fit_goes_up_until_it_does_and_entries_stay_counted() {
+    // Room for 2048 small blobs (filled in a second) and far more entries.
+    let capacity = Capacity {
+        blobs_s: 2048,
+        ..Capacity::scaled(1 << 16)
+    };
+    let mut f = fixture_sized(true, capacity.with_cache(0));
+    assert_eq!(f.sync.entries(), f.map_entries());
+    // Fill the small-blob map: 7 A records need a small blob each.
+    let mut full = None;
+    for i in 0..300_000 {
+        let name = format!("fill-{i}.shop.svc.cluster.local");
+        let stats = f.sync.apply(Vec::new(), name_entries(&name, 7));
+        if stats.failed > 0 {
+            full = Some(name);
+            break;
+        }
+    }
+    let full = full.expect("the blob map filled up");
+    f.sync.maps().heartbeat().beat();
+    assert!(!f.sync.is_complete());
+    assert_eq!(
+        f.sync.entries(),
+        f.map_entries(),
+        "counted as the maps hold them"
+    );
+    // The name exists; its A answer is not in the kernel: userspace answers it, never the
+    // catch-all's NODATA. Other types are NODATA, as they should be.
+    let a_query = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, &full, A, None));
+    f.run(&a_query, XDP_PASS, "pass_userspace");
+    // (The test's names are the maps' alone, not the model's: the replies are checked here.)
+    let aaaa = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, &full, AAAA, None));
+    let r = check_reply(&aaaa, &f.run(&aaaa, XDP_TX, "answered_nodata")).dns;
+    assert_eq!((rcode(&r), counts(&r)), (0, [1, 0, 1, 0]));
+    // With an entry pending, the kernel answers no NXDOMAIN (a name could be missing).
+    f.run(
+        &query_frame(
+            CLIENT_V4,
+            SERVER_V4,
+            &dns_query(1, "nothing.shop.svc.cluster.local", A, None),
+        ),
+        XDP_PASS,
+        "pass_miss",
+    );
+
+    // A name the maps hold grows an answer that does not fit, then goes: counted once.
+    let grows = "grows.shop.svc.cluster.local";
+    f.sync.apply(Vec::new(), name_entries(grows, 1));
+    let stats = f.sync.apply(name_entries(grows, 1), name_entries(grows, 7));
+    assert_eq!(stats.failed, 1, "{stats:?}");
+    f.run(
+        &query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, grows, A, None)),
+        XDP_PASS,
+        "pass_userspace",
+    );
+    assert_eq!(f.sync.entries(), f.map_entries());
+    f.sync.apply(
+        name_entries(grows, 7),
+        vec![(wire_from_dotted(grows), Vec::new())],
+    );
+    assert_eq!(f.sync.entries(), f.map_entries(), "removed once");
+
+    // Room again (blobs are deleted a second after their entry): the retry writes it.
+    for i in 0..8 {
+        let name = format!("fill-{i}.shop.svc.cluster.local");
+        f.sync.apply(
+            name_entries(&name, 7),
+            vec![(wire_from_dotted(&name), Vec::new())],
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let stats = f.sync.retry();
+    assert!(stats.written >= 1 && stats.failed == 0, "{stats:?}");
+    assert!(f.sync.is_complete());
+    assert_eq!(f.sync.entries(), f.map_entries());
+    let a_query = query_frame(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, &full, A, Some((1232, 0, false))),
+    );
+    let r = check_reply(&a_query, &f.run(&a_query, XDP_TX, "answered")).dns;
+    assert_eq!((rcode(&r), counts(&r)), (0, [1, 7, 0, 1]));
+    f.answered(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "nothing.shop.svc.cluster.local", A, None),
+        "answered_nxdomain",
+    );
+}
+
+#[test]
+fn a_blob_gone_since_the_entry_was_read_passes_the_query_up_intact() {
+    use aya::maps::IterableMap as _;
+    let mut f = fixture();
+    let path = dns_agent::kernel::pin_dir(&f.pin).join(dns_common::MAP_BLOBS_S);
+    let mut blobs: aya::maps::HashMap<aya::maps::MapData, u32, dns_common::BlobS> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(&path).unwrap(),
+        ))
+        .unwrap();
+    let ids = |b: &aya::maps::HashMap<_, u32, dns_common::BlobS>| -> Vec<u32> {
+        b.keys().map(|k| k.unwrap()).collect()
+    };
+    let before = ids(&blobs);
+    let name = "big.shop.svc.cluster.local";
+    f.sync.apply(Vec::new(), name_entries(name, 7));
+    let new: Vec<u32> = ids(&blobs)
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(new.len(), 1, "one blob for the answer");
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, name, A, None));
+    f.run(&frame, XDP_TX, "answered");
+    // What a reader sees when the entry it copied was replaced and its blob deleted at once.
+    blobs.remove(&new[0]).unwrap();
+    f.run(&frame, XDP_PASS, "pass_race");
+    let _ = blobs.map();
 }

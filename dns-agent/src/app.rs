@@ -336,7 +336,19 @@ async fn zone_task(
         metrics,
         loaded: Some(loaded),
     };
-    while let Some(event) = rx.recv().await {
+    // Now and then: pending kernel writes retried, retired blobs deleted.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) => e,
+                None => break,
+            },
+            _ = tick.tick() => {
+                zone.retry();
+                continue;
+            }
+        };
         let (changes, seen) = match event {
             SourceEvent::Relist {
                 kind,
@@ -406,6 +418,18 @@ impl ZoneSink {
         }
         if self.model.read().expect("zone lock").is_synced() {
             self.metrics.programming_latency.observe(seen.elapsed());
+        }
+    }
+
+    /// Writes what the kernel maps still lack (a write failed), and deletes retired blobs.
+    fn retry(&mut self) {
+        if let Some(s) = self.sync.as_mut() {
+            let stats = s.retry();
+            if stats.written + stats.failed > 0 {
+                self.metrics
+                    .kernel_synced(stats.written, stats.failed, s.entries());
+                tracing::debug!(?stats, pending = s.pending(), "kernel writes retried");
+            }
         }
     }
 
