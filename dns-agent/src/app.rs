@@ -27,10 +27,16 @@ use crate::{
     },
     metrics::Metrics,
     server::{
-        Handler, cache::Cache, external::ExternalResolver, forward::Forwarder, handover, heartbeat,
-        listen_address::ListenAddresses, sockets::Sockets,
+        Handler,
+        autopath::{Autopath, Completions},
+        cache::Cache,
+        external::ExternalResolver,
+        forward::Forwarder,
+        handover, heartbeat,
+        listen_address::ListenAddresses,
+        sockets::Sockets,
     },
-    source::{self, SourceEvent},
+    source::{self, SourceEvent, pods::PodTable},
     zone::{Change, ZoneModel, ZoneSettings},
 };
 
@@ -52,13 +58,35 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .and_then(|s| s.maps_mut().take_cache())
         .map(KernelCache::new);
 
+    let search = SearchPaths {
+        pods: Arc::default(),
+        // Completions go to the kernel beside the cache's answers, in the same room.
+        completions: Arc::new(Completions::new(if kernel_cache.is_some() {
+            config.cache.capacity
+        } else {
+            0
+        })),
+        node_name: config
+            .args
+            .node_name
+            .clone()
+            .filter(|_| config.args.autopath),
+    };
+    let autopath = config.args.autopath.then(|| {
+        Autopath::new(
+            model.zone_wire(),
+            search.pods.clone(),
+            search.completions.clone(),
+        )
+    });
+
     let model = Arc::new(RwLock::new(model));
     let forwarder = Arc::new(Forwarder::new(
         config.upstreams.clone(),
         config.forward.clone(),
         metrics.clone(),
     ));
-    let handler = userspace_server(&config, &model, &forwarder, &metrics);
+    let handler = userspace_server(&config, &model, &forwarder, &metrics, autopath);
 
     let mut tasks = Tasks::new();
     let heartbeat = sync.as_ref().map(|s| s.maps().heartbeat());
@@ -69,7 +97,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             handler.probe.clone(),
         ));
     }
-    let zone_loaded = source.spawn(&mut tasks, model, sync, metrics.clone());
+    let completions = search.completions.clone();
+    let zone_loaded = source.spawn(&mut tasks, model, sync, metrics.clone(), search);
     sockets.serve(&mut tasks, &handler);
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
@@ -77,6 +106,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if let Some(kernel_cache) = kernel_cache {
         tasks.spawn(crate::kernel::cache_sync::follow(
             handler.external.clone(),
+            completions,
             kernel_cache,
             metrics.clone(),
         ));
@@ -87,6 +117,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         policy = %config.forward.policy,
         cache_size = config.cache.capacity,
         kernel_cache = config.args.kernel_cache(),
+        autopath = config.args.autopath,
         kernel = attachments.is_some(),
         "serving"
     );
@@ -178,8 +209,16 @@ async fn drain(handler: &Handler) {
 /// A source of cluster objects, opened: a zone file that cannot be used, or a client that
 /// cannot be configured, stops the agent before it touches the kernel.
 enum Source {
-    File(std::path::PathBuf, Vec<crate::zone::objects::ClusterObject>),
+    File(std::path::PathBuf, source::file::ZoneFile),
     Api(kube::Client, Arc<source::kubernetes::ResponseCounts>),
+}
+
+/// Search-path completion's state: the Pods of this node, and the completions the kernel may
+/// serve; `node_name` when the API's Pods are watched.
+struct SearchPaths {
+    pods: Arc<RwLock<PodTable>>,
+    completions: Arc<Completions>,
+    node_name: Option<String>,
 }
 
 impl Source {
@@ -187,7 +226,7 @@ impl Source {
         Ok(match &config.source {
             ObjectSource::ZoneFile(path) => Self::File(
                 path.clone(),
-                source::file::load(path).context("the zone file is refused")?,
+                source::file::load_file(path).context("the zone file is refused")?,
             ),
             ObjectSource::Api(client) => {
                 let (client, counts) = source::kubernetes::connect(client).await?;
@@ -203,6 +242,7 @@ impl Source {
         model: Arc<RwLock<ZoneModel>>,
         sync: Option<KernelSync>,
         metrics: Arc<Metrics>,
+        search: SearchPaths,
     ) -> oneshot::Receiver<()> {
         let (tx, rx) = mpsc::channel(1024);
         match self {
@@ -210,14 +250,23 @@ impl Source {
                 source::file::run(path, initial, tx, Duration::from_secs(1)).await;
                 Ok(())
             }),
-            Self::Api(client, counts) => tasks.spawn(async move {
-                source::kubernetes::run(client, counts, tx).await;
-                Ok(())
-            }),
+            Self::Api(client, counts) => {
+                if let Some(node) = search.node_name.clone() {
+                    let (client, tx) = (client.clone(), tx.clone());
+                    tasks.spawn(async move {
+                        source::kubernetes::watch_pods(client, node, tx).await;
+                        Ok(())
+                    });
+                }
+                tasks.spawn(async move {
+                    source::kubernetes::run(client, counts, tx).await;
+                    Ok(())
+                })
+            }
         };
         let (loaded_tx, loaded_rx) = oneshot::channel();
         tasks.spawn(async move {
-            zone_task(rx, model, sync, metrics, loaded_tx).await;
+            zone_task(rx, model, sync, metrics, search, loaded_tx).await;
             Ok(())
         });
         loaded_rx
@@ -266,6 +315,7 @@ fn load_kernel(
     let (v4, v6) = crate::kernel::split_listen(&args.intercept);
     sync.maps_mut().set_intercept(&v4, &v6)?;
     sync.maps_mut().set_grace(args.kernel_grace);
+    sync.maps_mut().set_autopath(args.autopath);
     sync.write_config(model)?;
     sync.apply(
         Vec::new(),
@@ -288,6 +338,7 @@ fn userspace_server(
     model: &Arc<RwLock<ZoneModel>>,
     forwarder: &Arc<Forwarder>,
     metrics: &Arc<Metrics>,
+    autopath: Option<Autopath>,
 ) -> Arc<Handler> {
     let external = Arc::new(ExternalResolver::new(
         forwarder.clone(),
@@ -300,6 +351,7 @@ fn userspace_server(
         metrics: metrics.clone(),
         in_flight: Default::default(),
         probe: heartbeat::Probe::new(&config.cluster_domain),
+        autopath,
     })
 }
 
@@ -328,12 +380,14 @@ async fn zone_task(
     model: Arc<RwLock<ZoneModel>>,
     sync: Option<KernelSync>,
     metrics: Arc<Metrics>,
+    search: SearchPaths,
     loaded: oneshot::Sender<()>,
 ) {
     let mut zone = ZoneSink {
         model,
         sync,
         metrics,
+        search,
         loaded: Some(loaded),
     };
     // Now and then: pending kernel writes retried, retired blobs deleted.
@@ -374,6 +428,10 @@ async fn zone_task(
                 zone.metrics.set_api_connected(up);
                 continue;
             }
+            SourceEvent::Pods(change) => {
+                zone.pods(change);
+                continue;
+            }
         };
         zone.apply(changes, seen);
     }
@@ -384,6 +442,7 @@ struct ZoneSink {
     model: Arc<RwLock<ZoneModel>>,
     sync: Option<KernelSync>,
     metrics: Arc<Metrics>,
+    search: SearchPaths,
     /// Told once the first full load is done.
     loaded: Option<oneshot::Sender<()>>,
 }
@@ -395,7 +454,7 @@ impl ZoneSink {
         if changes.is_empty() {
             return;
         }
-        let (before, after) = {
+        let (before, after, names) = {
             let mut m = self.model.write().expect("zone lock");
             let names = m.touched(&changes);
             let entries = |m: &ZoneModel| {
@@ -408,8 +467,10 @@ impl ZoneSink {
             let after = entries(&m);
             self.metrics
                 .set_zone_size(m.service_count(), m.endpoint_count());
-            (before, after)
+            (before, after, names)
         };
+        // Completions that looked at a changed name are no longer the zone's answer.
+        self.search.completions.zone_changed(&names);
         if let (Some(s), Some(before), Some(after)) = (self.sync.as_mut(), before, after) {
             let stats = s.apply(before, after);
             self.metrics
@@ -418,6 +479,21 @@ impl ZoneSink {
         }
         if self.model.read().expect("zone lock").is_synced() {
             self.metrics.programming_latency.observe(seen.elapsed());
+        }
+    }
+
+    /// The Pods of the node changed: the namespaces of their addresses, for the kernel too.
+    fn pods(&mut self, change: source::pods::PodChange) {
+        let mut pods = self.search.pods.write().expect("pods lock");
+        let touched = pods.apply(change);
+        let Some(s) = self.sync.as_mut() else {
+            return;
+        };
+        for ip in touched {
+            let ns = pods.namespace_of(ip);
+            if let Err(e) = s.maps_mut().set_pod(ip, ns.as_deref()) {
+                tracing::warn!(error = %e, "a pod's namespace did not fit in the kernel map; its search paths are completed by userspace");
+            }
         }
     }
 

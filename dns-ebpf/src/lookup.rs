@@ -1,21 +1,23 @@
-//! The answer maps: `(name, qtype)`, then `(name, OTHER)`, then the zone's NXDOMAIN rule, and
-//! for names outside the zone the cache of upstream answers (`dns-common` describes the
-//! contract). Decides what the reply carries, or passes the query up.
+//! The answer maps: `(name, qtype)`, then `(name, OTHER)`, then the zone's NXDOMAIN rule — or,
+//! for a pod asking under its own namespace's search element, the completed search path
+//! (`autopath.rs`) — and for names outside the zone the cache of upstream answers
+//! (`dns-common` describes the contract). Decides what the reply carries, or passes the query
+//! up.
 //!
 //! An entry is read through a pointer into a hash map element, and since Linux 6.1 the memory of
 //! a replaced element goes to the next insert at once: the entry is copied into scratch memory,
 //! looked up again, and used only if the same element still holds the same write
 //! (`AnswerValue::generation`). Every later stage reads the copy.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
 use dns_common::{
-    ACTION_ANSWER, ACTION_NODATA, AnswerValue, CACHE_CD, CACHE_DO, CONFIG_NXDOMAIN, CacheLongKey,
-    CacheShortKey, FLAG_CD, LONG_NAME_LEN, LongKey, QTYPE_OTHER, SHORT_NAME_LEN, SOA_RECORD_LEN,
-    ShortKey, ZoneConfig, counter,
+    ACTION_ANSWER, ACTION_NODATA, AnswerValue, CACHE_AUTOPATH, CACHE_CD, CACHE_DO, CONFIG_AUTOPATH,
+    CONFIG_NXDOMAIN, CacheLongKey, CacheShortKey, FLAG_CD, LONG_NAME_LEN, LongKey, QTYPE_OTHER,
+    SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig, counter,
 };
 
 use crate::{
-    Outcome,
+    Outcome, autopath,
     maps::{ANSWERS_LONG, ANSWERS_SHORT, CACHE_LONG, CACHE_SHORT, Scratch, VALUE_WORDS},
     packet::{at, bounded},
     pass,
@@ -54,11 +56,17 @@ enum Table {
 }
 
 #[inline(always)]
-pub fn answer(scratch: &mut Scratch, config: &ZoneConfig, q: &Query) -> Result<Answer, Outcome> {
+pub fn answer(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    config: &ZoneConfig,
+    q: &Query,
+) -> Result<Answer, Outcome> {
     let name_len = q.name_len;
     scratch.ttl_fields = 0;
     scratch.key.qtype = q.qtype;
     let mut table = Table::Zone;
+    let mut answered = counter::ANSWERED;
     let mut found = entry(scratch, name_len, table);
     if found.is_none() {
         scratch.key.qtype = QTYPE_OTHER;
@@ -78,13 +86,29 @@ pub fn answer(scratch: &mut Scratch, config: &ZoneConfig, q: &Query) -> Result<A
             // Every existing name of the zone is in the maps: a name below the zone that is
             // not does not exist. Pod names are synthesised per query by userspace.
             Some(false) if config.flags & CONFIG_NXDOMAIN != 0 => {
-                return Ok(soa(config.nxdomain_flags, counter::ANSWERED_NXDOMAIN));
+                if config.flags & CONFIG_AUTOPATH == 0
+                    || !autopath::asked_under_own_namespace(ctx, scratch, config, name_len)
+                {
+                    return Ok(soa(config.nxdomain_flags, counter::ANSWERED_NXDOMAIN));
+                }
+                // A search-path expansion: never NXDOMAIN; what the search path completes it
+                // to, if the agent has completed it before.
+                scratch.key.qtype = q.qtype;
+                table = Table::Cache;
+                answered = counter::ANSWERED_AUTOPATH;
+                set_variant(scratch, name_len, variant(q) | CACHE_AUTOPATH);
+                found = entry(scratch, name_len, table);
+                if found.is_none() {
+                    set_variant(scratch, name_len, 0);
+                    return Err(pass(counter::PASS_AUTOPATH));
+                }
             }
             Some(_) => return Err(pass(counter::PASS_MISS)),
             // Not the cluster's: the agent forwards it, and its cache may be here too.
             None => {
                 scratch.key.qtype = q.qtype;
                 table = Table::Cache;
+                answered = counter::ANSWERED_CACHED;
                 set_variant(scratch, name_len, variant(q));
                 found = entry(scratch, name_len, table);
             }
@@ -94,7 +118,7 @@ pub fn answer(scratch: &mut Scratch, config: &ZoneConfig, q: &Query) -> Result<A
         set_variant(scratch, name_len, 0);
         return Err(pass(counter::PASS_MISS));
     };
-    let whole = snapshot(scratch, name_len, table, p);
+    let whole = snapshot(scratch, name_len, table, p, q.qtype);
     set_variant(scratch, name_len, 0);
     if !whole {
         return Err(pass(counter::PASS_RACE));
@@ -106,10 +130,6 @@ pub fn answer(scratch: &mut Scratch, config: &ZoneConfig, q: &Query) -> Result<A
     if v.expires_ns != 0 && now >= v.expires_ns {
         return Err(pass(counter::PASS_EXPIRED));
     }
-    let answered = match table {
-        Table::Zone => counter::ANSWERED,
-        Table::Cache => counter::ANSWERED_CACHED,
-    };
     let data = Answer {
         sections: Sections::Data,
         flags: v.flags,
@@ -188,8 +208,19 @@ fn entry(scratch: &Scratch, name_len: usize, table: Table) -> Option<*const Answ
 /// insert) at any moment: after the copy the key is looked up again, and the copy counts only if
 /// the same element still holds the same write. An element given to another key and back holds
 /// another write (generations are unique), so no mix of writes passes.
+///
+/// A catch-all (`QTYPE_OTHER`) answers only while the name has no entry of the asked type: that
+/// entry is looked up again between the copy and the check, while the catch-all is shown to
+/// have been there throughout. The agent writes a name's typed entries before its catch-all and
+/// removes them after it, so a typed entry missing then is missing from the name.
 #[inline(always)]
-fn snapshot(scratch: &mut Scratch, name_len: usize, table: Table, p: *const AnswerValue) -> bool {
+fn snapshot(
+    scratch: &mut Scratch,
+    name_len: usize,
+    table: Table,
+    p: *const AnswerValue,
+    qtype: u16,
+) -> bool {
     // SAFETY: `p` came from a map lookup in this program run (RCU keeps the memory mapped);
     // what it holds is checked below before anything uses it. Volatile word copies: a struct
     // copy becomes `memcpy`, and the reads must not move past the second lookup.
@@ -201,6 +232,14 @@ fn snapshot(scratch: &mut Scratch, name_len: usize, table: Table, p: *const Answ
         while w < VALUE_WORDS {
             to.add(w).write_volatile(from.add(w).read_volatile());
             w += 1;
+        }
+        if table == Table::Zone && scratch.key.qtype == QTYPE_OTHER {
+            scratch.key.qtype = qtype;
+            let typed = entry(scratch, name_len, table).is_some();
+            scratch.key.qtype = QTYPE_OTHER;
+            if typed {
+                return false;
+            }
         }
         match entry(scratch, name_len, table) {
             Some(again) => {

@@ -4,8 +4,9 @@
 //! `question` (DNS header → question → OPT), `lookup` (the answer maps the agent fills, see
 //! `dns-common`: the zone, then the cache of upstream answers), `reply` (checksum from parts,
 //! then the query rewritten in place into the response and sent back out of the interface it
-//! came in on with `XDP_TX`), `ttl` (a cached answer's TTLs counted down), and for queries to
-//! an intercepted address the kernel does not answer, `steer` (to the agent while it answers).
+//! came in on with `XDP_TX`), `ttl` (a cached answer's TTLs counted down), `autopath` (is this
+//! a search-path expansion of the asking pod's namespace?), and for queries to an intercepted
+//! address the kernel does not answer, `steer` (to the agent while it answers).
 //! `packet`, `csum`, `addrs` and `maps` serve them all. `egress` is the second program: a tc
 //! egress classifier that gives the replies to steered queries their address back.
 //!
@@ -19,6 +20,7 @@
 #![feature(asm_experimental_arch)]
 
 mod addrs;
+mod autopath;
 mod csum;
 mod egress;
 mod layers;
@@ -59,7 +61,10 @@ pub fn xdns_xdp(ctx: XdpContext) -> u32 {
     // A cached answer's TTLs, written last from what the stages left in scratch memory: the
     // verifier checks the loop once rather than once for every way to an answer.
     if outcome.action == xdp_action::XDP_TX
-        && outcome.counter == counter::ANSWERED_CACHED
+        && matches!(
+            outcome.counter,
+            counter::ANSWERED_CACHED | counter::ANSWERED_AUTOPATH
+        )
         && let Some(s) = scratch
         // SAFETY: per-CPU scratch, not shared with any other program run.
         && !ttl::count_down(&ctx, unsafe { &*s })
@@ -124,7 +129,7 @@ fn answer(
     // SAFETY: per-CPU scratch, not shared with any other program run.
     let scratch = unsafe { &mut *scratch };
     let query = question::question(ctx, layers, &header, scratch)?;
-    let answer = lookup::answer(scratch, config, &query)?;
+    let answer = lookup::answer(ctx, scratch, config, &query)?;
     reply::send(ctx, layers, config, scratch, &query, &answer)
 }
 

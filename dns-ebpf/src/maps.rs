@@ -88,11 +88,16 @@ pub struct Scratch {
     /// The answer entry the lookup found, copied (`lookup::snapshot`): a map element is not a
     /// snapshot, and every later stage reads this copy.
     pub value: AnswerValue,
+    /// The asking pod's namespace, copied from `XDNS_PODS` (`autopath.rs`): its length, then the
+    /// label. 8-aligned, copied in words.
+    pub pod_ns: [u8; 64],
     /// TTL fields of `value` to count down after the reply is written (`ttl.rs`), 0: none;
     /// the seconds to write there; and where the sections start in the frame.
     pub ttl_fields: u64,
     pub ttl: u64,
     pub ttl_at: u64,
+    /// The asking pod's address, as `XDNS_PODS`' key.
+    pub pod_key: PodKey,
 }
 // Power-of-two sizes let `& (LEN - 1)` prove every index in bounds (no panic paths).
 pub const RAW_LEN: usize = 512;
@@ -101,6 +106,8 @@ pub const SHORT_KEY_WORDS: usize = core::mem::size_of::<ShortKey>() / 8;
 const _: () = assert!(core::mem::offset_of!(Scratch, key) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Scratch, label_starts) == RAW_LEN + KEY_WORDS * 8);
 const _: () = assert!(core::mem::offset_of!(Scratch, value) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Scratch, pod_ns) % 8 == 0);
+const _: () = assert!(core::mem::size_of::<PodNamespace>() == 64);
 pub const VALUE_WORDS: usize = core::mem::size_of::<AnswerValue>() / 8;
 
 #[map(name = "XDNS_SCRATCH")]

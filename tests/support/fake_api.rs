@@ -44,16 +44,24 @@ pub enum Resource {
     Namespaces,
     Services,
     EndpointSlices,
+    /// Watched with `fieldSelector=spec.nodeName=<node>` (`--autopath`).
+    Pods,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 3] = [Self::Namespaces, Self::Services, Self::EndpointSlices];
+    pub const ALL: [Resource; 4] = [
+        Self::Namespaces,
+        Self::Services,
+        Self::EndpointSlices,
+        Self::Pods,
+    ];
 
     pub fn path(self) -> &'static str {
         match self {
             Self::Namespaces => "/api/v1/namespaces",
             Self::Services => "/api/v1/services",
             Self::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Self::Pods => "/api/v1/pods",
         }
     }
 
@@ -62,6 +70,7 @@ impl Resource {
             Self::Namespaces => "Namespace",
             Self::Services => "Service",
             Self::EndpointSlices => "EndpointSlice",
+            Self::Pods => "Pod",
         }
     }
 
@@ -587,7 +596,14 @@ fn respond(
         )?;
         return Ok(true);
     }
-    if req.query.contains_key("labelSelector") || req.query.contains_key("fieldSelector") {
+    let node_selector = resource == Resource::Pods
+        && req
+            .query
+            .get("fieldSelector")
+            .is_some_and(|f| f.starts_with("spec.nodeName="));
+    if req.query.contains_key("labelSelector")
+        || (req.query.contains_key("fieldSelector") && !node_selector)
+    {
         send_body(
             out,
             400,
@@ -656,6 +672,7 @@ fn list(
                 .objects
                 .range((resource, String::new(), String::new())..)
                 .take_while(|((r, _, _), _)| *r == resource)
+                .filter(|(_, (object, _))| selected(req, object))
                 .map(|(_, (_, text))| text.clone())
                 .collect();
             let id = st.next_snapshot;
@@ -703,6 +720,18 @@ fn list(
     }
     body.push_str("]}");
     send_body(out, 200, "OK", &body)
+}
+
+/// Does `object` pass the request's field selector (only `spec.nodeName=<node>` is known)?
+fn selected(req: &Request, object: &Value) -> bool {
+    match req
+        .query
+        .get("fieldSelector")
+        .and_then(|f| f.strip_prefix("spec.nodeName="))
+    {
+        Some(node) => object["spec"]["nodeName"].as_str() == Some(node),
+        None => true,
+    }
 }
 
 /// Streams a watch. `Ok(false)` when the connection must close (cut or down).
@@ -758,8 +787,8 @@ fn watch(
     let mut cursor;
     if initial_events || from.is_empty() || from == "0" {
         cursor = st.rv;
-        for ((r, _, _), (_, text)) in st.objects.iter() {
-            if *r == resource {
+        for ((r, _, _), (object, text)) in st.objects.iter() {
+            if *r == resource && selected(req, object) {
                 first.push(format!("{{\"type\":\"ADDED\",\"object\":{text}}}"));
             }
         }
@@ -818,6 +847,11 @@ fn watch(
             .history
             .range(start..)
             .filter(|e| e.resource == resource)
+            .filter(|e| {
+                !req.query.contains_key("fieldSelector")
+                    || serde_json::from_str::<Value>(&e.line)
+                        .is_ok_and(|l| selected(req, &l["object"]))
+            })
             .map(|e| (e.rv, e.line.clone()))
             .collect();
         if let Some(last) = st.history.back() {

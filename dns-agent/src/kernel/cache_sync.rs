@@ -16,8 +16,9 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use dns_common::{
-    ACTION_ANSWER, AnswerValue, BLOB_DATA_LEN, CACHE_CD, CACHE_DO, CacheLongKey, CacheShortKey,
-    INLINE_DATA_LEN, LONG_NAME_LEN, MAX_TTL_FIELDS, SHORT_NAME_LEN, blob_class, ttl_offset_at,
+    ACTION_ANSWER, AnswerValue, BLOB_DATA_LEN, CACHE_AUTOPATH, CACHE_CD, CACHE_DO, CacheLongKey,
+    CacheShortKey, INLINE_DATA_LEN, LONG_NAME_LEN, MAX_TTL_FIELDS, SHORT_NAME_LEN, blob_class,
+    ttl_offset_at,
 };
 
 use super::maps::{
@@ -27,6 +28,7 @@ use crate::{
     dns::CLASS_IN,
     metrics::Metrics,
     server::{
+        autopath::Completions,
         cache::{Answer, Cache},
         forward::Question,
     },
@@ -44,13 +46,16 @@ enum Key {
     Long(CacheLongKey),
 }
 
-/// The kernel's key of a cache entry; `None` for questions the kernel never answers (another
-/// class).
-fn key(q: &Question) -> Option<Key> {
+/// The kernel's key of a cache entry (of a completed search path with `autopath`); `None` for
+/// questions the kernel never answers (another class).
+fn key(q: &Question, autopath: bool) -> Option<Key> {
     if q.qclass != CLASS_IN || q.name.len() > LONG_NAME_LEN {
         return None;
     }
     let mut variant = 0;
+    if autopath {
+        variant |= CACHE_AUTOPATH;
+    }
     if q.dnssec_ok {
         variant |= CACHE_DO;
     }
@@ -74,16 +79,27 @@ fn key(q: &Question) -> Option<Key> {
 
 /// The kernel's entry for a cached answer valid until `expires`, and the section bytes that go
 /// into a blob when they do not fit inline. `None`: the kernel cannot hold it (more TTL fields
-/// than it counts down, or longer than a blob), and the agent answers it.
-pub fn cached_value(answer: &Answer, expires: Instant) -> Option<(AnswerValue, Option<Vec<u8>>)> {
-    let fields = answer.ttl_offsets.len();
+/// than it counts down, or longer than a blob), and the agent answers it. Without an expiry
+/// (a completed search path that ends in the zone) the TTLs are the answer's own, and the
+/// entry stays until it is removed.
+pub fn cached_value(
+    answer: &Answer,
+    expires: Option<Instant>,
+) -> Option<(AnswerValue, Option<Vec<u8>>)> {
+    let fields = if expires.is_some() {
+        answer.ttl_offsets.len()
+    } else {
+        0
+    };
     if fields > MAX_TTL_FIELDS || answer.sections.len() > BLOB_DATA_LEN {
         return None;
     }
     // TTL fields are zero in the bytes and their checksum: the program writes the seconds left
     // and adds them to the checksum per packet.
     let mut data = answer.sections.clone();
-    answer.patch_ttls(&mut data, 0, 0);
+    if fields > 0 {
+        answer.patch_ttls(&mut data, 0, 0);
+    }
     let mut v = AnswerValue::zeroed();
     v.action = ACTION_ANSWER;
     v.flags = answer.reply_flags();
@@ -93,10 +109,11 @@ pub fn cached_value(answer: &Answer, expires: Instant) -> Option<(AnswerValue, O
     v.data_len = data.len() as u16;
     v.data_csum = data_csum(&data);
     v.ttl_count = fields as u8;
-    v.ttl_odd = answer.ttl_offsets.iter().filter(|o| *o & 1 == 1).count() as u16;
-    // Never 0, which means "never expires".
-    v.expires_ns = monotonic_ns_at(expires).max(1);
-    for (i, off) in answer.ttl_offsets.iter().enumerate() {
+    let offsets = &answer.ttl_offsets[..fields];
+    v.ttl_odd = offsets.iter().filter(|o| *o & 1 == 1).count() as u16;
+    // 0 means "never expires".
+    v.expires_ns = expires.map_or(0, |e| monotonic_ns_at(e).max(1));
+    for (i, off) in offsets.iter().enumerate() {
         let at = ttl_offset_at(i);
         v.data[at..at + 2].copy_from_slice(&off.to_ne_bytes());
     }
@@ -112,7 +129,7 @@ pub fn cached_value(answer: &Answer, expires: Instant) -> Option<(AnswerValue, O
 /// What the kernel holds for one question.
 struct Written {
     answer: Arc<Answer>,
-    expires: Instant,
+    expires: Option<Instant>,
     blob: Option<u32>,
 }
 
@@ -120,7 +137,8 @@ struct Written {
 pub struct KernelCache {
     maps: CacheMaps,
     ids: BlobIds,
-    written: StdHashMap<Question, Written>,
+    /// By question, and whether it is a completed search path.
+    written: StdHashMap<(Question, bool), Written>,
 }
 
 impl KernelCache {
@@ -149,20 +167,40 @@ impl KernelCache {
         q: &Question,
         entry: Option<(Arc<Answer>, Instant)>,
     ) -> Result<(), WriteError> {
-        if let (Some((answer, expires)), Some(w)) = (&entry, self.written.get(q))
+        self.write(q, false, entry.map(|(a, e)| (a, Some(e))))
+    }
+
+    /// Makes the kernel hold `answer` as the completed search path of `q` (the name a pod
+    /// asked), until `expires` if given, or nothing (`None`).
+    pub fn set_completion(
+        &mut self,
+        q: &Question,
+        entry: Option<(Arc<Answer>, Option<Instant>)>,
+    ) -> Result<(), WriteError> {
+        self.write(q, true, entry)
+    }
+
+    fn write(
+        &mut self,
+        q: &Question,
+        autopath: bool,
+        entry: Option<(Arc<Answer>, Option<Instant>)>,
+    ) -> Result<(), WriteError> {
+        let slot = (q.clone(), autopath);
+        if let (Some((answer, expires)), Some(w)) = (&entry, self.written.get(&slot))
             && Arc::ptr_eq(answer, &w.answer)
             && *expires == w.expires
         {
             return Ok(());
         }
-        let Some(key) = key(q) else {
+        let Some(key) = key(q, autopath) else {
             return Ok(());
         };
         let value = entry
             .as_ref()
             .and_then(|(answer, expires)| cached_value(answer, *expires));
         let Some((mut v, blob_data)) = value else {
-            self.remove(q, &key);
+            self.remove(&slot, &key);
             return Ok(());
         };
         v.generation = next_generation();
@@ -171,7 +209,7 @@ impl KernelCache {
             let id = self.ids.allocate(blob_class(data.len()));
             if let Err(source) = self.maps.blobs.insert(id, &data) {
                 self.ids.release_now(&mut self.maps.blobs, id);
-                self.remove(q, &key);
+                self.remove(&slot, &key);
                 return Err(WriteError::new(format!("blob {id}"), source));
             }
             v.blob = id;
@@ -186,7 +224,7 @@ impl KernelCache {
                 self.ids.release_now(&mut self.maps.blobs, id);
             }
             // The old answer must not outlive the failed write.
-            self.remove(q, &key);
+            self.remove(&slot, &key);
             return Err(WriteError::new(
                 format!(
                     "cached {} type {}",
@@ -198,7 +236,7 @@ impl KernelCache {
         }
         let (answer, expires) = entry.expect("a value was made from it");
         let old = self.written.insert(
-            q.clone(),
+            slot,
             Written {
                 answer,
                 expires,
@@ -211,8 +249,8 @@ impl KernelCache {
         Ok(())
     }
 
-    fn remove(&mut self, q: &Question, key: &Key) {
-        let Some(old) = self.written.remove(q) else {
+    fn remove(&mut self, slot: &(Question, bool), key: &Key) {
+        let Some(old) = self.written.remove(slot) else {
             return;
         };
         let _ = match key {
@@ -230,22 +268,25 @@ impl KernelCache {
     }
 }
 
-/// Keeps the kernel's cache maps equal to what `cache` holds, forever: woken by every change,
-/// and once a second to delete retired blobs.
+/// Keeps the kernel's cache maps equal to what `cache` holds, and to the completed search paths
+/// of `completions`, forever: woken by every change, and once a second to delete retired blobs.
 pub async fn follow(
     cache: Arc<crate::server::external::ExternalResolver>,
+    completions: Arc<Completions>,
     mut kernel: KernelCache,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     let changed = cache.cache().follow();
+    let completed = completions.changed();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut warned = false;
     loop {
         tokio::select! {
             _ = changed.notified() => {}
+            _ = completed.notified() => {}
             _ = tick.tick() => {}
         }
-        let (written, failed) = kernel.apply(cache.cache());
+        let (written, failed) = kernel.apply(cache.cache(), &completions);
         if failed > 0 && !warned {
             warned = true;
             tracing::warn!(
@@ -266,19 +307,25 @@ pub async fn follow(
 }
 
 impl KernelCache {
-    /// Brings the kernel up to date with every change `cache` noted; (entries written or
-    /// removed, writes that failed).
-    pub fn apply(&mut self, cache: &Cache) -> (usize, usize) {
+    /// Brings the kernel up to date with every change `cache` and `completions` noted;
+    /// (entries written or removed, writes that failed). A completion made from a cached
+    /// answer the cache no longer holds goes with it.
+    pub fn apply(&mut self, cache: &Cache, completions: &Completions) -> (usize, usize) {
         let mut written = 0;
         let mut failed = 0;
-        for (q, held) in cache.take_changes() {
-            match self.set(&q, held) {
-                Ok(()) => written += 1,
-                Err(e) => {
-                    tracing::debug!(error = %e, "a cached answer was not written to the kernel");
-                    failed += 1;
-                }
+        let mut count = |r: Result<(), WriteError>| match r {
+            Ok(()) => written += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "a cached answer was not written to the kernel");
+                failed += 1;
             }
+        };
+        for (q, held) in cache.take_changes() {
+            completions.cache_changed(&q, held.as_ref().map(|(a, _)| a));
+            count(self.set(&q, held));
+        }
+        for (q, held) in completions.take_changes() {
+            count(self.set_completion(&q, held));
         }
         (written, failed)
     }

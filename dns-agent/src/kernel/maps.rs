@@ -16,8 +16,8 @@ use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray
 use dns_common::{
     ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
     BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_RETIRE_NS, BLOB_S_LEN, Blob, BlobL, BlobM,
-    BlobS, INLINE_DATA_LEN, LONG_NAME_LEN, Liveness, LongKey, MAX_INTERCEPT, MAX_LISTEN,
-    SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig, blob_class, counter, csum,
+    BlobS, INLINE_DATA_LEN, LONG_NAME_LEN, Liveness, LongKey, MAX_INTERCEPT, MAX_LISTEN, PodKey,
+    PodNamespace, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig, blob_class, counter, csum,
 };
 
 use super::KernelError;
@@ -31,6 +31,8 @@ pub struct KernelMaps {
     /// The cache of upstream answers' maps, until [`KernelMaps::take_cache`] hands them to
     /// their writer.
     pub(super) cache: Option<super::cache_sync::CacheMaps>,
+    /// The namespace of each pod of the node, by address (search-path completion).
+    pub(super) pods: HashMap<MapData, PodKey, PodNamespace>,
     /// The parts of the zone config set once at start — listen and intercepted addresses,
     /// liveness settings — written with the rest by [`KernelMaps::write_config`].
     pub(super) addresses: ZoneConfig,
@@ -160,6 +162,23 @@ impl WriteError {
 enum Key {
     Short(ShortKey),
     Long(LongKey),
+}
+
+/// `XDNS_PODS`' key of an address.
+pub fn pod_key(addr: std::net::IpAddr) -> PodKey {
+    let mut k = PodKey {
+        addr: [0; 16],
+        family: 4,
+        _pad: [0; 3],
+    };
+    match addr {
+        std::net::IpAddr::V4(a) => k.addr[..4].copy_from_slice(&a.octets()),
+        std::net::IpAddr::V6(a) => {
+            k.addr = a.octets();
+            k.family = 6;
+        }
+    }
+    k
 }
 
 fn key(name: &[u8], qtype: u16) -> Key {
@@ -461,6 +480,35 @@ impl KernelMaps {
         blobs.reap(&mut self.blobs)
     }
 
+    /// Tells the program the namespace of the pod at `addr`, or that no pod of this node has
+    /// it (`None`).
+    pub fn set_pod(
+        &mut self,
+        addr: std::net::IpAddr,
+        namespace: Option<&str>,
+    ) -> Result<(), WriteError> {
+        let key = pod_key(addr);
+        let Some(ns) = namespace else {
+            let _ = self.pods.remove(&key);
+            return Ok(());
+        };
+        let mut v = PodNamespace {
+            len: 0,
+            label: [0; dns_common::MAX_LABEL_LEN],
+        };
+        // A namespace is a DNS label (RFC 1123, at most 63 bytes), lowercase.
+        let label = ns.as_bytes();
+        let len = label.len().min(dns_common::MAX_LABEL_LEN);
+        v.len = len as u8;
+        v.label[..len].copy_from_slice(&label[..len]);
+        for b in &mut v.label[..len] {
+            b.make_ascii_lowercase();
+        }
+        self.pods
+            .insert(key, v, 0)
+            .map_err(|source| WriteError::new(format!("pod {addr}"), source))
+    }
+
     /// The cache of upstream answers' maps, for their own writer (once).
     pub fn take_cache(&mut self) -> Option<super::cache_sync::CacheMaps> {
         self.cache.take()
@@ -476,7 +524,7 @@ impl KernelMaps {
         nxdomain_flags: u16,
     ) -> Result<(), KernelError> {
         let mut c = ZoneConfig::zeroed();
-        c.flags = flags;
+        c.flags = flags | (self.addresses.flags & dns_common::CONFIG_AUTOPATH);
         c.zone_len = zone.len() as u16;
         c.zone[..zone.len()].copy_from_slice(zone);
         c.soa = *soa_template;
@@ -524,6 +572,16 @@ impl KernelMaps {
         a.intercept_v4[..v4.len()].copy_from_slice(v4);
         a.intercept_v6[..v6.len()].copy_from_slice(v6);
         Ok(())
+    }
+
+    /// Search-path completion on or off (`--autopath`). Takes effect with the next
+    /// [`KernelMaps::write_config`].
+    pub fn set_autopath(&mut self, on: bool) {
+        if on {
+            self.addresses.flags |= dns_common::CONFIG_AUTOPATH;
+        } else {
+            self.addresses.flags &= !dns_common::CONFIG_AUTOPATH;
+        }
     }
 
     /// How long after the agent's last heartbeat the program still answers from the maps.

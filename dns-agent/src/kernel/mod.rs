@@ -27,8 +27,9 @@ use dns_common::{
     AnswerValue, BlobL, BlobM, BlobS, CacheLongKey, CacheShortKey, DEFAULT_GRACE_NS,
     DEFAULT_STALE_AFTER_NS, EGRESS_PROGRAM_NAME, LAYOUT_VERSION, Liveness, LongKey,
     MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT, MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CACHE_LONG,
-    MAP_CACHE_SHORT, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS, MAP_TRACE_CONTROL,
-    MAP_TRACE_EVENTS, PROGRAM_NAME, ShortKey, ZoneConfig, counter,
+    MAP_CACHE_SHORT, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS, MAP_PODS,
+    MAP_TRACE_CONTROL, MAP_TRACE_EVENTS, PROGRAM_NAME, PodKey, PodNamespace, ShortKey, ZoneConfig,
+    counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -328,6 +329,9 @@ impl Kernel {
             )?,
             blobs,
             cache: Some(cache),
+            pods: take_map::<HashMap<MapData, PodKey, PodNamespace>>(
+                &mut ebpf, MAP_PODS, &pin_dir,
+            )?,
             addresses: {
                 let mut c = ZoneConfig::zeroed();
                 c.stale_after_ns = DEFAULT_STALE_AFTER_NS;

@@ -97,6 +97,9 @@ pub struct Answer {
     /// RCODE (the header's four bits).
     pub rcode: u16,
     pub authentic_data: bool,
+    /// Replies say AA: a completed search path that ends in the zone (never an upstream's
+    /// answer, which the cache serves as not authoritative).
+    pub authoritative: bool,
     pub ancount: u16,
     pub nscount: u16,
     pub arcount: u16,
@@ -212,6 +215,7 @@ impl Answer {
         Some(Self {
             rcode: flags & 0xf,
             authentic_data: flags & dns_common::FLAG_AD != 0,
+            authoritative: false,
             ancount,
             nscount,
             arcount,
@@ -231,7 +235,12 @@ impl Answer {
         } else {
             0
         };
-        dns_common::FLAG_RA | ad | self.rcode
+        let aa = if self.authoritative {
+            dns_common::FLAG_AA
+        } else {
+            0
+        };
+        dns_common::FLAG_RA | aa | ad | self.rcode
     }
 
     /// Writes `ttl` into every record of a reply whose sections start at `base`.
@@ -501,6 +510,13 @@ impl Cache {
         };
         inner.touch(q);
         result
+    }
+
+    /// The answer held for `q` and its expiry, whether fresh or not; no hit is counted.
+    pub fn peek(&self, q: &Question) -> Option<(Arc<Answer>, Instant)> {
+        let inner = self.inner.lock().expect("cache lock");
+        let e = inner.map.get(q)?;
+        Some((e.answer.clone()?, e.expires))
     }
 
     /// Stores an answer for `ttl` seconds. A refreshed entry keeps its popularity.

@@ -1,6 +1,7 @@
 //! The userspace DNS server: answers what the kernel passes up (over UDP), everything over
 //! TCP, and forwards names outside the cluster.
 
+pub mod autopath;
 pub mod cache;
 pub mod external;
 pub mod forward;
@@ -13,7 +14,10 @@ pub mod tls;
 pub mod udp;
 pub mod upstream;
 
-use std::sync::{Arc, RwLock};
+use std::{
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
 use dns_common::FLAG_RA;
 use hickory_proto::{
@@ -47,6 +51,8 @@ pub struct Handler {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// The agent's own liveness probe, answered apart.
     pub probe: heartbeat::Probe,
+    /// Search-path completion (`--autopath`).
+    pub autopath: Option<autopath::Autopath>,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -72,7 +78,18 @@ impl Handler {
 
     /// The reply to one message, or `None` when it deserves none.
     pub async fn handle(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        match self.handle_now(msg, transport) {
+        self.handle_from(msg, transport, None).await
+    }
+
+    /// [`Handler::handle`] of a message from `peer` (a pod's address completes its search
+    /// path with `--autopath`).
+    pub async fn handle_from(
+        &self,
+        msg: &[u8],
+        transport: Transport,
+        peer: Option<IpAddr>,
+    ) -> Option<Vec<u8>> {
+        match self.handle_now_from(msg, transport, peer) {
             Ok(reply) => reply,
             Err(pending) => Some(self.finish(pending).await),
         }
@@ -82,6 +99,16 @@ impl Handler {
     /// answers from the cache of upstream answers. Otherwise the query, for [`Self::finish`].
     /// Lets the UDP loop answer most queries without a task of their own.
     pub fn handle_now(&self, msg: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Pending> {
+        self.handle_now_from(msg, transport, None)
+    }
+
+    /// [`Handler::handle_now`] of a message from `peer`.
+    pub fn handle_now_from(
+        &self,
+        msg: &[u8],
+        transport: Transport,
+        peer: Option<IpAddr>,
+    ) -> Result<Option<Vec<u8>>, Pending> {
         self.metrics.request(transport);
         let q = match dns::parse_query(msg) {
             Ok(q) => q,
@@ -105,7 +132,8 @@ impl Handler {
         };
         let from_zone = {
             let zone = self.zone.read().expect("zone lock poisoned");
-            answer_from_zone(&zone, &q, limit)
+            peer.and_then(|peer| self.complete_now(&zone, &q, peer, limit))
+                .unwrap_or_else(|| answer_from_zone(&zone, &q, limit))
         };
         let reply = match from_zone {
             ZoneReply::Reply(r) => {
@@ -152,6 +180,7 @@ impl Handler {
             ZoneReply::Chase { cname, target } => {
                 self.chase_upstream(&q, *cname, &target, p.limit).await
             }
+            ZoneReply::Complete(deferred) => self.complete_later(&q, *deferred, p.limit).await,
             _ => self.forward(&q, p.limit).await,
         };
         self.metrics
@@ -245,6 +274,8 @@ pub enum ZoneReply {
         cname: Box<Record>,
         target: WireName,
     },
+    /// A search path to complete once an upstream has answered (`autopath.rs`).
+    Complete(Box<autopath::Deferred>),
 }
 
 /// Answers `q` from the zone alone: everything but forwarding. This is the userspace twin of

@@ -26,6 +26,7 @@ pub async fn serve(listener: Arc<TcpListener>, handler: Arc<Handler>) -> io::Res
 
 async fn connection(mut stream: TcpStream, handler: Arc<Handler>) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    let peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
     loop {
         let len = match tokio::time::timeout(IDLE, stream.read_u16()).await {
             Ok(Ok(len)) => len as usize,
@@ -37,7 +38,7 @@ async fn connection(mut stream: TcpStream, handler: Arc<Handler>) -> io::Result<
         tokio::time::timeout(IDLE, stream.read_exact(&mut msg))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "message not completed"))??;
-        let Some(reply) = handler.handle(&msg, Transport::Tcp).await else {
+        let Some(reply) = handler.handle_from(&msg, Transport::Tcp, peer).await else {
             continue;
         };
         let mut framed = Vec::with_capacity(reply.len() + 2);

@@ -25,7 +25,11 @@ pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<
         }
         // Answers from the zone and the cache are sent from here: a task per query would cost
         // more than the answer. Only queries that wait for an upstream get one.
-        let pending = match handler.handle_now(&buf[..n], Transport::Udp) {
+        let pending = match handler.handle_now_from(
+            &buf[..n],
+            Transport::Udp,
+            Some(peer.ip().to_canonical()),
+        ) {
             Ok(Some(reply)) => {
                 send(&socket, &reply, peer).await;
                 continue;
