@@ -69,6 +69,13 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// (Run by `bench` in the pod namespace.) Resolve the first COUNT names of NAMES with
+    /// getaddrinfo, printing the microseconds of each.
+    #[command(hide = true)]
+    BenchResolve {
+        names: std::path::PathBuf,
+        count: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,5 +120,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
         Command::BenchTls { quick } => bench::tls::bench_tls(quick),
+        Command::BenchResolve { names, count } => bench::resolve::resolve_loop(&names, count),
     }
 }

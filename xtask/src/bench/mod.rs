@@ -6,7 +6,9 @@
 //! as the machine's ceiling. Query sets (see `workload`): cluster names, search-path junk that
 //! must be NXDOMAIN, cached external names. Figures: the highest throughput under 0.1% loss
 //! (kxdpgun), latency percentiles at fixed offered loads (own load generator), the in-kernel
-//! cost per query (`cargo bench -p dns-agent --bench kernel_cost`) and memory.
+//! cost per query (`cargo bench -p dns-agent --bench kernel_cost`) and memory; and external
+//! names as a pod resolves them (glibc `getaddrinfo` through the search list, with and without
+//! `--autopath`: time and packets per resolution, see `resolve`).
 //!
 //! Systems are measured in rotation (every trial of a step for every system, then the next
 //! step), so noise from other work on the machine spreads over all of them. Nothing here
@@ -17,6 +19,7 @@
 mod check;
 mod loadgen;
 mod report;
+pub mod resolve;
 mod throughput;
 pub mod tls;
 mod topo;
@@ -59,6 +62,7 @@ struct Plan {
     /// (offered load, seconds per round).
     loads: Vec<(u32, f64)>,
     rounds: usize,
+    quick: bool,
 }
 
 impl Plan {
@@ -72,6 +76,7 @@ impl Plan {
                 start_rate: 20_000,
                 loads: vec![(1000, 1.0)],
                 rounds: 1,
+                quick,
             }
         } else {
             Self {
@@ -82,6 +87,7 @@ impl Plan {
                 start_rate: 200_000,
                 loads: vec![(1000, 2.5), (10_000, 1.25), (50_000, 0.75)],
                 rounds: 2,
+                quick,
             }
         }
     }
@@ -105,6 +111,8 @@ pub struct Measurements {
     /// moved).
     pub kernel_share: BTreeMap<(&'static str, &'static str), (u64, u64, String)>,
     pub memory: BTreeMap<&'static str, Memory>,
+    /// The report's section on external names as a pod resolves them (`resolve.rs`).
+    pub resolutions: String,
 }
 
 /// Systems measured on a query set: the reflectors only on cluster names (they answer every
@@ -197,7 +205,7 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
         network_secs,
         total_secs: started.elapsed().as_secs_f64(),
     };
-    let md = report::markdown(&results) + &tls;
+    let md = report::markdown(&results) + &results.m.resolutions + &tls;
     let svg = report::svg(&results);
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(dir.join("bench.svg"), &svg)?;
@@ -281,6 +289,7 @@ fn measure(
         latency: BTreeMap::new(),
         kernel_share: BTreeMap::new(),
         memory: BTreeMap::new(),
+        resolutions: String::new(),
     };
     for set in &workload.sets {
         for s in systems_for(set.id) {
@@ -294,16 +303,19 @@ fn measure(
             let n = check::check_set(&topo, &s, set)?;
             if let Some(before) = before {
                 let after = check::kernel_counters(pin.as_deref().expect("pin"))?;
-                let answered: u64 = [
+                let answering = [
                     dns_common::counter::ANSWERED,
                     dns_common::counter::ANSWERED_NODATA,
                     dns_common::counter::ANSWERED_NXDOMAIN,
-                ]
-                .iter()
-                .map(|&i| after[i as usize] - before[i as usize])
-                .sum();
+                    dns_common::counter::ANSWERED_CACHED,
+                    dns_common::counter::ANSWERED_AUTOPATH,
+                ];
+                let answered: u64 = answering
+                    .iter()
+                    .map(|&i| after[i as usize] - before[i as usize])
+                    .sum();
                 let others: Vec<String> = (0..dns_common::counter::COUNT as usize)
-                    .filter(|&i| i > dns_common::counter::ANSWERED_NXDOMAIN as usize)
+                    .filter(|&i| !answering.contains(&(i as u32)))
                     .filter(|&i| after[i] > before[i])
                     .map(|i| format!("{} {}", dns_common::counter::NAMES[i], after[i] - before[i]))
                     .collect();
@@ -448,6 +460,7 @@ fn measure(
     for s in systems_for("cluster") {
         check::check_set(&topo, &s, &workload.sets[0])?;
     }
+    m.resolutions = resolve::measure(&topo, agent_bin, workload, dir, plan.quick)?;
     for (id, p) in &processes {
         let mem = m.memory.entry(id).or_default();
         mem.rss_end = p.rss();
