@@ -299,8 +299,9 @@ fn load_kernel(
         return Ok(None);
     }
     let cache = if args.kernel_cache() {
-        // Checked against MAX_KERNEL_CACHE at start.
-        args.cache_size as u32
+        // Checked against MAX_KERNEL_CACHE at start. Completed search paths take as much room
+        // again at most (`Completions` holds no more than --cache-size).
+        args.cache_size as u32 * if args.autopath { 2 } else { 1 }
     } else {
         0
     };

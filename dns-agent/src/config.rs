@@ -312,7 +312,7 @@ fn refuse(flag: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 /// Most entries the kernel's cache maps take (`--cache-size` with the kernel cache on).
-const MAX_KERNEL_CACHE: usize = 1 << 24;
+const MAX_KERNEL_CACHE: usize = 1 << 23;
 
 /// Largest TTL DNS allows (RFC 2181 §8).
 const MAX_TTL: u32 = i32::MAX as u32;
