@@ -5,7 +5,10 @@
 //! - `XDP_PASS`: the frame is untouched;
 //! - `XDP_TX`: the frame is one the kernel stack would have delivered to the agent's socket,
 //!   and the reply's MACs, addresses, ports, lengths and IPv4 and UDP checksums are right, and
-//!   its DNS payload is byte for byte what the agent answers to the same query;
+//!   its DNS payload is byte for byte what the agent answers to the same query: from the zone,
+//!   from its cache of upstream answers (a few external names are cached, their TTLs counted
+//!   down), or, for a search-path expansion from the IPv4 client (a pod of namespace `shop`;
+//!   the IPv6 client is no known pod), the completed search path;
 //! - nothing else (`XDP_DROP`, `XDP_ABORTED`), and every frame moves exactly one counter.
 //!
 //! `XDNS_FUZZ_FRAMES` frames (default 100,000), from `XDNS_FUZZ_SEED` (default: random,
@@ -17,21 +20,28 @@ mod support;
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use dns_agent::{
     dns,
     kernel::{
         Capacity, Kernel,
+        cache_sync::KernelCache,
         sync::{KernelSync, entries_of},
     },
-    server::{ZoneReply, answer_from_zone},
-    zone::ZoneModel,
+    server::{
+        ZoneReply, answer_from_zone, autopath::complete, cache::Answer, forward::Question,
+        reply_from_answer,
+    },
+    zone::{ZoneModel, name::wire_from_dotted},
 };
+use hickory_proto::op::{Message, ResponseCode};
 use support::{
     LISTEN_V4, LISTEN_V6,
-    frames::{CLIENT_MAC, NODE_MAC, check_reply, ipv4_checksum, udp_checksum},
+    answers::{a, question, upstream, upstream_soa},
+    frames::{CLIENT_MAC, NODE_MAC, check_reply, dns_query, ipv4_checksum, udp_checksum},
 };
 
 const XDP_PASS: u32 = 2;
@@ -177,6 +187,21 @@ const QUESTIONS: &[(&str, u16)] = &[
     ("bulk-100.shop.svc.cluster.local", 1),
     ("svc.cluster.local", 1),
     ("shop.svc.cluster.local", 65),
+    // Cached upstream answers (see `fixture`), and names outside the zone that are not.
+    ("www.example.org", 1),
+    ("mail.example.org", 28),
+    ("nothing.example.org", 1),
+    (
+        "a-rather-long-label-for-a-host.in-a-deep.subdomain.example.org",
+        1,
+    ),
+    ("www.example.org", 28),
+    // Search-path expansions: completed (from the IPv4 client), not completed, another
+    // namespace's.
+    ("www.example.org.shop.svc.cluster.local", 1),
+    ("web.shop.shop.svc.cluster.local", 1),
+    ("api.example.org.shop.svc.cluster.local", 1),
+    ("www.example.org.default.svc.cluster.local", 1),
 ];
 
 impl Frame {
@@ -685,6 +710,21 @@ fn be16(b: &[u8], at: usize) -> usize {
     u16::from_be_bytes([b[at], b[at + 1]]) as usize
 }
 
+/// The source address of a frame the stack would deliver.
+fn delivered_source(frame: &[u8]) -> Option<IpAddr> {
+    delivered(frame)?;
+    match be16(frame, 12) {
+        0x0800 => {
+            let s: [u8; 4] = frame.get(26..30)?.try_into().ok()?;
+            Some(IpAddr::from(s))
+        }
+        _ => {
+            let s: [u8; 16] = frame.get(22..38)?.try_into().ok()?;
+            Some(IpAddr::from(s))
+        }
+    }
+}
+
 fn delivered(frame: &[u8]) -> Option<Delivered> {
     if frame.len() < 14 {
         return None;
@@ -743,6 +783,11 @@ struct Fixture {
     sync: KernelSync,
     zone: ZoneModel,
     pin: std::path::PathBuf,
+    _cache: KernelCache,
+    /// What the kernel holds of the agent's cache: by question, the answer and its expiry.
+    cached: HashMap<Question, (Arc<Answer>, Instant)>,
+    /// The completed search paths it holds, by the asked name's question (pods of `shop`).
+    completions: HashMap<Question, (Arc<Answer>, Option<Instant>)>,
 }
 
 impl Drop for Fixture {
@@ -767,17 +812,137 @@ fn fixture() -> Fixture {
     // One heartbeat below stands for a live agent for the whole run, however long.
     sync.maps_mut()
         .set_grace(std::time::Duration::from_secs(u32::MAX as u64));
+    sync.maps_mut().set_autopath(true);
+    sync.maps_mut()
+        .set_pod(IpAddr::V4(CLIENT_V4), Some("shop"))
+        .expect("the pod's namespace");
     sync.write_config(&zone).expect("zone config");
     let stats = sync.apply(Vec::new(), entries_of(&zone, &zone.all_names()));
     assert_eq!(stats.failed, 0, "{stats:?}");
     sync.set_synced().expect("synced");
     sync.maps().heartbeat().beat();
+
+    // The agent's cache: a day from now, so that no run sees an entry expire.
+    let mut cache = KernelCache::new(sync.maps_mut().take_cache().expect("the cache maps"));
+    let expires = Instant::now() + Duration::from_secs(86_400);
+    let long = "a-rather-long-label-for-a-host.in-a-deep.subdomain.example.org.";
+    let mut cached = HashMap::new();
+    for (name, qtype, answer) in [
+        (
+            "www.example.org.",
+            1,
+            upstream(
+                "www.example.org.",
+                1,
+                ResponseCode::NoError,
+                vec![
+                    a("www.example.org.", 300, "192.0.2.80"),
+                    a("www.example.org.", 300, "192.0.2.81"),
+                ],
+                vec![],
+            ),
+        ),
+        (
+            "mail.example.org.",
+            28,
+            upstream(
+                "mail.example.org.",
+                28,
+                ResponseCode::NoError,
+                vec![],
+                vec![upstream_soa("example.org.")],
+            ),
+        ),
+        (
+            "nothing.example.org.",
+            1,
+            upstream(
+                "nothing.example.org.",
+                1,
+                ResponseCode::NXDomain,
+                vec![],
+                vec![upstream_soa("example.org.")],
+            ),
+        ),
+        (
+            long,
+            1,
+            upstream(
+                long,
+                1,
+                ResponseCode::NoError,
+                vec![a(long, 60, "203.0.113.5")],
+                vec![],
+            ),
+        ),
+    ] {
+        let q = question(name, qtype, false, false);
+        cache
+            .set(&q, Some((answer.clone(), expires)))
+            .expect("a cached answer");
+        cached.insert(q, (answer, expires));
+    }
+
+    // Completions, as the agent makes them: one that ends upstream (with the cached answer's
+    // expiry), one that ends in the zone.
+    let mut completions = HashMap::new();
+    let www = question("www.example.org", 1, false, false);
+    let (www_answer, www_expires) = cached[&www].clone();
+    let asked = dns_query(0, "www.example.org.shop.svc.cluster.local", 1, None);
+    let q = dns::parse_query(&asked).expect("a query");
+    let ended = www_answer.to_message(&www, Some(300)).expect("a message");
+    let completion = Arc::new(complete(&q, &ended).expect("completed"));
+    completions.insert(
+        question("www.example.org.shop.svc.cluster.local", 1, false, false),
+        (completion, Some(www_expires)),
+    );
+    let asked = dns_query(0, "web.shop.shop.svc.cluster.local", 1, None);
+    let q = dns::parse_query(&asked).expect("a query");
+    let target = dns_query(0, "web.shop.svc.cluster.local", 1, None);
+    let tq = dns::parse_query(&target).expect("a query");
+    let ZoneReply::Reply(bytes) = answer_from_zone(&zone, &tq, None) else {
+        panic!("the zone answers web.shop");
+    };
+    let ended = Message::from_vec(&bytes).expect("a reply");
+    let completion = Arc::new(complete(&q, &ended).expect("completed"));
+    completions.insert(
+        question("web.shop.shop.svc.cluster.local", 1, false, false),
+        (completion, None),
+    );
+    for (q, (answer, expires)) in &completions {
+        cache
+            .set_completion(q, Some((answer.clone(), *expires)))
+            .expect("a completion");
+    }
     Fixture {
         kernel,
         sync,
         zone,
         pin,
+        _cache: cache,
+        cached,
+        completions,
     }
+}
+
+/// Is `q`, from the IPv4 client (a pod of `shop`), a search-path expansion (a name under
+/// `shop.svc.cluster.local`, below it) the agent completes? Written from the rule, not from the
+/// agent's code.
+fn expansion_of_shop(q: &dns::Query<'_>) -> bool {
+    let element = wire_from_dotted("shop.svc.cluster.local");
+    q.qclass == 1
+        && q.edns.is_none_or(|e| e.version == 0)
+        && q.qname.len() > element.len() + 1
+        && q.qname.ends_with(&element)
+        && {
+            // At a label boundary.
+            let mut i = 0;
+            let at = q.qname.len() - element.len();
+            while i < at {
+                i += 1 + q.qname[i] as usize;
+            }
+            i == at
+        }
 }
 
 impl Fixture {
@@ -817,11 +982,61 @@ impl Fixture {
                 }
                 let q = dns::parse_query(&query.payload)
                     .expect("answered a query the agent refuses to parse");
-                let ZoneReply::Reply(user) = answer_from_zone(&self.zone, &q, Some(q.udp_limit()))
-                else {
-                    panic!("answered a query the agent forwards");
+                let limit = Some(q.udp_limit());
+                let key = Question {
+                    name: q.qname.clone(),
+                    qtype: q.qtype,
+                    qclass: q.qclass,
+                    dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
+                    checking_disabled: q.flags & dns_common::FLAG_CD != 0,
+                    upstream_set: Default::default(),
                 };
-                assert_eq!(reply.dns, user, "kernel and agent answers differ");
+                // A held answer with an expiry: the kernel's TTLs are the seconds left, which
+                // may have turned between the run and now.
+                let agent = |answer: &Answer, expires: Option<Instant>| -> Vec<Vec<u8>> {
+                    match expires {
+                        None => vec![reply_from_answer(&q, answer, None, limit)],
+                        Some(e) => {
+                            let left = e.saturating_duration_since(Instant::now()).as_secs() as u32;
+                            [left, left + 1]
+                                .iter()
+                                .map(|t| reply_from_answer(&q, answer, Some(*t), limit))
+                                .collect()
+                        }
+                    }
+                };
+                let expected = match answer_from_zone(&self.zone, &q, limit) {
+                    ZoneReply::Reply(user) => {
+                        let from_pod = matches!(
+                            delivered_source(frame),
+                            Some(IpAddr::V4(ip)) if ip == CLIENT_V4
+                        );
+                        let nxdomain = u16::from_be_bytes([user[2], user[3]]) & 0xf == 3;
+                        if from_pod && nxdomain && expansion_of_shop(&q) {
+                            let (answer, expires) = self
+                                .completions
+                                .get(&key)
+                                .expect("completed a search path the agent has not completed");
+                            agent(answer, *expires)
+                        } else {
+                            vec![user]
+                        }
+                    }
+                    ZoneReply::Forward => {
+                        let (answer, expires) = self
+                            .cached
+                            .get(&key)
+                            .expect("answered a name outside the zone that is not cached");
+                        agent(answer, Some(*expires))
+                    }
+                    _ => panic!("answered a query the agent answers otherwise"),
+                };
+                assert!(
+                    expected.contains(&reply.dns),
+                    "kernel and agent answers differ:\n kernel {:02x?}\n agent  {:02x?}",
+                    reply.dns,
+                    expected[0]
+                );
             }
             other => panic!("verdict {other}: only XDP_PASS and XDP_TX are allowed"),
         }
@@ -894,10 +1109,16 @@ fn xdp_verdicts_match_the_agent_on_mutated_queries() {
             "one counter per frame (frames {done}..{})",
             done + batch
         );
-        let kernel_answered: u64 = ["answered", "answered_nodata", "answered_nxdomain"]
-            .iter()
-            .map(|k| after[k] - before[k])
-            .sum();
+        let kernel_answered: u64 = [
+            "answered",
+            "answered_nodata",
+            "answered_nxdomain",
+            "answered_cached",
+            "answered_autopath",
+        ]
+        .iter()
+        .map(|k| after[k] - before[k])
+        .sum();
         assert_eq!(
             kernel_answered, answered,
             "answer counters against XDP_TX verdicts"

@@ -10,19 +10,28 @@ mod support;
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use dns_agent::{
     dns,
     kernel::{
         Capacity, Kernel,
+        cache_sync::KernelCache,
         sync::{KernelSync, entries_of},
     },
-    server::{ZoneReply, answer_from_zone},
-    zone::ZoneModel,
+    server::{ZoneReply, answer_from_zone, cache::Answer, forward::Question, reply_from_answer},
+    zone::{ZoneModel, name::wire_from_dotted},
+};
+use hickory_proto::{
+    op::{Message, ResponseCode},
+    rr::{Name, RData, Record, RecordType},
 };
 use support::{
     LISTEN_V4, LISTEN_V6,
+    answers::{a, question, record, upstream, upstream_soa},
     frames::{check_reply, dns_query, query_frame, udp_frame},
 };
 
@@ -51,6 +60,8 @@ const HTTPS: u16 = 65;
 struct Fixture {
     kernel: Kernel,
     sync: KernelSync,
+    /// The cache of upstream answers' side of the maps.
+    cache: KernelCache,
     zone: ZoneModel,
     pin: std::path::PathBuf,
 }
@@ -62,15 +73,19 @@ impl Drop for Fixture {
 }
 
 fn fixture_with(synced: bool) -> Fixture {
+    fixture_sized(synced, Capacity::default())
+}
+
+fn fixture_sized(synced: bool, capacity: Capacity) -> Fixture {
     support::require_root();
     let mut objects = support::example_objects();
     objects.extend(support::headless_with(40));
     objects.extend(support::headless_with(100));
     let zone = support::zone_from(objects);
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-p"));
-    let (kernel, maps) =
-        Kernel::load(Capacity::default(), &pin, true).expect("loading the XDP program");
+    let (kernel, maps) = Kernel::load(capacity, &pin, true).expect("loading the XDP program");
     let mut sync = KernelSync::new(maps);
+    let cache = KernelCache::new(sync.maps_mut().take_cache().expect("the cache maps"));
     sync.maps_mut()
         .set_listen(&[LISTEN_V4.octets()], &[LISTEN_V6.octets()])
         .unwrap();
@@ -91,6 +106,7 @@ fn fixture_with(synced: bool) -> Fixture {
     Fixture {
         kernel,
         sync,
+        cache,
         zone,
         pin,
     }
@@ -732,6 +748,191 @@ fn intercepted_addresses_are_answered_from_the_maps_too() {
 }
 
 #[test]
+fn the_verifier_accepts_the_program_with_room_to_spare() {
+    let f = fixture();
+    let insns = f
+        .kernel
+        .verified_instructions()
+        .expect("the kernel reports verified instructions");
+    eprintln!("verifier: {insns} instructions processed (limit 1000000)");
+    // Headroom: a change that brings the program near the kernel's limit fails here first,
+    // with the count, rather than as a load failure on some other kernel's verifier.
+    assert!(
+        insns < 800_000,
+        "{insns} instructions: within 20% of the verifier's limit"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cache of upstream answers in the kernel.
+
+impl Fixture {
+    /// Puts `answer` in the kernel for `q`, valid for `ttl` from now; returns when it expires.
+    fn cache_put(&mut self, q: &Question, answer: &Arc<Answer>, ttl: Duration) -> Instant {
+        let expires = Instant::now() + ttl;
+        self.cache
+            .set(q, Some((answer.clone(), expires)))
+            .expect("writing a cached answer");
+        expires
+    }
+
+    /// A query the kernel answers from the cache: checks the frame, and that its DNS payload is
+    /// the agent's cache's reply at that moment (the seconds left, counted down), byte for byte.
+    /// Returns the reply and the TTL it carried.
+    fn cached(
+        &self,
+        client: IpAddr,
+        server: IpAddr,
+        dns_bytes: &[u8],
+        answer: &Answer,
+        expires: Instant,
+    ) -> (Vec<u8>, u32) {
+        let frame = query_frame(client, server, dns_bytes);
+        let ttl_now = || expires.saturating_duration_since(Instant::now()).as_secs() as u32;
+        let before = ttl_now();
+        let out = self.run(&frame, XDP_TX, "answered_cached");
+        let after = ttl_now();
+        let reply = check_reply(&frame, &out).dns;
+        let q = dns::parse_query(dns_bytes).unwrap();
+        // The second may turn between the two readings: the kernel's reply is one of the two.
+        let agent: Vec<_> = [before, after]
+            .iter()
+            .map(|t| {
+                (
+                    reply_from_answer(&q, answer, Some(*t), Some(q.udp_limit())),
+                    *t,
+                )
+            })
+            .collect();
+        let Some((_, ttl)) = agent.iter().find(|(r, _)| *r == reply) else {
+            panic!(
+                "the kernel's reply is not the agent's:\n kernel {reply:02x?}\n agent  {:02x?}",
+                agent[0].0
+            );
+        };
+        (reply, *ttl)
+    }
+}
+
+/// Every TTL of a reply's records (answer, authority, additional; not OPT).
+fn ttls(reply: &[u8]) -> Vec<u32> {
+    let m = Message::from_vec(reply).expect("a reply that parses");
+    m.answers
+        .iter()
+        .chain(&m.authorities)
+        .chain(
+            m.additionals
+                .iter()
+                .filter(|r| r.record_type() != RecordType::OPT),
+        )
+        .map(|r| r.ttl)
+        .collect()
+}
+
+#[test]
+fn cached_answers_are_the_agents_bytes_positive_nodata_and_nxdomain() {
+    let mut f = fixture();
+    let positive = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![
+            a("www.example.org.", 300, "192.0.2.80"),
+            a("www.example.org.", 300, "192.0.2.81"),
+        ],
+        vec![],
+    );
+    // A CNAME chain: longer than an entry holds, so its bytes go to a blob.
+    let chain = upstream(
+        "api.example.net.",
+        A,
+        ResponseCode::NoError,
+        vec![
+            record(
+                "api.example.net.",
+                60,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                    Name::from_str("api.eu-west-1.edge.example.net.").unwrap(),
+                )),
+            ),
+            record(
+                "api.eu-west-1.edge.example.net.",
+                60,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                    Name::from_str("lb-7.eu-west-1.edge.example.net.").unwrap(),
+                )),
+            ),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.7"),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.8"),
+            a("lb-7.eu-west-1.edge.example.net.", 60, "198.51.100.9"),
+        ],
+        vec![],
+    );
+    let nodata = upstream(
+        "mail.example.org.",
+        AAAA,
+        ResponseCode::NoError,
+        vec![],
+        vec![upstream_soa("example.org.")],
+    );
+    let nxdomain = upstream(
+        "nothing.example.org.",
+        A,
+        ResponseCode::NXDomain,
+        vec![],
+        vec![upstream_soa("example.org.")],
+    );
+    // Longer than 62 bytes: the long-key map.
+    let long_name = "a-rather-long-label-for-a-host.in-a-deep.subdomain.example.org.";
+    let long = upstream(
+        long_name,
+        A,
+        ResponseCode::NoError,
+        vec![a(long_name, 120, "203.0.113.5")],
+        vec![],
+    );
+    let entries = [
+        ("www.example.org.", A, &positive, "inline"),
+        ("api.example.net.", A, &chain, "blob"),
+        ("mail.example.org.", AAAA, &nodata, "NODATA"),
+        ("nothing.example.org.", A, &nxdomain, "NXDOMAIN"),
+        (long_name, A, &long, "long name"),
+    ];
+    for (name, qtype, answer, what) in entries {
+        for edns in [None, Some((1232, 0, false))] {
+            let q = question(name, qtype, false, false);
+            let expires = f.cache_put(&q, answer, Duration::from_secs(100));
+            for (client, server) in [(CLIENT_V4, SERVER_V4), (CLIENT_V6, SERVER_V6)] {
+                // Any spelling: the key is lowercased, the question echoed as asked.
+                let spelled = name.to_ascii_uppercase();
+                let (r, ttl) = f.cached(
+                    client,
+                    server,
+                    &dns_query(7, &spelled, qtype, edns),
+                    answer,
+                    expires,
+                );
+                assert!((98..=100).contains(&ttl), "{what}: TTL {ttl}");
+                assert!(
+                    ttls(&r).iter().all(|t| *t == ttl),
+                    "{what}: every TTL counted down: {:?}",
+                    ttls(&r)
+                );
+                let (expected_rcode, records) = match what {
+                    "NXDOMAIN" => (3, [1, 0, 1]),
+                    "NODATA" => (0, [1, 0, 1]),
+                    "blob" => (0, [1, 5, 0]),
+                    "inline" => (0, [1, 2, 0]),
+                    _ => (0, [1, 1, 0]),
+                };
+                assert_eq!(rcode(&r), expected_rcode, "{what}");
+                assert_eq!(counts(&r)[..3], records, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
 fn nothing_is_answered_from_the_maps_after_the_grace_period() {
     let mut f = fixture();
     let query = query_frame(
@@ -825,4 +1026,569 @@ fn steered_queries_reach_the_agent_socket_and_their_replies_the_intercepted_addr
             "the reply as if sent from the intercepted address"
         );
     }
+}
+
+#[test]
+fn the_kernel_holds_the_answer_of_the_upstreams_a_name_routes_to_now() {
+    use dns_agent::server::forward::UpstreamSetId;
+    let mut f = fixture();
+    let (first, second) = (UpstreamSetId(1), UpstreamSetId(2));
+    let from = |set| {
+        let mut q = question("www.example.org", A, false, false);
+        q.upstream_set = set;
+        q
+    };
+    let old_answer = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("www.example.org.", 300, "192.0.2.80")],
+        vec![],
+    );
+    let new_answer = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("www.example.org.", 300, "198.51.100.80")],
+        vec![],
+    );
+    let query = dns_query(1, "www.example.org", A, None);
+    let old_expires = f.cache_put(&from(first), &old_answer, Duration::from_secs(60));
+    f.cached(CLIENT_V4, SERVER_V4, &query, &old_answer, old_expires);
+    // The routes still send the name to the first set: nothing leaves.
+    assert_eq!(f.cache.drop_rerouted(&|_| first), 0);
+    f.cached(CLIENT_V4, SERVER_V4, &query, &old_answer, old_expires);
+    // A stub domain now sends it to the second set: the first set's answer leaves the kernel.
+    assert_eq!(f.cache.drop_rerouted(&|_| second), 1);
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &query);
+    f.run(&frame, XDP_PASS, "pass_miss");
+    // The second set's answer takes the key; the first's end (it expires in the agent's cache)
+    // leaves it alone.
+    let new_expires = f.cache_put(&from(second), &new_answer, Duration::from_secs(60));
+    f.cache.set(&from(first), None).unwrap();
+    f.cached(CLIENT_V4, SERVER_V4, &query, &new_answer, new_expires);
+    f.cache.set(&from(second), None).unwrap();
+    f.run(&frame, XDP_PASS, "pass_miss");
+}
+
+#[test]
+fn the_cache_key_is_the_agents_name_type_do_and_cd() {
+    let mut f = fixture();
+    let answer = upstream(
+        "www.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("www.example.org.", 300, "192.0.2.80")],
+        vec![],
+    );
+    let plain = question("www.example.org", A, false, false);
+    let expires = f.cache_put(&plain, &answer, Duration::from_secs(60));
+    let miss = |f: &Fixture, dns_bytes: Vec<u8>| {
+        f.run(
+            &query_frame(CLIENT_V4, SERVER_V4, &dns_bytes),
+            XDP_PASS,
+            "pass_miss",
+        );
+    };
+    // DO=1 and CD=1 are other keys; so is another type.
+    miss(
+        &f,
+        dns_query(1, "www.example.org", A, Some((1232, 0, true))),
+    );
+    let mut cd = dns_query(1, "www.example.org", A, None);
+    cd[3] |= 0x10;
+    miss(&f, cd.clone());
+    miss(&f, dns_query(1, "www.example.org", AAAA, None));
+    f.cached(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "www.example.org", A, Some((1232, 0, false))),
+        &answer,
+        expires,
+    );
+    // With DO and CD set, the entry written for them.
+    let both = question("www.example.org", A, true, true);
+    let expires = f.cache_put(&both, &answer, Duration::from_secs(60));
+    let mut q = dns_query(1, "www.example.org", A, Some((1232, 0, true)));
+    q[3] |= 0x10;
+    f.cached(CLIENT_V4, SERVER_V4, &q, &answer, expires);
+    // Gone from the cache, gone from the kernel.
+    f.cache.set(&plain, None).unwrap();
+    miss(&f, dns_query(1, "www.example.org", A, None));
+    // A zone name is the zone's, whatever a cache entry says.
+    let zone_name = question("web.shop.svc.cluster.local", A, false, false);
+    f.cache_put(&zone_name, &answer, Duration::from_secs(60));
+    f.answered(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "web.shop.svc.cluster.local", A, None),
+        "answered",
+    );
+}
+
+#[test]
+fn cached_ttls_count_down_and_an_expired_entry_goes_up() {
+    let mut f = fixture();
+    let answer = upstream(
+        "countdown.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("countdown.example.org.", 300, "192.0.2.9")],
+        vec![upstream_soa("example.org.")],
+    );
+    let q = question("countdown.example.org", A, false, false);
+    let expires = f.cache_put(&q, &answer, Duration::from_millis(3500));
+    let query = dns_query(3, "countdown.example.org", A, None);
+    let mut seen = Vec::new();
+    while Instant::now() + Duration::from_millis(150) < expires {
+        let (r, ttl) = f.cached(CLIENT_V4, SERVER_V4, &query, &answer, expires);
+        assert_eq!(ttls(&r), vec![ttl, ttl], "answer and authority");
+        seen.push(ttl);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    seen.dedup();
+    assert_eq!(seen, vec![3, 2, 1, 0], "counted down second by second");
+    while Instant::now() < expires {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.run(
+        &query_frame(CLIENT_V4, SERVER_V4, &query),
+        XDP_PASS,
+        "pass_expired",
+    );
+}
+
+#[test]
+fn an_answer_with_more_ttls_than_the_kernel_counts_stays_with_the_agent() {
+    let mut f = fixture();
+    let many: Vec<Record> = (0..33)
+        .map(|i| a("many.example.org.", 60, &format!("192.0.2.{i}")))
+        .collect();
+    let answer = upstream("many.example.org.", A, ResponseCode::NoError, many, vec![]);
+    let q = question("many.example.org", A, false, false);
+    f.cache_put(&q, &answer, Duration::from_secs(60));
+    assert!(f.cache.is_empty(), "not written");
+    f.run(
+        &query_frame(
+            CLIENT_V4,
+            SERVER_V4,
+            &dns_query(1, "many.example.org", A, Some((1232, 0, false))),
+        ),
+        XDP_PASS,
+        "pass_miss",
+    );
+    // 32 fit.
+    let fits: Vec<Record> = (0..32)
+        .map(|i| a("fits.example.org.", 60, &format!("192.0.2.{i}")))
+        .collect();
+    let answer = upstream("fits.example.org.", A, ResponseCode::NoError, fits, vec![]);
+    let q = question("fits.example.org", A, false, false);
+    let expires = f.cache_put(&q, &answer, Duration::from_secs(60));
+    let (r, _) = f.cached(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "fits.example.org", A, Some((1232, 0, false))),
+        &answer,
+        expires,
+    );
+    assert_eq!(counts(&r)[1], 32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers against writers: the program on one CPU, the agent's writes on another.
+
+/// How long each churn test runs its reader and writer side by side.
+const CHURN: Duration = Duration::from_secs(3);
+
+/// A zone-style answer of one A record for `name`.
+fn a_answer(name: &str, ip: [u8; 4]) -> dns_agent::zone::KernelAnswer {
+    let wire = wire_from_dotted(name);
+    let sections = dns_agent::zone::encode::encode_sections(
+        &wire,
+        A,
+        vec![a(&format!("{name}."), 30, &Ipv4Addr::from(ip).to_string())],
+        vec![],
+        vec![],
+    );
+    dns_agent::zone::KernelAnswer::Answer {
+        flags: dns_agent::zone::ZONE_FLAGS,
+        sections,
+    }
+}
+
+/// The short-name answer map, through its pin: the test writes it as the agent does, but in
+/// batches (`BPF_MAP_UPDATE_BATCH`: one syscall, elements in order), so that the element a
+/// replacement frees is handed to the next insert within a microsecond.
+struct AnswerMap {
+    map: aya::maps::HashMap<aya::maps::MapData, dns_common::ShortKey, dns_common::AnswerValue>,
+}
+
+impl AnswerMap {
+    fn open(f: &Fixture) -> Self {
+        let path = dns_agent::kernel::pin_dir(&f.pin).join(dns_common::MAP_ANSWERS_SHORT);
+        let data = aya::maps::MapData::from_pin(&path).expect("the pinned answer map");
+        Self {
+            map: aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap(),
+        }
+    }
+
+    fn key(name: &str, qtype: u16) -> dns_common::ShortKey {
+        let wire = wire_from_dotted(name);
+        let mut k = dns_common::ShortKey::zeroed();
+        k.qtype = qtype;
+        k.name[..wire.len()].copy_from_slice(&wire);
+        k
+    }
+
+    /// The entry the agent would write (a fresh generation each time).
+    fn value(answer: &dns_agent::zone::KernelAnswer) -> dns_common::AnswerValue {
+        let (mut v, blob) = dns_agent::kernel::maps::answer_value(answer);
+        assert!(blob.is_none(), "inline answers only");
+        v.generation = dns_agent::kernel::maps::next_generation();
+        v
+    }
+
+    fn update_batch(&self, keys: &[dns_common::ShortKey], values: &[dns_common::AnswerValue]) {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // The BPF_MAP_*_BATCH member of union bpf_attr.
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: self.map.map().fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attribute points at `count` keys and values that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_MAP_UPDATE_BATCH: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn readers_never_mix_answers_while_entries_churn() {
+    let f = fixture();
+    let x = "x.churn.example";
+    let answers = [a_answer(x, [10, 9, 9, 1]), a_answer(x, [10, 9, 9, 2])];
+    let query = dns_query(9, x, A, None);
+    let q = dns::parse_query(&query).unwrap();
+    let valid: Vec<Vec<u8>> = answers
+        .iter()
+        .map(|answer| {
+            let dns_agent::zone::KernelAnswer::Answer { flags, sections } = answer else {
+                unreachable!()
+            };
+            dns::build_reply(
+                &q,
+                dns::Body::sections(*flags, 1, 0, 0, &sections.data),
+                Some(q.udp_limit()),
+            )
+        })
+        .collect();
+    let mut map = AnswerMap::open(&f);
+    let x_key = AnswerMap::key(x, A);
+    map.map
+        .insert(x_key, AnswerMap::value(&answers[0]), 0)
+        .unwrap();
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &query);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kernel = &f.kernel;
+    let (reads, races, batches) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let (mut reads, mut races) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = kernel.test_run(&frame, 1).expect("test run");
+                match out.action {
+                    XDP_TX => {
+                        let reply = check_reply(&frame, &out.frame).dns;
+                        assert!(
+                            valid.contains(&reply),
+                            "a reply for {x} that is not one of its answers: {reply:02x?}"
+                        );
+                        reads += 1;
+                    }
+                    XDP_PASS => {
+                        assert_eq!(out.frame, frame, "passed untouched");
+                        races += 1;
+                    }
+                    other => panic!("verdict {other}"),
+                }
+            }
+            (reads, races)
+        });
+        // Each batch replaces x (freeing its element) and inserts a name the map did not
+        // have (taking the freed element); older names leave, so the map stays small.
+        let mut n = 0u32;
+        let until = Instant::now() + CHURN;
+        while Instant::now() < until {
+            let y = format!("y{}.churn.example", n % 4096);
+            let y_answer = a_answer(&y, [10, 8, (n >> 8) as u8, n as u8]);
+            map.update_batch(
+                &[x_key, AnswerMap::key(&y, A)],
+                &[
+                    AnswerMap::value(&answers[(n % 2) as usize]),
+                    AnswerMap::value(&y_answer),
+                ],
+            );
+            let old = format!("y{}.churn.example", n.wrapping_sub(64) % 4096);
+            let _ = map.map.remove(&AnswerMap::key(&old, A));
+            n += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (reads, races) = reader.join().unwrap();
+        (reads, races, n)
+    });
+    eprintln!(
+        "{batches} replacements of {x} each followed by another name's insert; {reads} answers \
+         read, all {x}'s own; {races} passed up (pass_race)"
+    );
+    assert!(
+        reads > 1000 && batches > 1000,
+        "{reads} reads, {batches} batches"
+    );
+}
+
+#[test]
+fn a_name_coming_and_going_is_never_nodata_for_its_type() {
+    let mut f = fixture();
+    let z = "churn.shop.svc.cluster.local";
+    let wire = wire_from_dotted(z);
+    let present = vec![(
+        wire.clone(),
+        vec![
+            (A, a_answer(z, [10, 7, 7, 7])),
+            (
+                dns_common::QTYPE_OTHER,
+                dns_agent::zone::KernelAnswer::Nodata,
+            ),
+        ],
+    )];
+    let absent = vec![(wire.clone(), Vec::new())];
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &dns_query(4, z, A, None));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kernel = &f.kernel;
+    let sync = &mut f.sync;
+    let (seen, flips) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut seen = [0u64; 3];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = kernel.test_run(&frame, 1).expect("test run");
+                if out.action != XDP_TX {
+                    continue;
+                }
+                let reply = check_reply(&frame, &out.frame).dns;
+                match (rcode(&reply), counts(&reply)[1]) {
+                    (0, 1) => seen[0] += 1,
+                    (3, 0) => seen[1] += 1,
+                    _ => seen[2] += 1,
+                }
+            }
+            seen
+        });
+        let mut flips = 0;
+        let until = Instant::now() + CHURN;
+        while Instant::now() < until {
+            let stats = sync.apply(absent.clone(), present.clone());
+            assert_eq!(stats.failed, 0);
+            let stats = sync.apply(present.clone(), absent.clone());
+            assert_eq!(stats.removed, 2);
+            flips += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (reader.join().unwrap(), flips)
+    });
+    eprintln!(
+        "{flips} times added and removed: {} answers, {} NXDOMAIN, {} other",
+        seen[0], seen[1], seen[2]
+    );
+    assert_eq!(
+        seen[2], 0,
+        "a query for a type the name has got NODATA while the name came or went"
+    );
+    assert!(seen[0] > 100 && seen[1] > 100, "{seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes that fail, blobs that are gone.
+
+/// `count` A records for `name` (more than 6 need a blob).
+fn a_records(name: &str, count: u8) -> dns_agent::zone::KernelAnswer {
+    let wire = wire_from_dotted(name);
+    let records = (1..=count)
+        .map(|i| a(&format!("{name}."), 30, &format!("10.6.6.{i}")))
+        .collect();
+    let sections = dns_agent::zone::encode::encode_sections(&wire, A, records, vec![], vec![]);
+    dns_agent::zone::KernelAnswer::Answer {
+        flags: dns_agent::zone::ZONE_FLAGS,
+        sections,
+    }
+}
+
+/// A name of the zone with `count` A records and the catch-all of a name that exists.
+fn name_entries(name: &str, count: u8) -> dns_agent::kernel::sync::NameEntries {
+    vec![(
+        wire_from_dotted(name),
+        vec![
+            (A, a_records(name, count)),
+            (
+                dns_common::QTYPE_OTHER,
+                dns_agent::zone::KernelAnswer::Nodata,
+            ),
+        ],
+    )]
+}
+
+impl Fixture {
+    /// Entries in the answer maps, counted by walking them.
+    fn map_entries(&self) -> usize {
+        let (short, long, _) = self.sync.maps().entry_counts();
+        short + long
+    }
+}
+
+#[test]
+fn a_typed_entry_that_does_not_fit_goes_up_until_it_does_and_entries_stay_counted() {
+    // Room for 2048 small blobs (filled in a second) and far more entries.
+    let capacity = Capacity {
+        blobs_s: 2048,
+        ..Capacity::scaled(1 << 16)
+    };
+    let mut f = fixture_sized(true, capacity.with_cache(0));
+    assert_eq!(f.sync.entries(), f.map_entries());
+    // Fill the small-blob map: 7 A records need a small blob each.
+    let mut full = None;
+    for i in 0..300_000 {
+        let name = format!("fill-{i}.shop.svc.cluster.local");
+        let stats = f.sync.apply(Vec::new(), name_entries(&name, 7));
+        if stats.failed > 0 {
+            full = Some(name);
+            break;
+        }
+    }
+    let full = full.expect("the blob map filled up");
+    f.sync.maps().heartbeat().beat();
+    assert!(!f.sync.is_complete());
+    assert_eq!(
+        f.sync.entries(),
+        f.map_entries(),
+        "counted as the maps hold them"
+    );
+    // The name exists; its A answer is not in the kernel: userspace answers it, never the
+    // catch-all's NODATA. Other types are NODATA, as they should be.
+    let a_query = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, &full, A, None));
+    f.run(&a_query, XDP_PASS, "pass_userspace");
+    // (The test's names are the maps' alone, not the model's: the replies are checked here.)
+    let aaaa = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, &full, AAAA, None));
+    let r = check_reply(&aaaa, &f.run(&aaaa, XDP_TX, "answered_nodata")).dns;
+    assert_eq!((rcode(&r), counts(&r)), (0, [1, 0, 1, 0]));
+    // With an entry pending, the kernel answers no NXDOMAIN (a name could be missing).
+    f.run(
+        &query_frame(
+            CLIENT_V4,
+            SERVER_V4,
+            &dns_query(1, "nothing.shop.svc.cluster.local", A, None),
+        ),
+        XDP_PASS,
+        "pass_miss",
+    );
+
+    // A name the maps hold grows an answer that does not fit, then goes: counted once.
+    let grows = "grows.shop.svc.cluster.local";
+    f.sync.apply(Vec::new(), name_entries(grows, 1));
+    let stats = f.sync.apply(name_entries(grows, 1), name_entries(grows, 7));
+    assert_eq!(stats.failed, 1, "{stats:?}");
+    f.run(
+        &query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, grows, A, None)),
+        XDP_PASS,
+        "pass_userspace",
+    );
+    assert_eq!(f.sync.entries(), f.map_entries());
+    f.sync.apply(
+        name_entries(grows, 7),
+        vec![(wire_from_dotted(grows), Vec::new())],
+    );
+    assert_eq!(f.sync.entries(), f.map_entries(), "removed once");
+
+    // Room again (blobs are deleted a second after their entry): the retry writes it.
+    for i in 0..8 {
+        let name = format!("fill-{i}.shop.svc.cluster.local");
+        f.sync.apply(
+            name_entries(&name, 7),
+            vec![(wire_from_dotted(&name), Vec::new())],
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let stats = f.sync.retry();
+    assert!(stats.written >= 1 && stats.failed == 0, "{stats:?}");
+    assert!(f.sync.is_complete());
+    assert_eq!(f.sync.entries(), f.map_entries());
+    let a_query = query_frame(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, &full, A, Some((1232, 0, false))),
+    );
+    let r = check_reply(&a_query, &f.run(&a_query, XDP_TX, "answered")).dns;
+    assert_eq!((rcode(&r), counts(&r)), (0, [1, 7, 0, 1]));
+    f.answered(
+        CLIENT_V4,
+        SERVER_V4,
+        &dns_query(1, "nothing.shop.svc.cluster.local", A, None),
+        "answered_nxdomain",
+    );
+}
+
+#[test]
+fn a_blob_gone_since_the_entry_was_read_passes_the_query_up_intact() {
+    use aya::maps::IterableMap as _;
+    let mut f = fixture();
+    let path = dns_agent::kernel::pin_dir(&f.pin).join(dns_common::MAP_BLOBS_S);
+    let mut blobs: aya::maps::HashMap<aya::maps::MapData, u32, dns_common::BlobS> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(&path).unwrap(),
+        ))
+        .unwrap();
+    let ids = |b: &aya::maps::HashMap<_, u32, dns_common::BlobS>| -> Vec<u32> {
+        b.keys().map(|k| k.unwrap()).collect()
+    };
+    let before = ids(&blobs);
+    let name = "big.shop.svc.cluster.local";
+    f.sync.apply(Vec::new(), name_entries(name, 7));
+    let new: Vec<u32> = ids(&blobs)
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(new.len(), 1, "one blob for the answer");
+    let frame = query_frame(CLIENT_V4, SERVER_V4, &dns_query(1, name, A, None));
+    f.run(&frame, XDP_TX, "answered");
+    // What a reader sees when the entry it copied was replaced and its blob deleted at once.
+    blobs.remove(&new[0]).unwrap();
+    f.run(&frame, XDP_PASS, "pass_race");
+    let _ = blobs.map();
 }

@@ -35,6 +35,7 @@ use std::{
 use dns_agent::{
     kernel::{
         Capacity, Kernel,
+        cache_sync::KernelCache,
         sync::{KernelSync, entries_of},
     },
     zone::objects::{ClusterObject, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind},
@@ -114,6 +115,11 @@ fn service(i: usize) -> ClusterObject {
             }],
         },
     )
+}
+
+/// External names in the kernel's copy of the cache.
+fn cached_name(k: usize) -> String {
+    format!("cached-{k}.example.org")
 }
 
 fn service_name(i: usize) -> String {
@@ -196,6 +202,15 @@ fn cases(services: usize) -> Vec<Case> {
                 .collect(),
             verdict: XDP_TX,
             counter: "answered_nxdomain",
+        },
+        Case {
+            name: "cached",
+            what: "cached external name (cached.example.org), two A records: answered, TTLs counted down",
+            frames: (0..NAMES_PER_CASE)
+                .map(|k| query(k, &cached_name(k), false))
+                .collect(),
+            verdict: XDP_TX,
+            counter: "answered_cached",
         },
         Case {
             name: "miss",
@@ -282,6 +297,28 @@ fn measure(services: usize, runs: usize, only: Option<&str>) -> SizeResult {
     assert_eq!(stats.failed, 0, "every entry fits: {stats:?}");
     sync.set_synced().expect("synced");
     sync.maps().heartbeat().beat();
+    // The agent's cache, as its writer puts it in the kernel: a day to live.
+    let mut cache = KernelCache::new(sync.maps_mut().take_cache().expect("the cache maps"));
+    let expires = Instant::now() + std::time::Duration::from_secs(86_400);
+    for k in 0..NAMES_PER_CASE {
+        let name = format!("{}.", cached_name(k));
+        let answer = support::answers::upstream(
+            &name,
+            1,
+            hickory_proto::op::ResponseCode::NoError,
+            vec![
+                support::answers::a(&name, 300, "203.0.113.7"),
+                support::answers::a(&name, 300, "203.0.113.8"),
+            ],
+            vec![],
+        );
+        cache
+            .set(
+                &support::answers::question(&name, 1, false, false),
+                Some((answer, expires)),
+            )
+            .expect("a cached answer");
+    }
     let fill_secs = started.elapsed().as_secs_f64();
     let map_bytes = map_memory();
 

@@ -22,11 +22,13 @@ use crate::{
     kernel::{
         Capacity, Kernel,
         attach::{Attachments, check_interfaces},
+        cache_sync::KernelCache,
         sync::KernelSync,
     },
     metrics::Metrics,
     server::{
         Handler,
+        autopath::{Autopath, Completions},
         cache::Cache,
         external::ExternalResolver,
         forward::Forwarder,
@@ -36,7 +38,7 @@ use crate::{
         routing::Routing,
         sockets::Sockets,
     },
-    source::{self, SourceEvent},
+    source::{self, SourceEvent, pods::PodTable},
     zone::{
         Change, ZoneModel, ZoneSettings,
         objects::{ClusterObject, KUBE_DNS_CONFIG_MAP, Kind, KubeDnsConfigData},
@@ -69,14 +71,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .context("putting the listen addresses on the node")?;
     let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
     check_interfaces(&config.args.interfaces)?;
-    let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
+    let (attachments, mut sync) = load_kernel(&config, &model, &metrics)?.unzip();
     // Loaded and bound: from here on the agent attaches, writes maps and, on exit, removes its
     // listen address. CAP_PERFMON, CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN and the rest go now.
     crate::capabilities::keep_for_serving(attachments.is_some())
         .context("dropping the capabilities serving does not need")?;
+    let kernel_cache = sync
+        .as_mut()
+        .filter(|_| config.args.kernel_cache())
+        .and_then(|s| s.maps_mut().take_cache())
+        .map(KernelCache::new);
+    let (search, autopath) = search_paths(&config, &model, kernel_cache.is_some());
 
     let model = Arc::new(RwLock::new(model));
-    let handler = userspace_server(&config, &model, &forwarder, &metrics);
+    let handler = userspace_server(&config, &model, &forwarder, &metrics, autopath);
 
     let mut tasks = Tasks::new();
     let heartbeat = sync.as_ref().map(|s| s.maps().heartbeat());
@@ -87,16 +95,27 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             handler.probe.clone(),
         ));
     }
-    let zone_loaded = source.spawn(&mut tasks, model, sync, routing, metrics.clone());
+    let completions = search.completions.clone();
+    let zone_loaded = source.spawn(&mut tasks, model, sync, routing, metrics.clone(), search);
     sockets.serve(&mut tasks, &handler);
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
+    if let Some(kernel_cache) = kernel_cache {
+        tasks.spawn(crate::kernel::cache_sync::follow(
+            handler.external.clone(),
+            completions,
+            kernel_cache,
+            metrics.clone(),
+        ));
+    }
     tracing::info!(
         listen = ?config.args.listen,
         upstreams = ?forwarder.upstreams(),
         policy = %config.forward.policy,
         cache_size = config.cache.capacity,
+        kernel_cache = config.args.kernel_cache(),
+        autopath = config.args.autopath,
         kernel = attachments.is_some(),
         "serving"
     );
@@ -216,15 +235,53 @@ impl Signals {
 /// A source of cluster objects, opened: a zone file that cannot be used, or a client that
 /// cannot be configured, stops the agent before it touches the kernel.
 enum Source {
-    File(std::path::PathBuf, Vec<crate::zone::objects::ClusterObject>),
+    File(std::path::PathBuf, source::file::ZoneFile),
     Api(kube::Client, Arc<source::kubernetes::ResponseCounts>),
+}
+
+/// Search-path completion's state: the Pods of this node, and the completions the kernel may
+/// serve; `node_name` when the API's Pods are watched.
+struct SearchPaths {
+    pods: Arc<RwLock<PodTable>>,
+    completions: Arc<Completions>,
+    node_name: Option<String>,
+}
+
+/// Search-path completion (`--autopath`): the state the zone task fills and the completer the
+/// server asks. Completions go to the kernel beside the cache's answers, in the same room.
+fn search_paths(
+    config: &RunConfig,
+    model: &ZoneModel,
+    kernel_cache: bool,
+) -> (SearchPaths, Option<Autopath>) {
+    let search = SearchPaths {
+        pods: Arc::default(),
+        completions: Arc::new(Completions::new(if kernel_cache {
+            config.cache.capacity
+        } else {
+            0
+        })),
+        node_name: config
+            .args
+            .node_name
+            .clone()
+            .filter(|_| config.args.autopath),
+    };
+    let autopath = config.args.autopath.then(|| {
+        Autopath::new(
+            model.zone_wire(),
+            search.pods.clone(),
+            search.completions.clone(),
+        )
+    });
+    (search, autopath)
 }
 
 impl Source {
     /// The kube-dns ConfigMap a zone file holds (the API's comes with its watch).
     fn kube_dns_config(&self) -> Option<&KubeDnsConfigData> {
         match self {
-            Self::File(_, objects) => objects.iter().find_map(|o| match o {
+            Self::File(_, file) => file.objects.iter().find_map(|o| match o {
                 ClusterObject::KubeDnsConfig(data) => Some(data),
                 _ => None,
             }),
@@ -236,7 +293,7 @@ impl Source {
         Ok(match &config.source {
             ObjectSource::ZoneFile(path) => Self::File(
                 path.clone(),
-                source::file::load(path).context("the zone file is refused")?,
+                source::file::load_file(path).context("the zone file is refused")?,
             ),
             ObjectSource::Api(client) => {
                 let (client, counts) = source::kubernetes::connect(client).await?;
@@ -253,6 +310,7 @@ impl Source {
         sync: Option<KernelSync>,
         routing: Routing,
         metrics: Arc<Metrics>,
+        search: SearchPaths,
     ) -> oneshot::Receiver<()> {
         let (tx, rx) = mpsc::channel(1024);
         match self {
@@ -260,14 +318,23 @@ impl Source {
                 source::file::run(path, initial, tx, Duration::from_secs(1)).await;
                 Ok(())
             }),
-            Self::Api(client, counts) => tasks.spawn(async move {
-                source::kubernetes::run(client, counts, tx).await;
-                Ok(())
-            }),
+            Self::Api(client, counts) => {
+                if let Some(node) = search.node_name.clone() {
+                    let (client, tx) = (client.clone(), tx.clone());
+                    tasks.spawn(async move {
+                        source::kubernetes::watch_pods(client, node, tx).await;
+                        Ok(())
+                    });
+                }
+                tasks.spawn(async move {
+                    source::kubernetes::run(client, counts, tx).await;
+                    Ok(())
+                })
+            }
         };
         let (loaded_tx, loaded_rx) = oneshot::channel();
         tasks.spawn(async move {
-            zone_task(rx, model, sync, routing, metrics, loaded_tx).await;
+            zone_task(rx, model, sync, routing, metrics, search, loaded_tx).await;
             Ok(())
         });
         loaded_rx
@@ -322,8 +389,15 @@ fn load_kernel(
     if args.no_kernel {
         return Ok(None);
     }
+    let cache = if args.kernel_cache() {
+        // Checked against MAX_KERNEL_CACHE at start. Completed search paths take as much room
+        // again at most (`Completions` holds no more than --cache-size).
+        args.cache_size as u32 * if args.autopath { 2 } else { 1 }
+    } else {
+        0
+    };
     let (kernel, maps) = Kernel::load(
-        Capacity::scaled(args.kernel_capacity),
+        Capacity::scaled(args.kernel_capacity).with_cache(cache),
         &args.pin_path,
         !args.intercept.is_empty(),
     )?;
@@ -333,6 +407,7 @@ fn load_kernel(
     let (v4, v6) = crate::kernel::split_listen(&args.intercept);
     sync.maps_mut().set_intercept(&v4, &v6)?;
     sync.maps_mut().set_grace(args.kernel_grace);
+    sync.maps_mut().set_autopath(args.autopath);
     sync.write_config(model)?;
     sync.apply(
         Vec::new(),
@@ -355,6 +430,7 @@ fn userspace_server(
     model: &Arc<RwLock<ZoneModel>>,
     forwarder: &Arc<Forwarder>,
     metrics: &Arc<Metrics>,
+    autopath: Option<Autopath>,
 ) -> Arc<Handler> {
     let external = Arc::new(ExternalResolver::new(
         forwarder.clone(),
@@ -368,6 +444,7 @@ fn userspace_server(
         in_flight: Default::default(),
         probe: heartbeat::Probe::new(&config.cluster_domain),
         limits: Arc::new(Limits::new(config.limits.clone(), metrics.limits.clone())),
+        autopath,
     })
 }
 
@@ -398,6 +475,7 @@ async fn zone_task(
     sync: Option<KernelSync>,
     routing: Routing,
     metrics: Arc<Metrics>,
+    search: SearchPaths,
     loaded: oneshot::Sender<()>,
 ) {
     let mut zone = ZoneSink {
@@ -405,9 +483,22 @@ async fn zone_task(
         sync,
         routing,
         metrics,
+        search,
         loaded: Some(loaded),
     };
-    while let Some(event) = rx.recv().await {
+    // Now and then: pending kernel writes retried, retired blobs deleted.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) => e,
+                None => break,
+            },
+            _ = tick.tick() => {
+                zone.retry();
+                continue;
+            }
+        };
         let (changes, seen) = match event {
             SourceEvent::Relist {
                 kind: Kind::ConfigMap,
@@ -462,6 +553,10 @@ async fn zone_task(
                 zone.metrics.set_api_connected(up);
                 continue;
             }
+            SourceEvent::Pods(change) => {
+                zone.pods(change);
+                continue;
+            }
         };
         zone.apply(changes, seen);
     }
@@ -474,6 +569,7 @@ struct ZoneSink {
     sync: Option<KernelSync>,
     routing: Routing,
     metrics: Arc<Metrics>,
+    search: SearchPaths,
     /// Told once the first full load is done.
     loaded: Option<oneshot::Sender<()>>,
 }
@@ -485,7 +581,7 @@ impl ZoneSink {
         if changes.is_empty() {
             return;
         }
-        let (before, after) = {
+        let (before, after, names) = {
             let mut m = self.model.write().expect("zone lock");
             let names = m.touched(&changes);
             let entries = |m: &ZoneModel| {
@@ -498,8 +594,10 @@ impl ZoneSink {
             let after = entries(&m);
             self.metrics
                 .set_zone_size(m.service_count(), m.endpoint_count());
-            (before, after)
+            (before, after, names)
         };
+        // Completions that looked at a changed name are no longer the zone's answer.
+        self.search.completions.zone_changed(&names);
         if let (Some(s), Some(before), Some(after)) = (self.sync.as_mut(), before, after) {
             let stats = s.apply(before, after);
             self.metrics
@@ -511,6 +609,33 @@ impl ZoneSink {
             self.metrics.programming_latency.observe(seen.elapsed());
         }
         self.routing.zone_changed(&model);
+    }
+
+    /// The Pods of the node changed: the namespaces of their addresses, for the kernel too.
+    fn pods(&mut self, change: source::pods::PodChange) {
+        let mut pods = self.search.pods.write().expect("pods lock");
+        let touched = pods.apply(change);
+        let Some(s) = self.sync.as_mut() else {
+            return;
+        };
+        for ip in touched {
+            let ns = pods.namespace_of(ip);
+            if let Err(e) = s.maps_mut().set_pod(ip, ns.as_deref()) {
+                tracing::warn!(error = %e, "a pod's namespace did not fit in the kernel map; its search paths are completed by userspace");
+            }
+        }
+    }
+
+    /// Writes what the kernel maps still lack (a write failed), and deletes retired blobs.
+    fn retry(&mut self) {
+        if let Some(s) = self.sync.as_mut() {
+            let stats = s.retry();
+            if stats.written + stats.failed > 0 {
+                self.metrics
+                    .kernel_synced(stats.written, stats.failed, s.entries());
+                tracing::debug!(?stats, pending = s.pending(), "kernel writes retried");
+            }
+        }
     }
 
     /// The source has listed everything once: the zone answers, the kernel too.

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub kernel_entries: AtomicU64,
     pub kernel_writes: AtomicU64,
     pub kernel_write_failures: AtomicU64,
+    /// Entries the cache of upstream answers has in the kernel.
+    pub kernel_cache_entries: AtomicU64,
     /// Where the kernel counters are pinned (None: no kernel path).
     kernel_pin_path: Mutex<Option<PathBuf>>,
     pub cache: Arc<CacheCounters>,
@@ -119,6 +121,7 @@ impl Default for Metrics {
             kernel_entries: AtomicU64::new(0),
             kernel_writes: AtomicU64::new(0),
             kernel_write_failures: AtomicU64::new(0),
+            kernel_cache_entries: AtomicU64::new(0),
             kernel_pin_path: Mutex::new(None),
             cache: Arc::default(),
             forward: ForwardCounters::default(),
@@ -221,19 +224,28 @@ impl Metrics {
             .as_ref()
             .and_then(|p| crate::kernel::read_pinned_counters(p).ok())
             .unwrap_or_default();
-        let kernel_answered: u64 = kernel
-            .iter()
-            .filter(|(n, _)| n.starts_with("answered"))
-            .map(|(_, v)| v)
-            .sum();
+        let kernel_count = |names: &[&str]| -> u64 {
+            kernel
+                .iter()
+                .filter(|(n, _)| names.contains(n))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let kernel_zone = kernel_count(&["answered", "answered_nodata", "answered_nxdomain"]);
+        let kernel_cache = kernel_count(&["answered_cached"]);
+        let kernel_autopath = kernel_count(&["answered_autopath"]);
 
         counters(
             &mut e,
             "xdns_queries",
-            "Queries answered, by the path that answered them.",
+            "Queries answered, by the path that answered them (kernel: from the zone; \
+             kernel_cache: from the cache of upstream answers; kernel_autopath: a completed \
+             search path).",
             "path",
             [
-                ("kernel", kernel_answered),
+                ("kernel", kernel_zone),
+                ("kernel_cache", kernel_cache),
+                ("kernel_autopath", kernel_autopath),
                 ("userspace", self.userspace.load(Relaxed)),
                 ("forwarded", self.forwarded.load(Relaxed)),
             ],
@@ -312,6 +324,11 @@ impl Metrics {
                 "xdns_kernel_entries",
                 "Entries in the kernel answer maps.",
                 self.kernel_entries.load(Relaxed),
+            ),
+            (
+                "xdns_kernel_cache_entries",
+                "Entries of the cache of upstream answers in the kernel.",
+                self.kernel_cache_entries.load(Relaxed),
             ),
         ] {
             gauge(&mut e, name, help, v)?;

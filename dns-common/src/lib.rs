@@ -16,7 +16,15 @@
 //! 3. else, when the zone is synced and [`CONFIG_NXDOMAIN`] is set, a name below the cluster zone
 //!    (but not below `pod.<zone>`, whose names are synthesised by userspace) does not exist:
 //!    NXDOMAIN.
-//! 4. else the query goes up the stack to the agent.
+//! 4. else, for a name outside the cluster zone, the cache of upstream answers: `(name, qtype,
+//!    DO, CD)` in [`MAP_CACHE_SHORT`] or [`MAP_CACHE_LONG`] → an [`AnswerValue`] whose TTL
+//!    fields the program counts down to the seconds left before [`AnswerValue::expires_ns`].
+//! 5. else the query goes up the stack to the agent.
+//!
+//! Map elements are not snapshots: since Linux 6.1 a hash map hands the memory of a replaced or
+//! deleted element to the next insert on that CPU at once. The program copies an entry, looks
+//! it up again and compares the element and its [`AnswerValue::generation`]; the agent deletes blobs
+//! only [`BLOB_RETIRE_NS`] after no entry points at them.
 //!
 //! Negative answers carry the zone's SOA record, built from [`ZoneConfig::soa`] with its three
 //! names compressed against the question (see [`SOA_PTR_OFFSETS`]).
@@ -28,7 +36,7 @@
 
 /// Bumped whenever a layout below changes. Pinned maps live in a directory named after it, so
 /// an agent never reads maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Map and program names (ELF symbol names; the kernel keeps the first 15 bytes).
@@ -47,6 +55,13 @@ pub const MAP_ANSWERS_LONG: &str = "XDNS_ANS_LONG";
 pub const MAP_BLOBS_S: &str = "XDNS_BLOBS_S";
 pub const MAP_BLOBS_M: &str = "XDNS_BLOBS_M";
 pub const MAP_BLOBS_L: &str = "XDNS_BLOBS_L";
+/// `HashMap<CacheShortKey, AnswerValue>` and `HashMap<CacheLongKey, AnswerValue>`: the agent's
+/// cache of upstream answers (names outside the cluster zone), kept in step with it.
+pub const MAP_CACHE_SHORT: &str = "XDNS_CACHE_S";
+pub const MAP_CACHE_LONG: &str = "XDNS_CACHE_L";
+/// `HashMap<PodKey, PodNamespace>`: the namespace of every pod on this node, by address, for
+/// search-path completion.
+pub const MAP_PODS: &str = "XDNS_PODS";
 /// `Array<ZoneConfig>` with one entry.
 pub const MAP_CONFIG: &str = "XDNS_CONFIG";
 /// `PerCpuArray<u64>` indexed by [`counter`].
@@ -64,9 +79,12 @@ pub const MAP_TRACE_CONTROL: &str = "XDNS_TRACE_CTL";
 pub const MAP_TRACE_EVENTS: &str = "XDNS_TRACE_EVT";
 
 /// Every map the program has, for pinning and reopening.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_ANSWERS_SHORT,
     MAP_ANSWERS_LONG,
+    MAP_CACHE_SHORT,
+    MAP_CACHE_LONG,
+    MAP_PODS,
     MAP_BLOBS_S,
     MAP_BLOBS_M,
     MAP_BLOBS_L,
@@ -114,6 +132,13 @@ pub const EDNS_UDP_SIZE: u16 = MAX_UDP_REPLY as u16;
 pub const OPT_RECORD_LEN: usize = 11;
 /// Queries longer than this go to userspace (the kernel's offsets stay small for the verifier).
 pub const MAX_KERNEL_QUERY: usize = MAX_UDP_REPLY;
+
+/// TTL fields the program counts down in one cached answer (a bounded loop); an answer with
+/// more records is answered by the agent.
+pub const MAX_TTL_FIELDS: usize = 32;
+/// How long after no entry points at a blob the agent deletes it: far longer than any program
+/// run that may have read the old entry, so its copy never reads memory given to another blob.
+pub const BLOB_RETIRE_NS: u64 = 1_000_000_000;
 
 /// Default capacities; `dns-agent run` can change them at load time.
 /// Sized for 10,000 Services with 100,000 endpoints (about 330,000 short-name entries); each
@@ -164,6 +189,63 @@ pub struct LongKey {
     pub _pad: [u8; 2],
 }
 
+/// Key of [`MAP_CACHE_SHORT`]: a [`ShortKey`] and the rest of the agent's cache key. Its first
+/// 64 bytes have a `ShortKey`'s layout and the variant sits where a [`LongKey`]'s name goes on,
+/// so the program builds it in the same buffer. (The class is always IN: the kernel answers
+/// nothing else.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShortKey {
+    pub qtype: u16,
+    pub name: [u8; SHORT_NAME_LEN],
+    /// `CACHE_DO | CACHE_CD` as the query asked.
+    pub variant: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Key of [`MAP_CACHE_LONG`]: a [`LongKey`] with the variant in its first padding byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLongKey {
+    pub qtype: u16,
+    pub name: [u8; LONG_NAME_LEN],
+    pub variant: u8,
+    pub _pad: u8,
+}
+
+/// Cache key variant bits: the query's EDNS DO bit, and its CD bit (an answer fetched with
+/// checking disabled may hold what a validating upstream refuses everyone else).
+pub const CACHE_DO: u8 = 1 << 0;
+pub const CACHE_CD: u8 = 1 << 1;
+/// Cache key variant bit of a completed search path: the answer to a name under the first
+/// search element of a namespace (`<name>.<ns>.svc.<zone>`, which does not exist), as
+/// CoreDNS's `autopath` gives it. Served only to pods of that namespace.
+pub const CACHE_AUTOPATH: u8 = 1 << 2;
+
+/// Key of [`MAP_PODS`]: a pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodKey {
+    /// IPv4 addresses in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_PODS`]: the pod's namespace, one DNS label.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodNamespace {
+    /// Length of the label (1..=63).
+    pub len: u8,
+    /// The label, lowercase, zero-padded.
+    pub label: [u8; MAX_LABEL_LEN],
+}
+
+/// Pods remembered per node: far more than a node runs (Kubernetes' default limit is 110).
+pub const DEFAULT_PODS_MAX: u32 = 4096;
+
 // ---------------------------------------------------------------------------------------------
 // Values.
 
@@ -193,7 +275,11 @@ pub const RCODE_NXDOMAIN: u16 = 3;
 pub struct AnswerValue {
     /// One of `ACTION_*`.
     pub action: u8,
-    pub _pad0: u8,
+    /// TTL fields the program sets to the seconds left before [`AnswerValue::expires_ns`]
+    /// (cached upstream answers; at most [`MAX_TTL_FIELDS`]); 0 for the zone's answers, whose
+    /// TTLs are in their bytes. Their offsets into the section bytes are `u16`s (host order) at
+    /// the end of [`AnswerValue::data`], the first one last: [`ttl_offset_at`].
+    pub ttl_count: u8,
     /// Header bits the reply carries besides QR and the query's RD and CD: AA, RA, RCODE.
     pub flags: u16,
     /// Record counts of the section bytes (for [`ACTION_NODATA`] the kernel adds the SOA).
@@ -204,16 +290,26 @@ pub struct AnswerValue {
     pub data_len: u16,
     /// Internet checksum partial sum (folded, not inverted) of the section bytes, taken as if
     /// they started at an even offset. The kernel byte-swaps it when they start at an odd one.
+    /// The TTL fields of [`AnswerValue::ttl_count`] are zero in the bytes and in this sum.
     pub data_csum: u16,
-    pub _pad1: u16,
+    /// Of the TTL fields, those at an odd offset into the section bytes (the checksum of a TTL
+    /// depends on its parity).
+    pub ttl_odd: u16,
     /// 0: the section bytes are [`AnswerValue::data`]; otherwise the key of a blob, its class
     /// in the top two bits.
     /// A blob is never rewritten in place: a changed answer gets a new blob id.
     pub blob: u32,
-    pub _pad2: u32,
+    /// Unique per write (it wraps after 2^32 writes): the program checks after its copy that
+    /// the element it read still holds this write.
+    pub generation: u32,
     /// `bpf_ktime_get_ns()` time after which the entry must not be served; 0 for never.
     pub expires_ns: u64,
     pub data: [u8; INLINE_DATA_LEN],
+}
+
+/// Byte offset into [`AnswerValue::data`] of the `i`-th TTL offset.
+pub const fn ttl_offset_at(i: usize) -> usize {
+    INLINE_DATA_LEN - 2 * (i + 1)
 }
 
 /// Value of the blob maps.
@@ -246,6 +342,10 @@ pub const CONFIG_SYNCED: u32 = 1 << 0;
 /// Every existing name of the zone is in the maps: a name below the zone that is not there
 /// does not exist. Cleared when the maps could not take every name (e.g. they are full).
 pub const CONFIG_NXDOMAIN: u32 = 1 << 1;
+/// Search-path completion (`--autopath`): a name under the first search element of the asking
+/// pod's namespace that does not exist is completed ([`MAP_PODS`]), never answered NXDOMAIN
+/// by the zone rule alone.
+pub const CONFIG_AUTOPATH: u32 = 1 << 2;
 
 /// Byte length of the zone SOA record template.
 pub const SOA_RECORD_LEN: usize = 54;
@@ -427,19 +527,29 @@ pub mod counter {
     /// cluster, and every query passes untouched.
     pub const PASS_AGENT_DOWN: u32 = 13;
 
+    /// Answered in the kernel from the cache of upstream answers (any RCODE).
+    pub const ANSWERED_CACHED: u32 = 14;
+    /// Answered in the kernel with a completed search path (autopath).
+    pub const ANSWERED_AUTOPATH: u32 = 15;
+    /// A search-path expansion the kernel holds no completed answer for: the agent completes it.
+    pub const PASS_AUTOPATH: u32 = 16;
+    /// The entry changed while the program read it (its element was replaced, or its blob was
+    /// gone): passed up rather than answered from a mix.
+    pub const PASS_RACE: u32 = 17;
+
     /// Counters up to here are outcomes: every packet lands in exactly one.
-    pub const OUTCOMES: u32 = 14;
+    pub const OUTCOMES: u32 = 18;
 
     /// Of the passes above, queries to an intercepted address steered to the agent.
-    pub const STEERED: u32 = 14;
+    pub const STEERED: u32 = 18;
     /// Of the passes above, queries to an intercepted address left untouched, for the node's
     /// Service proxy to carry to the cluster's DNS Service: the agent is not answering (a stale
     /// heartbeat, or no socket).
-    pub const LEFT_TO_SERVICE: u32 = 15;
+    pub const LEFT_TO_SERVICE: u32 = 19;
     /// Replies to steered queries given the intercepted address back (tc egress program).
-    pub const EGRESS_RESTORED: u32 = 16;
+    pub const EGRESS_RESTORED: u32 = 20;
 
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 21;
 
     /// Names for display and metrics, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -457,6 +567,10 @@ pub mod counter {
         "pass_no_room",
         "error_write",
         "pass_agent_down",
+        "answered_cached",
+        "answered_autopath",
+        "pass_autopath",
+        "pass_race",
         "steered",
         "left_to_service",
         "egress_restored",
@@ -471,6 +585,19 @@ const _: () = assert!(core::mem::size_of::<LongKey>() == 260);
 const _: () =
     assert!(core::mem::offset_of!(LongKey, name) == core::mem::offset_of!(ShortKey, name));
 const _: () = assert!(core::mem::size_of::<AnswerValue>() == 128);
+const _: () = assert!(core::mem::offset_of!(AnswerValue, generation) == 20);
+const _: () = assert!(core::mem::size_of::<CacheShortKey>() == 72);
+const _: () = assert!(
+    core::mem::offset_of!(CacheShortKey, variant)
+        == core::mem::offset_of!(LongKey, name) + SHORT_NAME_LEN
+);
+const _: () = assert!(core::mem::size_of::<CacheLongKey>() == core::mem::size_of::<LongKey>());
+const _: () =
+    assert!(core::mem::offset_of!(CacheLongKey, variant) == core::mem::offset_of!(LongKey, _pad));
+const _: () = assert!(2 * MAX_TTL_FIELDS <= INLINE_DATA_LEN);
+const _: () = assert!(MAX_TTL_FIELDS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<PodKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PodNamespace>() == 64);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
 const _: () = assert!(core::mem::size_of::<BlobL>() == BLOB_DATA_LEN);
@@ -506,6 +633,10 @@ mod user {
     // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for ShortKey {}
     unsafe impl aya::Pod for LongKey {}
+    unsafe impl aya::Pod for CacheShortKey {}
+    unsafe impl aya::Pod for CacheLongKey {}
+    unsafe impl aya::Pod for PodKey {}
+    unsafe impl aya::Pod for PodNamespace {}
     unsafe impl aya::Pod for AnswerValue {}
     unsafe impl<const N: usize> aya::Pod for Blob<N> {}
     unsafe impl aya::Pod for ZoneConfig {}
@@ -535,20 +666,42 @@ impl LongKey {
     }
 }
 
+impl CacheShortKey {
+    pub const fn zeroed() -> Self {
+        Self {
+            qtype: 0,
+            name: [0; SHORT_NAME_LEN],
+            variant: 0,
+            _pad: [0; 7],
+        }
+    }
+}
+
+impl CacheLongKey {
+    pub const fn zeroed() -> Self {
+        Self {
+            qtype: 0,
+            name: [0; LONG_NAME_LEN],
+            variant: 0,
+            _pad: 0,
+        }
+    }
+}
+
 impl AnswerValue {
     pub const fn zeroed() -> Self {
         Self {
             action: 0,
-            _pad0: 0,
+            ttl_count: 0,
             flags: 0,
             ancount: 0,
             nscount: 0,
             arcount: 0,
             data_len: 0,
             data_csum: 0,
-            _pad1: 0,
+            ttl_odd: 0,
             blob: 0,
-            _pad2: 0,
+            generation: 0,
             expires_ns: 0,
             data: [0; INLINE_DATA_LEN],
         }

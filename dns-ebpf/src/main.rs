@@ -2,11 +2,13 @@
 //!
 //! Reads like the protocol, a module per stage: `layers` (ethernet → IPv4/IPv6 → UDP),
 //! `question` (DNS header → question → OPT), `lookup` (the answer maps the agent fills, see
-//! `dns-common`), `reply` (checksum from parts, then the query rewritten in place into the
-//! response and sent back out of the interface it came in on with `XDP_TX`), and for queries
-//! to an intercepted address the kernel does not answer, `steer` (to the agent while it
-//! answers). `packet`, `csum`, `addrs` and `maps` serve them all. `egress` is the second
-//! program: a tc egress classifier that gives the replies to steered queries their address back.
+//! `dns-common`: the zone, then the cache of upstream answers), `reply` (checksum from parts,
+//! then the query rewritten in place into the response and sent back out of the interface it
+//! came in on with `XDP_TX`), `ttl` (a cached answer's TTLs counted down), `autopath` (is this
+//! a search-path expansion of the asking pod's namespace?), and for queries to an intercepted
+//! address the kernel does not answer, `steer` (to the agent while it answers).
+//! `packet`, `csum`, `addrs` and `maps` serve them all. `egress` is the second program: a tc
+//! egress classifier that gives the replies to steered queries their address back.
 //!
 //! Rules (DESIGN.md): fail open. Anything not fully understood — and anything whose answer is
 //! not in the maps — goes up the stack untouched (`XDP_PASS`), where the agent answers it. The
@@ -18,6 +20,7 @@
 #![feature(asm_experimental_arch)]
 
 mod addrs;
+mod autopath;
 mod csum;
 mod egress;
 mod layers;
@@ -28,6 +31,7 @@ mod question;
 mod reply;
 mod steer;
 mod trace;
+mod ttl;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use dns_common::{CONFIG_SYNCED, counter};
@@ -50,10 +54,27 @@ pub const fn pass(counter: u32) -> Outcome {
 #[xdp]
 pub fn xdns_xdp(ctx: XdpContext) -> u32 {
     let mut intercepted = false;
-    let outcome = match handle(&ctx, &mut intercepted) {
+    let mut outcome = match handle(&ctx, &mut intercepted) {
         Ok(o) | Err(o) => o,
     };
     let scratch = SCRATCH.get_ptr_mut(0);
+    // A cached answer's TTLs, written last from what the stages left in scratch memory: the
+    // verifier checks the loop once rather than once for every way to an answer.
+    if outcome.action == xdp_action::XDP_TX
+        && matches!(
+            outcome.counter,
+            counter::ANSWERED_CACHED | counter::ANSWERED_AUTOPATH
+        )
+        && let Some(s) = scratch
+        // SAFETY: per-CPU scratch, not shared with any other program run.
+        && !ttl::count_down(&ctx, unsafe { &*s })
+    {
+        // The reply is written but for its TTLs: a half-written reply must not leave.
+        outcome = Outcome {
+            action: xdp_action::XDP_DROP,
+            counter: counter::ERROR_WRITE,
+        };
+    }
     // Before the key's tail is cleaned: the event carries the name. Not for the traffic that is
     // no DNS query of ours (most of a pod's packets): it costs them not even the flag's lookup.
     if outcome.counter != counter::PASS_NOT_DNS && trace::wanted(&ctx) {
@@ -108,7 +129,7 @@ fn answer(
     // SAFETY: per-CPU scratch, not shared with any other program run.
     let scratch = unsafe { &mut *scratch };
     let query = question::question(ctx, layers, &header, scratch)?;
-    let answer = lookup::answer(scratch, config, &query)?;
+    let answer = lookup::answer(ctx, scratch, config, &query)?;
     reply::send(ctx, layers, config, scratch, &query, &answer)
 }
 

@@ -11,9 +11,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dns_common::{
-    AnswerValue, BlobL, BlobM, BlobS, DEFAULT_ANSWERS_LONG_MAX, DEFAULT_ANSWERS_SHORT_MAX,
-    DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX, DEFAULT_BLOBS_S_MAX, DEFAULT_FLOWS_MAX, FlowKey,
-    FlowValue, Liveness, LongKey, ShortKey, ZoneConfig, counter,
+    AnswerValue, BlobL, BlobM, BlobS, CacheLongKey, CacheShortKey, DEFAULT_ANSWERS_LONG_MAX,
+    DEFAULT_ANSWERS_SHORT_MAX, DEFAULT_BLOBS_L_MAX, DEFAULT_BLOBS_M_MAX, DEFAULT_BLOBS_S_MAX,
+    DEFAULT_FLOWS_MAX, DEFAULT_PODS_MAX, FlowKey, FlowValue, Liveness, LongKey, PodKey,
+    PodNamespace, ShortKey, ZoneConfig, counter,
 };
 
 #[map(name = "XDNS_ANS_SHORT")]
@@ -23,6 +24,19 @@ pub static ANSWERS_SHORT: HashMap<ShortKey, AnswerValue> =
 #[map(name = "XDNS_ANS_LONG")]
 pub static ANSWERS_LONG: HashMap<LongKey, AnswerValue> =
     HashMap::with_max_entries(DEFAULT_ANSWERS_LONG_MAX, BPF_F_NO_PREALLOC);
+
+// The cache of upstream answers; the agent sizes them from --cache-size.
+#[map(name = "XDNS_CACHE_S")]
+pub static CACHE_SHORT: HashMap<CacheShortKey, AnswerValue> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+#[map(name = "XDNS_CACHE_L")]
+pub static CACHE_LONG: HashMap<CacheLongKey, AnswerValue> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+#[map(name = "XDNS_PODS")]
+pub static PODS: HashMap<PodKey, PodNamespace> =
+    HashMap::with_max_entries(DEFAULT_PODS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "XDNS_BLOBS_S")]
 pub static BLOBS_S: HashMap<u32, BlobS> =
@@ -71,6 +85,19 @@ pub struct Scratch {
     pub flow_key: FlowKey,
     pub flow_value: FlowValue,
     pub tuple: aya_ebpf::bindings::bpf_sock_tuple,
+    /// The answer entry the lookup found, copied (`lookup::snapshot`): a map element is not a
+    /// snapshot, and every later stage reads this copy.
+    pub value: AnswerValue,
+    /// The asking pod's namespace, copied from `XDNS_PODS` (`autopath.rs`): its length, then the
+    /// label. 8-aligned, copied in words.
+    pub pod_ns: [u8; 64],
+    /// TTL fields of `value` to count down after the reply is written (`ttl.rs`), 0: none;
+    /// the seconds to write there; and where the sections start in the frame.
+    pub ttl_fields: u64,
+    pub ttl: u64,
+    pub ttl_at: u64,
+    /// The asking pod's address, as `XDNS_PODS`' key.
+    pub pod_key: PodKey,
 }
 // Power-of-two sizes let `& (LEN - 1)` prove every index in bounds (no panic paths).
 pub const RAW_LEN: usize = 512;
@@ -78,6 +105,10 @@ pub const KEY_WORDS: usize = (core::mem::size_of::<LongKey>() + 4) / 8;
 pub const SHORT_KEY_WORDS: usize = core::mem::size_of::<ShortKey>() / 8;
 const _: () = assert!(core::mem::offset_of!(Scratch, key) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Scratch, label_starts) == RAW_LEN + KEY_WORDS * 8);
+const _: () = assert!(core::mem::offset_of!(Scratch, value) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Scratch, pod_ns) % 8 == 0);
+const _: () = assert!(core::mem::size_of::<PodNamespace>() == 64);
+pub const VALUE_WORDS: usize = core::mem::size_of::<AnswerValue>() / 8;
 
 #[map(name = "XDNS_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,15 +1,15 @@
 //! The reply: the UDP checksum computed from parts before anything is written, then the query
 //! rewritten in place — frame resized, sections and OPT record after the question, addresses
-//! and ports swapped, headers and counts set.
+//! and ports swapped, headers and counts set. (The TTLs of a cached answer are counted down
+//! after, by `ttl.rs`; their share of the checksum is added here.)
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, maps::HashMap,
     programs::XdpContext,
 };
 use dns_common::{
-    AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S, BLOB_CLASS_SHIFT, Blob, EDNS_UDP_SIZE, FLAG_CD,
-    FLAG_QR, FLAG_RD, INLINE_DATA_LEN, OPT_RECORD_LEN, SOA_PTR_OFFSETS, SOA_RECORD_LEN, ZoneConfig,
-    counter,
+    BLOB_CLASS_M, BLOB_CLASS_S, BLOB_CLASS_SHIFT, Blob, EDNS_UDP_SIZE, FLAG_CD, FLAG_QR, FLAG_RD,
+    INLINE_DATA_LEN, OPT_RECORD_LEN, SOA_PTR_OFFSETS, SOA_RECORD_LEN, ZoneConfig, counter,
 };
 
 use crate::{
@@ -36,7 +36,7 @@ pub fn send(
     ctx: &XdpContext,
     layers: &Layers,
     config: &ZoneConfig,
-    scratch: &Scratch,
+    scratch: &mut Scratch,
     q: &Query,
     a: &Answer,
 ) -> Result<Outcome, Outcome> {
@@ -70,9 +70,19 @@ pub fn send(
     let zone_ptr =
         (0xc000 | ((DNS_HLEN + name_len).saturating_sub(config.zone_len as usize) & 0x3fff)) as u16;
     match a.sections {
-        Sections::Data(v) => {
-            // SAFETY: map values stay valid for the duration of the program run.
-            sum += at_parity(unsafe { (*v).data_csum } as u32, sections_off);
+        Sections::Data => {
+            let v = &scratch.value;
+            sum += at_parity(v.data_csum as u32, sections_off);
+            // TTL fields to count down are zero in the bytes and their sum: add the seconds
+            // left, once per field, at each field's parity.
+            let fields = scratch.ttl_fields as u32;
+            if fields != 0 {
+                let ttl = scratch.ttl as u32;
+                let per_field = (ttl >> 16) + (ttl & 0xffff);
+                let odd = (v.ttl_odd as u32).min(fields);
+                sum += at_parity((fields - odd) * per_field, sections_off);
+                sum += at_parity(odd * per_field, sections_off + 1);
+            }
         }
         Sections::Soa => {
             sum += at_parity(config.soa_csum as u32, sections_off);
@@ -89,6 +99,13 @@ pub fn send(
     if udp_csum == 0 {
         udp_csum = 0xffff;
     }
+
+    // Where the section bytes come from, found before anything changes: a blob missing now (the
+    // entry was replaced and its blob deleted since the copy) passes the query up intact.
+    let data = match a.sections {
+        Sections::Data => Some(data_source(scratch, data_len)?),
+        Sections::Soa => None,
+    };
 
     // --- rewrite ------------------------------------------------------------------------------
     // Until the resize nothing has changed: every failure so far passed the query up intact.
@@ -108,15 +125,14 @@ pub fn send(
     };
 
     let dns_sections = (dns + sections_off) as u32;
-    match a.sections {
-        Sections::Data(v) => {
-            // SAFETY: map values stay valid for the duration of the program run.
-            let v = unsafe { &*v };
-            if !store_data(ctx, v, dns_sections, data_len) {
+    scratch.ttl_at = dns_sections as u64;
+    match data {
+        Some(src) => {
+            if data_len != 0 && !store(ctx, dns_sections, src, data_len) {
                 return Err(write_error);
             }
         }
-        Sections::Soa => {
+        None => {
             if !store(ctx, dns_sections, config.soa.as_ptr(), SOA_RECORD_LEN) {
                 return Err(write_error);
             }
@@ -169,34 +185,34 @@ fn opt_record(do_bit: u16) -> [u8; OPT_RECORD_LEN + 1] {
     ]
 }
 
+/// The section bytes of the copied entry: inline in the copy, or in its blob. A blob's memory
+/// stays its own while the program runs: the agent never rewrites a blob, and deletes one only
+/// long after no entry points at it (`dns_common::BLOB_RETIRE_NS`).
 #[inline(always)]
-fn store_data(ctx: &XdpContext, v: &AnswerValue, off: u32, len: usize) -> bool {
-    if len == 0 {
-        return true;
-    }
-    // Each class its own copy, so the verifier sees a constant bound for each.
+fn data_source(scratch: &Scratch, len: usize) -> Result<*const u8, Outcome> {
+    let v = &scratch.value;
+    // Each class its own arm, so the verifier sees a constant bound for each.
     match v.blob >> BLOB_CLASS_SHIFT {
-        0 => len <= INLINE_DATA_LEN && store(ctx, off, v.data.as_ptr(), len),
-        BLOB_CLASS_S => store_blob(&BLOBS_S, ctx, v.blob, off, len),
-        BLOB_CLASS_M => store_blob(&BLOBS_M, ctx, v.blob, off, len),
-        _ => store_blob(&BLOBS_L, ctx, v.blob, off, len),
+        0 if len <= INLINE_DATA_LEN => Ok(v.data.as_ptr()),
+        0 => Err(pass(counter::PASS_USERSPACE)),
+        BLOB_CLASS_S => blob(&BLOBS_S, v.blob, len),
+        BLOB_CLASS_M => blob(&BLOBS_M, v.blob, len),
+        _ => blob(&BLOBS_L, v.blob, len),
     }
 }
 
 #[inline(always)]
-fn store_blob<const N: usize>(
+fn blob<const N: usize>(
     map: &HashMap<u32, Blob<N>>,
-    ctx: &XdpContext,
     id: u32,
-    off: u32,
     len: usize,
-) -> bool {
-    let Some(blob) = map.get_ptr(id) else {
-        return false;
-    };
-    // SAFETY: map values stay valid for the duration of the program run.
-    let blob = unsafe { &*blob };
-    len <= N && store(ctx, off, blob.data.as_ptr(), len)
+) -> Result<*const u8, Outcome> {
+    if len > N {
+        return Err(pass(counter::PASS_USERSPACE));
+    }
+    let blob = map.get_ptr(id).ok_or(pass(counter::PASS_RACE))?;
+    // SAFETY: a pointer into the map value just looked up; not dereferenced here.
+    Ok(unsafe { (*blob).data.as_ptr() })
 }
 
 /// Turns the query's headers into the reply's: swap addresses and ports, set lengths, TTL and

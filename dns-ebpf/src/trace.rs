@@ -55,6 +55,10 @@ fn key_is_this_packets(c: u32) -> bool {
             | counter::PASS_EXPIRED
             | counter::PASS_NO_ROOM
             | counter::ERROR_WRITE
+            | counter::ANSWERED_CACHED
+            | counter::ANSWERED_AUTOPATH
+            | counter::PASS_AUTOPATH
+            | counter::PASS_RACE
     )
 }
 

@@ -48,14 +48,17 @@ pub enum Resource {
     Services,
     EndpointSlices,
     ConfigMaps,
+    /// Watched with `fieldSelector=spec.nodeName=<node>` (`--autopath`).
+    Pods,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Self::Namespaces,
         Self::Services,
         Self::EndpointSlices,
         Self::ConfigMaps,
+        Self::Pods,
     ];
 
     /// The path of the resource in every namespace.
@@ -65,6 +68,7 @@ impl Resource {
             Self::Services => "/api/v1/services",
             Self::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Self::ConfigMaps => "/api/v1/configmaps",
+            Self::Pods => "/api/v1/pods",
         }
     }
 
@@ -80,6 +84,7 @@ impl Resource {
             Self::Services => "Service",
             Self::EndpointSlices => "EndpointSlice",
             Self::ConfigMaps => "ConfigMap",
+            Self::Pods => "Pod",
         }
     }
 
@@ -120,15 +125,19 @@ impl Resource {
 struct Scope {
     namespace: Option<String>,
     name: Option<String>,
+    /// `spec.nodeName` of Pods (`--autopath` watches this node's).
+    node: Option<String>,
 }
 
 impl Scope {
     /// `namespace` from the path, and the request's field selector: `metadata.name=X` and
-    /// `metadata.namespace=X` terms (`=` or `==`), comma-separated. Anything else: `Err`.
+    /// `metadata.namespace=X` terms (`=` or `==`), comma-separated, and `spec.nodeName=X` of
+    /// Pods. Anything else: `Err`.
     fn of(namespace: Option<String>, req: &Request) -> Result<Self, String> {
         let mut scope = Self {
             namespace,
             name: None,
+            node: None,
         };
         if let Some(selector) = req.query.get("fieldSelector") {
             for term in selector.split(',').filter(|t| !t.is_empty()) {
@@ -140,6 +149,9 @@ impl Scope {
                 match field {
                     "metadata.name" => scope.name = Some(value.to_string()),
                     "metadata.namespace" => scope.namespace = Some(value.to_string()),
+                    "spec.nodeName" if req.path.ends_with("/pods") => {
+                        scope.node = Some(value.to_string());
+                    }
                     _ => return Err(format!("the fake API does not implement {term:?}")),
                 }
             }
@@ -147,9 +159,15 @@ impl Scope {
         Ok(scope)
     }
 
-    fn admits(&self, namespace: &str, name: &str) -> bool {
+    /// Whether the object `namespace/name` is in scope; `object` is asked only for Pods'
+    /// node, and only when the scope names one.
+    fn admits(&self, namespace: &str, name: &str, object: impl FnOnce() -> Value) -> bool {
         self.namespace.as_deref().is_none_or(|n| n == namespace)
             && self.name.as_deref().is_none_or(|n| n == name)
+            && self
+                .node
+                .as_deref()
+                .is_none_or(|node| object()["spec"]["nodeName"].as_str() == Some(node))
     }
 }
 
@@ -748,7 +766,7 @@ fn list(
                 .objects
                 .range((resource, String::new(), String::new())..)
                 .take_while(|((r, _, _), _)| *r == resource)
-                .filter(|((_, ns, name), _)| scope.admits(ns, name))
+                .filter(|((_, ns, name), (object, _))| scope.admits(ns, name, || object.clone()))
                 .map(|(_, (_, text))| text.clone())
                 .collect();
             let id = st.next_snapshot;
@@ -798,6 +816,7 @@ fn list(
     send_body(out, 200, "OK", &body)
 }
 
+/// Does `object` pass the request's field selector (only `spec.nodeName=<node>` is known)?
 /// Streams a watch. `Ok(false)` when the connection must close (cut or down).
 fn watch(
     out: &mut TcpStream,
@@ -852,8 +871,8 @@ fn watch(
     let mut cursor;
     if initial_events || from.is_empty() || from == "0" {
         cursor = st.rv;
-        for ((r, ns, name), (_, text)) in st.objects.iter() {
-            if *r == resource && scope.admits(ns, name) {
+        for ((r, ns, name), (object, text)) in st.objects.iter() {
+            if *r == resource && scope.admits(ns, name, || object.clone()) {
                 first.push(format!("{{\"type\":\"ADDED\",\"object\":{text}}}"));
             }
         }
@@ -911,7 +930,14 @@ fn watch(
         let lines: Vec<(u64, Arc<str>)> = st
             .history
             .range(start..)
-            .filter(|e| e.resource == resource && scope.admits(&e.namespace, &e.name))
+            .filter(|e| {
+                e.resource == resource
+                    && scope.admits(&e.namespace, &e.name, || {
+                        serde_json::from_str::<Value>(&e.line)
+                            .map(|l| l["object"].clone())
+                            .unwrap_or_default()
+                    })
+            })
             .map(|e| (e.rv, e.line.clone()))
             .collect();
         if let Some(last) = st.history.back() {

@@ -5,6 +5,7 @@
 //! namespaces the test made, on the documentation and link-local ranges.
 #![allow(dead_code)]
 
+pub mod answers;
 pub mod cluster_gen;
 pub mod fake_api;
 pub mod frames;

@@ -105,6 +105,13 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// (Run by `bench` in the pod namespace.) Resolve the first COUNT names of NAMES with
+    /// getaddrinfo, printing the microseconds of each.
+    #[command(hide = true)]
+    BenchResolve {
+        names: std::path::PathBuf,
+        count: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -181,5 +188,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             soak::check(&o)?;
             soak::soak(o)
         }
+        Command::BenchResolve { names, count } => bench::resolve::resolve_loop(&names, count),
     }
 }

@@ -2,22 +2,22 @@
 //! and intercepted addresses), the agent's heartbeat, counters.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque},
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use dns_common::{
     ACTION_ANSWER, ACTION_NODATA, ACTION_PASS, AnswerValue, BLOB_CLASS_M, BLOB_CLASS_S,
-    BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_S_LEN, Blob, BlobL, BlobM, BlobS,
-    INLINE_DATA_LEN, LONG_NAME_LEN, Liveness, LongKey, MAX_INTERCEPT, MAX_LISTEN, SHORT_NAME_LEN,
-    SOA_RECORD_LEN, ShortKey, ZoneConfig, blob_class, counter, csum,
+    BLOB_CLASS_SHIFT, BLOB_DATA_LEN, BLOB_M_LEN, BLOB_RETIRE_NS, BLOB_S_LEN, Blob, BlobL, BlobM,
+    BlobS, INLINE_DATA_LEN, LONG_NAME_LEN, Liveness, LongKey, MAX_INTERCEPT, MAX_LISTEN, PodKey,
+    PodNamespace, SHORT_NAME_LEN, SOA_RECORD_LEN, ShortKey, ZoneConfig, blob_class, counter, csum,
 };
 
 use super::KernelError;
@@ -27,9 +27,12 @@ use crate::zone::{KernelAnswer, name::WireName};
 pub struct KernelMaps {
     pub(super) short: HashMap<MapData, ShortKey, AnswerValue>,
     pub(super) long: HashMap<MapData, LongKey, AnswerValue>,
-    pub(super) blobs_s: HashMap<MapData, u32, BlobS>,
-    pub(super) blobs_m: HashMap<MapData, u32, BlobM>,
-    pub(super) blobs_l: HashMap<MapData, u32, BlobL>,
+    pub(super) blobs: BlobMaps,
+    /// The cache of upstream answers' maps, until [`KernelMaps::take_cache`] hands them to
+    /// their writer.
+    pub(super) cache: Option<super::cache_sync::CacheMaps>,
+    /// The namespace of each pod of the node, by address (search-path completion).
+    pub(super) pods: HashMap<MapData, PodKey, PodNamespace>,
     /// The parts of the zone config set once at start — listen and intercepted addresses,
     /// liveness settings — written with the rest by [`KernelMaps::write_config`].
     pub(super) addresses: ZoneConfig,
@@ -100,6 +103,31 @@ impl Drop for Heartbeat {
     }
 }
 
+/// `instant` on `bpf_ktime_get_ns()`'s clock. `Instant` reads `CLOCK_MONOTONIC` too, but keeps
+/// its value to itself: one pair of readings taken side by side gives the offset, to within
+/// tens of nanoseconds, for the life of the process.
+pub fn monotonic_ns_at(instant: Instant) -> u64 {
+    static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (base, base_ns) = *BASE.get_or_init(|| {
+        let before = Instant::now();
+        let ns = monotonic_ns();
+        let after = Instant::now();
+        (before + (after - before) / 2, ns)
+    });
+    if instant >= base {
+        base_ns + (instant - base).as_nanos() as u64
+    } else {
+        base_ns.saturating_sub((base - instant).as_nanos() as u64)
+    }
+}
+
+/// A fresh [`AnswerValue::generation`] for every write, from every writer: the program tells a
+/// reused element from the one it looked up by it.
+pub fn next_generation() -> u32 {
+    static GENERATION: AtomicU32 = AtomicU32::new(1);
+    GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -121,6 +149,10 @@ pub struct WriteError {
 }
 
 impl WriteError {
+    pub(super) fn new(what: String, source: MapError) -> Self {
+        Self { what, source }
+    }
+
     /// The map is full (E2BIG from the kernel).
     pub fn is_full(&self) -> bool {
         matches!(&self.source, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
@@ -130,6 +162,23 @@ impl WriteError {
 enum Key {
     Short(ShortKey),
     Long(LongKey),
+}
+
+/// `XDNS_PODS`' key of an address.
+pub fn pod_key(addr: std::net::IpAddr) -> PodKey {
+    let mut k = PodKey {
+        addr: [0; 16],
+        family: 4,
+        _pad: [0; 3],
+    };
+    match addr {
+        std::net::IpAddr::V4(a) => k.addr[..4].copy_from_slice(&a.octets()),
+        std::net::IpAddr::V6(a) => {
+            k.addr = a.octets();
+            k.family = 6;
+        }
+    }
+    k
 }
 
 fn key(name: &[u8], qtype: u16) -> Key {
@@ -182,23 +231,146 @@ pub fn answer_value(answer: &KernelAnswer) -> (AnswerValue, Option<&[u8]>) {
     (v, blob)
 }
 
-/// Blob ids: never reused while in use, and handed out in a cycle of 2^30 per class, so an
-/// id freed now is not reused for a very long time (a reader that looked up the old id either
-/// finds the old blob or nothing, never another answer's bytes).
-#[derive(Default)]
+/// The three blob maps (section bytes too long for an entry), by size class.
+pub struct BlobMaps {
+    s: HashMap<MapData, u32, BlobS>,
+    m: HashMap<MapData, u32, BlobM>,
+    l: HashMap<MapData, u32, BlobL>,
+}
+
+impl BlobMaps {
+    pub(super) fn new(
+        s: HashMap<MapData, u32, BlobS>,
+        m: HashMap<MapData, u32, BlobM>,
+        l: HashMap<MapData, u32, BlobL>,
+    ) -> Self {
+        Self { s, m, l }
+    }
+
+    /// A second handle on the same maps: the cache of upstream answers writes its blobs
+    /// beside the zone's, in ids of its own.
+    pub(super) fn share(&self) -> Result<Self, MapError> {
+        fn again<V: aya::Pod>(
+            map: &HashMap<MapData, u32, V>,
+        ) -> Result<HashMap<MapData, u32, V>, MapError> {
+            let fd = map
+                .map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| {
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    })
+                })?;
+            HashMap::try_from(aya::maps::Map::HashMap(MapData::from_fd(fd)?))
+        }
+        Ok(Self {
+            s: again(&self.s)?,
+            m: again(&self.m)?,
+            l: again(&self.l)?,
+        })
+    }
+
+    pub(super) fn insert(&mut self, id: u32, data: &[u8]) -> Result<(), MapError> {
+        fn put<const N: usize>(
+            map: &mut HashMap<MapData, u32, Blob<N>>,
+            id: u32,
+            data: &[u8],
+        ) -> Result<(), MapError> {
+            let mut blob = Blob { data: [0; N] };
+            blob.data[..data.len()].copy_from_slice(data);
+            map.insert(id, blob, 0)
+        }
+        match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => put(&mut self.s, id, data),
+            BLOB_CLASS_M => put(&mut self.m, id, data),
+            _ => put(&mut self.l, id, data),
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        let _ = match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => self.s.remove(&id),
+            BLOB_CLASS_M => self.m.remove(&id),
+            _ => self.l.remove(&id),
+        };
+    }
+
+    pub(super) fn data(&self, id: u32, len: usize) -> Vec<u8> {
+        match id >> BLOB_CLASS_SHIFT {
+            BLOB_CLASS_S => self
+                .s
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_S_LEN)].to_vec()),
+            BLOB_CLASS_M => self
+                .m
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_M_LEN)].to_vec()),
+            _ => self
+                .l
+                .get(&id, 0)
+                .map(|b| b.data[..len.min(BLOB_DATA_LEN)].to_vec()),
+        }
+        .unwrap_or_default()
+    }
+
+    /// Blobs present, of every writer (walks the maps: for tests and benchmarks).
+    pub fn count(&self) -> usize {
+        self.s.keys().count() + self.m.keys().count() + self.l.keys().count()
+    }
+}
+
+/// Which writer an id belongs to: ids of the zone and of the cache of upstream answers never
+/// meet, so two writers share the blob maps without sharing their bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdRange {
+    Zone = 0,
+    Cache = 1,
+}
+
+/// Bits of an id below its class and range: ids cycle through 2^29 per class and writer.
+const ID_BITS: u32 = BLOB_CLASS_SHIFT - 1;
+
+/// Blob ids: never reused while in use, and handed out in a cycle of 2^29 per class and writer,
+/// so an id freed now is not reused for a very long time (a reader that looked up the old id
+/// either finds the old blob or nothing, never another answer's bytes). A blob no entry points
+/// at any more is deleted only [`BLOB_RETIRE_NS`] later: a program run that copied the old
+/// entry may still be copying the blob, and a deleted element's memory goes to the next insert
+/// at once (Linux 6.1+).
 pub struct BlobIds {
+    range: IdRange,
     next: [u32; 4],
     live: StdHashMap<(WireName, u16), u32>,
-    used: std::collections::HashSet<u32>,
+    used: HashSet<u32>,
+    /// Blobs no entry points at: (when they may be deleted, id), oldest first.
+    retired: VecDeque<(u64, u32)>,
+}
+
+impl Default for BlobIds {
+    fn default() -> Self {
+        Self::new(IdRange::Zone)
+    }
 }
 
 impl BlobIds {
-    fn allocate(&mut self, class: u32) -> u32 {
-        let mask = (1u32 << BLOB_CLASS_SHIFT) - 1;
+    pub fn new(range: IdRange) -> Self {
+        Self {
+            range,
+            next: [0; 4],
+            live: StdHashMap::new(),
+            used: HashSet::new(),
+            retired: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn allocate(&mut self, class: u32) -> u32 {
+        let mask = (1u32 << ID_BITS) - 1;
         loop {
             let n = &mut self.next[class as usize];
             *n = (*n + 1) & mask;
-            let id = (class << BLOB_CLASS_SHIFT) | *n;
+            let id = (class << BLOB_CLASS_SHIFT) | ((self.range as u32) << ID_BITS) | *n;
             if *n != 0 && !self.used.contains(&id) {
                 self.used.insert(id);
                 return id;
@@ -206,8 +378,36 @@ impl BlobIds {
         }
     }
 
-    fn release(&mut self, id: u32) {
+    /// A blob no entry ever pointed at (its entry's write failed): gone at once.
+    pub(super) fn release_now(&mut self, blobs: &mut BlobMaps, id: u32) {
+        blobs.remove(id);
         self.used.remove(&id);
+    }
+
+    /// A blob an entry pointed at until now: deleted after [`BLOB_RETIRE_NS`].
+    pub(super) fn retire(&mut self, id: u32) {
+        self.retired
+            .push_back((monotonic_ns() + BLOB_RETIRE_NS, id));
+    }
+
+    /// Deletes the retired blobs whose time has come; returns how many.
+    pub fn reap(&mut self, blobs: &mut BlobMaps) -> usize {
+        let now = monotonic_ns();
+        let mut n = 0;
+        while let Some(&(due, id)) = self.retired.front()
+            && due <= now
+        {
+            self.retired.pop_front();
+            blobs.remove(id);
+            self.used.remove(&id);
+            n += 1;
+        }
+        n
+    }
+
+    /// Blobs retired and not deleted yet.
+    pub fn retired_count(&self) -> usize {
+        self.retired.len()
     }
 
     pub fn live_count(&self) -> usize {
@@ -226,11 +426,12 @@ impl KernelMaps {
         answer: &KernelAnswer,
     ) -> Result<(), WriteError> {
         let (mut v, blob_data) = answer_value(answer);
+        v.generation = next_generation();
         let mut new_blob = None;
         if let Some(data) = blob_data {
             let id = blobs.allocate(blob_class(data.len()));
-            if let Err(source) = self.insert_blob(id, data) {
-                blobs.release(id);
+            if let Err(source) = self.blobs.insert(id, data) {
+                blobs.release_now(&mut self.blobs, id);
                 return Err(WriteError {
                     what: format!("blob {id}"),
                     source,
@@ -245,8 +446,7 @@ impl KernelMaps {
         };
         if let Err(source) = res {
             if let Some(id) = new_blob {
-                self.remove_blob(id);
-                blobs.release(id);
+                blobs.release_now(&mut self.blobs, id);
             }
             return Err(WriteError {
                 what: format!("{} type {qtype}", crate::zone::name::to_text(name)),
@@ -259,65 +459,59 @@ impl KernelMaps {
             None => blobs.live.remove(&slot),
         };
         if let Some(old) = old {
-            self.remove_blob(old);
-            blobs.release(old);
+            blobs.retire(old);
         }
         Ok(())
     }
 
-    fn insert_blob(&mut self, id: u32, data: &[u8]) -> Result<(), MapError> {
-        fn put<const N: usize>(
-            map: &mut HashMap<MapData, u32, Blob<N>>,
-            id: u32,
-            data: &[u8],
-        ) -> Result<(), MapError> {
-            let mut blob = Blob { data: [0; N] };
-            blob.data[..data.len()].copy_from_slice(data);
-            map.insert(id, blob, 0)
-        }
-        match id >> BLOB_CLASS_SHIFT {
-            BLOB_CLASS_S => put(&mut self.blobs_s, id, data),
-            BLOB_CLASS_M => put(&mut self.blobs_m, id, data),
-            _ => put(&mut self.blobs_l, id, data),
-        }
-    }
-
-    fn remove_blob(&mut self, id: u32) {
-        let _ = match id >> BLOB_CLASS_SHIFT {
-            BLOB_CLASS_S => self.blobs_s.remove(&id),
-            BLOB_CLASS_M => self.blobs_m.remove(&id),
-            _ => self.blobs_l.remove(&id),
-        };
-    }
-
-    fn blob_data(&self, id: u32, len: usize) -> Vec<u8> {
-        match id >> BLOB_CLASS_SHIFT {
-            BLOB_CLASS_S => self
-                .blobs_s
-                .get(&id, 0)
-                .map(|b| b.data[..len.min(BLOB_S_LEN)].to_vec()),
-            BLOB_CLASS_M => self
-                .blobs_m
-                .get(&id, 0)
-                .map(|b| b.data[..len.min(BLOB_M_LEN)].to_vec()),
-            _ => self
-                .blobs_l
-                .get(&id, 0)
-                .map(|b| b.data[..len.min(BLOB_DATA_LEN)].to_vec()),
-        }
-        .unwrap_or_default()
-    }
-
-    /// Removes one entry (and its blob).
+    /// Removes one entry; its blob is retired.
     pub fn remove(&mut self, blobs: &mut BlobIds, name: &[u8], qtype: u16) {
         let _ = match key(name, qtype) {
             Key::Short(k) => self.short.remove(&k),
             Key::Long(k) => self.long.remove(&k),
         };
         if let Some(old) = blobs.live.remove(&(name.to_vec(), qtype)) {
-            self.remove_blob(old);
-            blobs.release(old);
+            blobs.retire(old);
         }
+    }
+
+    /// Deletes the blobs retired long enough ago (see [`BlobIds`]).
+    pub fn reap(&mut self, blobs: &mut BlobIds) -> usize {
+        blobs.reap(&mut self.blobs)
+    }
+
+    /// Tells the program the namespace of the pod at `addr`, or that no pod of this node has
+    /// it (`None`).
+    pub fn set_pod(
+        &mut self,
+        addr: std::net::IpAddr,
+        namespace: Option<&str>,
+    ) -> Result<(), WriteError> {
+        let key = pod_key(addr);
+        let Some(ns) = namespace else {
+            let _ = self.pods.remove(&key);
+            return Ok(());
+        };
+        let mut v = PodNamespace {
+            len: 0,
+            label: [0; dns_common::MAX_LABEL_LEN],
+        };
+        // A namespace is a DNS label (RFC 1123, at most 63 bytes), lowercase.
+        let label = ns.as_bytes();
+        let len = label.len().min(dns_common::MAX_LABEL_LEN);
+        v.len = len as u8;
+        v.label[..len].copy_from_slice(&label[..len]);
+        for b in &mut v.label[..len] {
+            b.make_ascii_lowercase();
+        }
+        self.pods
+            .insert(key, v, 0)
+            .map_err(|source| WriteError::new(format!("pod {addr}"), source))
+    }
+
+    /// The cache of upstream answers' maps, for their own writer (once).
+    pub fn take_cache(&mut self) -> Option<super::cache_sync::CacheMaps> {
+        self.cache.take()
     }
 
     /// Writes the zone configuration the program reads per packet.
@@ -330,7 +524,7 @@ impl KernelMaps {
         nxdomain_flags: u16,
     ) -> Result<(), KernelError> {
         let mut c = ZoneConfig::zeroed();
-        c.flags = flags;
+        c.flags = flags | (self.addresses.flags & dns_common::CONFIG_AUTOPATH);
         c.zone_len = zone.len() as u16;
         c.zone[..zone.len()].copy_from_slice(zone);
         c.soa = *soa_template;
@@ -380,6 +574,16 @@ impl KernelMaps {
         Ok(())
     }
 
+    /// Search-path completion on or off (`--autopath`). Takes effect with the next
+    /// [`KernelMaps::write_config`].
+    pub fn set_autopath(&mut self, on: bool) {
+        if on {
+            self.addresses.flags |= dns_common::CONFIG_AUTOPATH;
+        } else {
+            self.addresses.flags &= !dns_common::CONFIG_AUTOPATH;
+        }
+    }
+
     /// How long after the agent's last heartbeat the program still answers from the maps.
     /// Takes effect with the next [`KernelMaps::write_config`].
     pub fn set_grace(&mut self, grace: Duration) {
@@ -401,7 +605,7 @@ impl KernelMaps {
         (
             self.short.keys().count(),
             self.long.keys().count(),
-            self.blobs_s.keys().count() + self.blobs_m.keys().count() + self.blobs_l.keys().count(),
+            self.blobs.count(),
         )
     }
 
@@ -415,7 +619,7 @@ impl KernelMaps {
             let data = if v.blob == 0 {
                 v.data[..len.min(INLINE_DATA_LEN)].to_vec()
             } else {
-                self.blob_data(v.blob, len)
+                self.blobs.data(v.blob, len)
             };
             out.insert(
                 (name, qtype),
@@ -454,9 +658,9 @@ impl KernelMaps {
         vec![
             (dns_common::MAP_ANSWERS_SHORT, memlock(self.short.map())),
             (dns_common::MAP_ANSWERS_LONG, memlock(self.long.map())),
-            (dns_common::MAP_BLOBS_S, memlock(self.blobs_s.map())),
-            (dns_common::MAP_BLOBS_M, memlock(self.blobs_m.map())),
-            (dns_common::MAP_BLOBS_L, memlock(self.blobs_l.map())),
+            (dns_common::MAP_BLOBS_S, memlock(self.blobs.s.map())),
+            (dns_common::MAP_BLOBS_M, memlock(self.blobs.m.map())),
+            (dns_common::MAP_BLOBS_L, memlock(self.blobs.l.map())),
         ]
     }
 }

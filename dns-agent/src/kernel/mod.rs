@@ -1,6 +1,7 @@
 //! The kernel fast path: loading the XDP program, attaching it, and its maps.
 
 pub mod attach;
+pub mod cache_sync;
 pub mod links;
 pub mod maps;
 pub mod sync;
@@ -23,10 +24,12 @@ use aya::{
     },
 };
 use dns_common::{
-    AnswerValue, BlobL, BlobM, BlobS, DEFAULT_GRACE_NS, DEFAULT_STALE_AFTER_NS,
-    EGRESS_PROGRAM_NAME, LAYOUT_VERSION, Liveness, LongKey, MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT,
-    MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS,
-    MAP_TRACE_CONTROL, MAP_TRACE_EVENTS, PROGRAM_NAME, ShortKey, ZoneConfig, counter,
+    AnswerValue, BlobL, BlobM, BlobS, CacheLongKey, CacheShortKey, DEFAULT_GRACE_NS,
+    DEFAULT_STALE_AFTER_NS, EGRESS_PROGRAM_NAME, LAYOUT_VERSION, Liveness, LongKey,
+    MAP_ANSWERS_LONG, MAP_ANSWERS_SHORT, MAP_BLOBS_L, MAP_BLOBS_M, MAP_BLOBS_S, MAP_CACHE_LONG,
+    MAP_CACHE_SHORT, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIVENESS, MAP_PODS,
+    MAP_TRACE_CONTROL, MAP_TRACE_EVENTS, PROGRAM_NAME, PodKey, PodNamespace, ShortKey, ZoneConfig,
+    counter,
 };
 
 pub use self::maps::KernelMaps;
@@ -142,6 +145,11 @@ pub struct Capacity {
     pub blobs_s: u32,
     pub blobs_m: u32,
     pub blobs_l: u32,
+    /// Entries of the cache of upstream answers (`--cache-size`; 0: none in the kernel). The
+    /// cache never holds more, so neither do its maps; each blob class gets as much room more
+    /// (and a little for blobs retired but not yet deleted), so the cache never takes the
+    /// zone's.
+    pub cache: u32,
 }
 
 impl Capacity {
@@ -154,9 +162,21 @@ impl Capacity {
             blobs_s: (short / 2).max(1024),
             blobs_m: (short / 16).max(256),
             blobs_l: (short / 64).max(256),
+            cache: DEFAULT_CACHE_ENTRIES,
+        }
+    }
+
+    /// The same with room for `entries` cached upstream answers.
+    pub fn with_cache(self, entries: u32) -> Self {
+        Self {
+            cache: entries,
+            ..self
         }
     }
 }
+
+/// `--cache-size`'s default.
+pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
 
 impl Default for Capacity {
     fn default() -> Self {
@@ -275,13 +295,18 @@ impl Kernel {
             }
         }
         let flows_pin = pin_dir.join(MAP_FLOWS);
+        // A map needs one entry at least, even when the cache is off.
+        let cache = capacity.cache.max(1);
+        let cache_blobs = capacity.cache + capacity.cache / 8;
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(MAP_FLOWS, flows_pin.as_path())
             .map_max_entries(MAP_ANSWERS_SHORT, capacity.short)
             .map_max_entries(MAP_ANSWERS_LONG, capacity.long)
-            .map_max_entries(MAP_BLOBS_S, capacity.blobs_s)
-            .map_max_entries(MAP_BLOBS_M, capacity.blobs_m)
-            .map_max_entries(MAP_BLOBS_L, capacity.blobs_l)
+            .map_max_entries(MAP_CACHE_SHORT, cache)
+            .map_max_entries(MAP_CACHE_LONG, cache)
+            .map_max_entries(MAP_BLOBS_S, capacity.blobs_s + cache_blobs)
+            .map_max_entries(MAP_BLOBS_M, capacity.blobs_m + cache_blobs)
+            .map_max_entries(MAP_BLOBS_L, capacity.blobs_l + cache_blobs)
             .load(PROGRAM)
             .map_err(|e| {
                 KernelError::Load(e).for_want_of(&[Capability::Bpf], "creating the BPF maps")
@@ -307,6 +332,27 @@ impl Kernel {
         }
 
         let liveness: Array<MapData, Liveness> = take_map(&mut ebpf, MAP_LIVENESS, &pin_dir)?;
+        let blobs = maps::BlobMaps::new(
+            take_map::<HashMap<MapData, u32, BlobS>>(&mut ebpf, MAP_BLOBS_S, &pin_dir)?,
+            take_map::<HashMap<MapData, u32, BlobM>>(&mut ebpf, MAP_BLOBS_M, &pin_dir)?,
+            take_map::<HashMap<MapData, u32, BlobL>>(&mut ebpf, MAP_BLOBS_L, &pin_dir)?,
+        );
+        let cache = cache_sync::CacheMaps {
+            short: take_map::<HashMap<MapData, CacheShortKey, AnswerValue>>(
+                &mut ebpf,
+                MAP_CACHE_SHORT,
+                &pin_dir,
+            )?,
+            long: take_map::<HashMap<MapData, CacheLongKey, AnswerValue>>(
+                &mut ebpf,
+                MAP_CACHE_LONG,
+                &pin_dir,
+            )?,
+            blobs: blobs.share().map_err(|source| KernelError::Map {
+                name: MAP_BLOBS_S,
+                source,
+            })?,
+        };
         let maps = KernelMaps {
             short: take_map::<HashMap<MapData, ShortKey, AnswerValue>>(
                 &mut ebpf,
@@ -318,9 +364,11 @@ impl Kernel {
                 MAP_ANSWERS_LONG,
                 &pin_dir,
             )?,
-            blobs_s: take_map::<HashMap<MapData, u32, BlobS>>(&mut ebpf, MAP_BLOBS_S, &pin_dir)?,
-            blobs_m: take_map::<HashMap<MapData, u32, BlobM>>(&mut ebpf, MAP_BLOBS_M, &pin_dir)?,
-            blobs_l: take_map::<HashMap<MapData, u32, BlobL>>(&mut ebpf, MAP_BLOBS_L, &pin_dir)?,
+            blobs,
+            cache: Some(cache),
+            pods: take_map::<HashMap<MapData, PodKey, PodNamespace>>(
+                &mut ebpf, MAP_PODS, &pin_dir,
+            )?,
             addresses: {
                 let mut c = ZoneConfig::zeroed();
                 c.stale_after_ns = DEFAULT_STALE_AFTER_NS;
@@ -538,7 +586,13 @@ impl Kernel {
         }
     }
 
-    /// Runs the XDP program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
+    /// Instructions the verifier processed to accept the XDP program (its limit is 1,000,000):
+    /// how close the program is to what the kernel accepts at all.
+    pub fn verified_instructions(&self) -> Option<u32> {
+        self.program_info(Hook::Xdp)?.verified_instruction_count()
+    }
+
+    /// Runs the program on one frame with `BPF_PROG_TEST_RUN`: no network needed. Returns
     /// the verdict, the frame as the program left it, and the kernel's mean run time over
     /// `repeat` runs.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, KernelError> {

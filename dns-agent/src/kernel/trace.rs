@@ -197,6 +197,18 @@ pub fn verdict(reason: u32) -> &'static str {
         counter::PASS_EXPIRED => "passed up: the entry expired",
         counter::PASS_NO_ROOM => "passed up: no room in the frame for the reply",
         counter::ERROR_WRITE => "dropped: writing the reply failed",
+        counter::PASS_AGENT_DOWN => {
+            "passed up: no heartbeat from the agent within the grace period"
+        }
+        counter::ANSWERED_CACHED => {
+            "answered in the kernel from the cache of upstream answers (TTLs counted down)"
+        }
+        counter::ANSWERED_AUTOPATH => "answered in the kernel: a completed search path",
+        counter::PASS_AUTOPATH => {
+            "passed up: a search-path expansion the kernel holds no completion for (the agent \
+             completes it)"
+        }
+        counter::PASS_RACE => "passed up: the entry changed while it was read",
         _ => "unknown reason",
     }
 }

@@ -28,9 +28,13 @@
 //!
 //! Capacity: at most `capacity` entries (answers and remembered failures); the least recently
 //! used goes first.
+//!
+//! The kernel's copy (`kernel::cache_sync`): with [`Cache::follow`], every key whose entry
+//! changed (stored, replaced, evicted, swept) is noted, and the kernel's writer takes the notes
+//! with [`Cache::take_changes`] and makes the kernel hold what the cache holds.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -93,6 +97,9 @@ pub struct Answer {
     /// RCODE (the header's four bits).
     pub rcode: u16,
     pub authentic_data: bool,
+    /// Replies say AA: a completed search path that ends in the zone (never an upstream's
+    /// answer, which the cache serves as not authoritative).
+    pub authoritative: bool,
     pub ancount: u16,
     pub nscount: u16,
     pub arcount: u16,
@@ -208,6 +215,7 @@ impl Answer {
         Some(Self {
             rcode: flags & 0xf,
             authentic_data: flags & dns_common::FLAG_AD != 0,
+            authoritative: false,
             ancount,
             nscount,
             arcount,
@@ -217,6 +225,22 @@ impl Answer {
                 .map(|r| (r.1 - q_end) as u16)
                 .collect(),
         })
+    }
+
+    /// The header bits every reply made from this answer carries besides QR, TC, RD and CD:
+    /// recursion available, AD as the upstream gave it, the RCODE.
+    pub fn reply_flags(&self) -> u16 {
+        let ad = if self.authentic_data {
+            dns_common::FLAG_AD
+        } else {
+            0
+        };
+        let aa = if self.authoritative {
+            dns_common::FLAG_AA
+        } else {
+            0
+        };
+        dns_common::FLAG_RA | aa | ad | self.rcode
     }
 
     /// Writes `ttl` into every record of a reply whose sections start at `base`.
@@ -370,12 +394,20 @@ struct Inner {
     map: HashMap<Arc<Question>, Entry>,
     lru: BTreeMap<u64, Arc<Question>>,
     tick: u64,
+    /// Keys changed since the kernel's writer last looked (`None`: nobody follows).
+    changed: Option<HashSet<Arc<Question>>>,
 }
+
+/// What the cache holds for a changed key: an answer and when it expires, or nothing the
+/// kernel may serve.
+pub type Change = (Question, Option<(Arc<Answer>, Instant)>);
 
 pub struct Cache {
     settings: CacheSettings,
     inner: Mutex<Inner>,
     counters: Arc<CacheCounters>,
+    /// Woken when a key changes, while someone follows.
+    changes: Arc<tokio::sync::Notify>,
 }
 
 impl Cache {
@@ -386,8 +418,43 @@ impl Cache {
                 map: HashMap::new(),
                 lru: BTreeMap::new(),
                 tick: 0,
+                changed: None,
             }),
             counters,
+            changes: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Starts noting changed keys for [`Cache::take_changes`]; the returned handle is woken
+    /// when there are some.
+    pub fn follow(&self) -> Arc<tokio::sync::Notify> {
+        let mut inner = self.inner.lock().expect("cache lock");
+        let keys: HashSet<Arc<Question>> = inner.map.keys().cloned().collect();
+        inner.changed = Some(keys);
+        self.changes.clone()
+    }
+
+    /// The keys changed since the last call, each with what the cache holds for it now.
+    pub fn take_changes(&self) -> Vec<Change> {
+        let mut inner = self.inner.lock().expect("cache lock");
+        let Some(changed) = inner.changed.as_mut() else {
+            return Vec::new();
+        };
+        let keys = std::mem::take(changed);
+        keys.into_iter()
+            .map(|q| {
+                let held = inner
+                    .map
+                    .get(&q)
+                    .and_then(|e| e.answer.clone().map(|a| (a, e.expires)));
+                (Question::clone(&q), held)
+            })
+            .collect()
+    }
+
+    fn noted(&self, inner: &Inner) {
+        if inner.changed.as_ref().is_some_and(|c| !c.is_empty()) {
+            self.changes.notify_one();
         }
     }
 
@@ -438,10 +505,18 @@ impl Cache {
             return Lookup::Miss;
         } else {
             inner.remove(q, &self.counters);
+            self.noted(&inner);
             return Lookup::Miss;
         };
         inner.touch(q);
         result
+    }
+
+    /// The answer held for `q` and its expiry, whether fresh or not; no hit is counted.
+    pub fn peek(&self, q: &Question) -> Option<(Arc<Answer>, Instant)> {
+        let inner = self.inner.lock().expect("cache lock");
+        let e = inner.map.get(q)?;
+        Some((e.answer.clone()?, e.expires))
     }
 
     /// Stores an answer for `ttl` seconds. A refreshed entry keeps its popularity.
@@ -470,6 +545,7 @@ impl Cache {
             self.settings.capacity,
             &self.counters,
         );
+        self.noted(&inner);
     }
 
     /// Upstreams failed for `q` with `rcode`: what to serve instead, remembering the failure.
@@ -507,6 +583,7 @@ impl Cache {
         } else {
             inner.remove(q, &self.counters);
         }
+        self.noted(&inner);
         AfterFailure::Failed(rcode)
     }
 
@@ -526,6 +603,7 @@ impl Cache {
         for q in &dead {
             inner.remove(q, &self.counters);
         }
+        self.noted(&inner);
         dead.len()
     }
 }
@@ -559,6 +637,7 @@ impl Inner {
                     c.entries[v.kind as usize].fetch_sub(1, Relaxed);
                     c.evictions[v.kind as usize].fetch_add(1, Relaxed);
                 }
+                self.note(&victim);
             }
         }
         self.tick += 1;
@@ -566,13 +645,21 @@ impl Inner {
         c.entries[entry.kind as usize].fetch_add(1, Relaxed);
         let key = Arc::new(q.clone());
         self.lru.insert(entry.tick, key.clone());
+        self.note(&key);
         self.map.insert(key, entry);
     }
 
     fn remove(&mut self, q: &Question, c: &CacheCounters) {
-        if let Some(e) = self.map.remove(q) {
+        if let Some((key, e)) = self.map.remove_entry(q) {
             self.lru.remove(&e.tick);
             c.entries[e.kind as usize].fetch_sub(1, Relaxed);
+            self.note(&key);
+        }
+    }
+
+    fn note(&mut self, key: &Arc<Question>) {
+        if let Some(changed) = self.changed.as_mut() {
+            changed.insert(key.clone());
         }
     }
 }

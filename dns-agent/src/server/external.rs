@@ -66,6 +66,10 @@ impl ExternalResolver {
         &self.forwarder
     }
 
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
     /// What the cache can serve for `q` right now; `None`: ask upstream ([`Self::resolve`]).
     /// Starts a prefetch when the entry is popular and about to expire.
     pub fn cached(self: &Arc<Self>, q: &Question) -> Option<Resolved> {

@@ -317,6 +317,9 @@ pub struct Forwarder {
     probing: AtomicBool,
     /// The TLS client settings, the system's loaded when a TLS upstream first needs them.
     tls_config: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// Woken when the routes change (the kernel's copy of the cache drops answers of a route
+    /// that no longer applies).
+    rerouted: tokio::sync::Notify,
 }
 
 /// How many times the loop probe is sent to an upstream that does not answer it, and how far
@@ -344,6 +347,7 @@ impl Forwarder {
             metrics,
             tasks: Mutex::new(Vec::new()),
             probing: AtomicBool::new(false),
+            rerouted: tokio::sync::Notify::new(),
         };
         forwarder.set_routes(RouteSpec {
             default: SetSpec {
@@ -458,6 +462,7 @@ impl Forwarder {
             }
         }
         *self.routes.write().expect("routes lock") = Arc::new(routes);
+        self.rerouted.notify_one();
         // After the store: a `detect_loops` that starts now sees the new routes, one that
         // started before has set `probing`, so every newcomer is probed at least once.
         if self.probing.load(SeqCst) {
@@ -495,6 +500,11 @@ impl Forwarder {
             set.id,
             set.upstreams.iter().map(|u| u.upstream.clone()).collect(),
         )
+    }
+
+    /// Notified after each change of the routes (one waiter).
+    pub fn rerouted(&self) -> &tokio::sync::Notify {
+        &self.rerouted
     }
 
     /// The set `name` routes to now: the [`Question::upstream_set`] of a question for it.

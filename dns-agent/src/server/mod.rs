@@ -1,6 +1,7 @@
 //! The userspace DNS server: answers what the kernel passes up (over UDP), everything over
 //! TCP, and forwards names outside the cluster.
 
+pub mod autopath;
 pub mod cache;
 pub mod external;
 pub mod forward;
@@ -55,6 +56,8 @@ pub struct Handler {
     pub probe: heartbeat::Probe,
     /// Per-client rate, queries waiting for upstreams, TCP connections.
     pub limits: Arc<Limits>,
+    /// Search-path completion (`--autopath`).
+    pub autopath: Option<autopath::Autopath>,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -130,7 +133,8 @@ impl Handler {
         };
         let from_zone = {
             let zone = self.zone.read().expect("zone lock poisoned");
-            answer_from_zone(&zone, &q, limit)
+            self.complete_now(&zone, &q, client.to_canonical(), limit)
+                .unwrap_or_else(|| answer_from_zone(&zone, &q, limit))
         };
         let reply = match from_zone {
             ZoneReply::Reply(r) => {
@@ -214,6 +218,7 @@ impl Handler {
             ZoneReply::Chase { cname, target } => {
                 self.chase_upstream(&q, *cname, &target, p.limit).await
             }
+            ZoneReply::Complete(deferred) => self.complete_later(&q, *deferred, p.limit).await,
             _ => self.forward(&q, p.limit).await,
         };
         self.metrics
@@ -309,6 +314,8 @@ pub enum ZoneReply {
         cname: Box<Record>,
         target: WireName,
     },
+    /// A search path to complete once an upstream has answered (`autopath.rs`).
+    Complete(Box<autopath::Deferred>),
 }
 
 /// Answers `q` from the zone alone: everything but forwarding. This is the userspace twin of
@@ -417,13 +424,8 @@ pub fn reply_from_answer(
     ttl: Option<u32>,
     limit: Option<usize>,
 ) -> Vec<u8> {
-    let ad = if answer.authentic_data {
-        dns_common::FLAG_AD
-    } else {
-        0
-    };
     let body = Body::sections(
-        FLAG_RA | ad | answer.rcode,
+        answer.reply_flags(),
         answer.ancount,
         answer.nscount,
         answer.arcount,

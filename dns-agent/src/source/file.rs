@@ -1,5 +1,6 @@
 //! A zone file: the Kubernetes objects of a cluster as YAML (several documents, or
-//! `kind: List`), and optionally the kube-dns ConfigMap. Edits apply without a restart.
+//! `kind: List`), and optionally the kube-dns ConfigMap. Edits apply without a restart. Pods
+//! in it count as this node's, for search-path completion (`--autopath`).
 
 use std::{
     path::{Path, PathBuf},
@@ -7,15 +8,25 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Namespace, Service},
+    core::v1::{ConfigMap, Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::SourceEvent;
+use super::{
+    SourceEvent,
+    pods::{self, PodAddresses, PodChange},
+};
 use crate::zone::objects::{self, ClusterObject};
+
+/// What a zone file holds: the zone's objects, and Pods.
+#[derive(Debug, Default)]
+pub struct ZoneFile {
+    pub objects: Vec<ClusterObject>,
+    pub pods: Vec<PodAddresses>,
+}
 
 /// A zone file that cannot be used, with the place and field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -43,19 +54,29 @@ pub enum ZoneFileError {
     },
 }
 
-/// Reads and checks a zone file.
+/// Reads and checks a zone file: the zone's objects.
 pub fn load(path: &Path) -> Result<Vec<ClusterObject>, ZoneFileError> {
+    Ok(load_file(path)?.objects)
+}
+
+/// Reads and checks a zone file: the zone's objects and its Pods.
+pub fn load_file(path: &Path) -> Result<ZoneFile, ZoneFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| ZoneFileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(path, &text)
+    parse_file(path, &text)
+}
+
+/// The zone's objects of a zone file's text.
+pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileError> {
+    Ok(parse_file(path, text)?.objects)
 }
 
 /// Documents are numbered as the YAML reader yields them: empty documents (a stray `---`) are
 /// skipped and not counted.
-pub fn parse(path: &Path, text: &str) -> Result<Vec<ClusterObject>, ZoneFileError> {
-    let mut out = Vec::new();
+pub fn parse_file(path: &Path, text: &str) -> Result<ZoneFile, ZoneFileError> {
+    let mut out = ZoneFile::default();
     let mut reader = std::io::Cursor::new(text.as_bytes());
     // Each document as a generic tree first: the `kind` picks the Kubernetes type, and errors
     // can name the object before its schema is checked.
@@ -91,7 +112,7 @@ fn object(
     doc: usize,
     item: &str,
     value: Value,
-    out: &mut Vec<ClusterObject>,
+    out: &mut ZoneFile,
 ) -> Result<(), ZoneFileError> {
     let kind = value
         .get("kind")
@@ -131,16 +152,23 @@ fn object(
         "ConfigMap" => {
             objects::project_config_map(&typed::<ConfigMap>(value).map_err(&fail)?).transpose()
         }
+        "Pod" => {
+            let pod = typed::<Pod>(value).map_err(&fail)?;
+            if let Some(p) = pods::project_pod(&pod).map_err(|e| fail(e.to_string()))? {
+                out.pods.push(p);
+            }
+            return Ok(());
+        }
         "" => return Err(fail("no `kind`".to_string())),
         other => {
             return Err(fail(format!(
                 "kind {other:?} is not one a zone file holds (Namespace, Service, EndpointSlice, \
-                 ConfigMap, List)"
+                 ConfigMap, Pod, List)"
             )));
         }
     };
     match projected {
-        Some(Ok(o)) => out.push(o),
+        Some(Ok(o)) => out.objects.push(o),
         Some(Err(e)) => return Err(fail(e.to_string())),
         None => {
             tracing::debug!(%kind, %label, "object has no DNS meaning (FQDN slice, no service label, or a ConfigMap other than kube-system/kube-dns)")
@@ -152,12 +180,7 @@ fn object(
 /// Sends the file's objects as one relist per kind, then `Synced`; afterwards polls the file
 /// and sends a relist whenever its contents change. A broken edit is reported and skipped:
 /// the zone keeps the last good contents.
-pub async fn run(
-    path: PathBuf,
-    initial: Vec<ClusterObject>,
-    tx: mpsc::Sender<SourceEvent>,
-    poll: Duration,
-) {
+pub async fn run(path: PathBuf, initial: ZoneFile, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
     let mut last = fingerprint(&path);
     if send_relists(&tx, initial).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
         return;
@@ -169,10 +192,10 @@ pub async fn run(
             continue;
         }
         last = now;
-        match load(&path) {
-            Ok(objects) => {
-                tracing::info!(path = %path.display(), objects = objects.len(), "zone file changed; applying");
-                if send_relists(&tx, objects).await.is_err() {
+        match load_file(&path) {
+            Ok(file) => {
+                tracing::info!(path = %path.display(), objects = file.objects.len(), pods = file.pods.len(), "zone file changed; applying");
+                if send_relists(&tx, file).await.is_err() {
                     return;
                 }
             }
@@ -183,12 +206,12 @@ pub async fn run(
     }
 }
 
-async fn send_relists(
-    tx: &mpsc::Sender<SourceEvent>,
-    objects: Vec<ClusterObject>,
-) -> Result<(), ()> {
+async fn send_relists(tx: &mpsc::Sender<SourceEvent>, file: ZoneFile) -> Result<(), ()> {
     let seen = Instant::now();
-    let by_kind = objects::by_kind(objects);
+    tx.send(SourceEvent::Pods(PodChange::Relist(file.pods)))
+        .await
+        .map_err(|_| ())?;
+    let by_kind = objects::by_kind(file.objects);
     for (kind, objects) in by_kind {
         tx.send(SourceEvent::Relist {
             kind,
@@ -278,11 +301,14 @@ spec: {clusterIP: 10.96.1.300}
             err,
             "z.yaml: document 2 (Service shop/web): spec.clusterIP: \"10.96.1.300\" is not an IP address"
         );
-        let err = parse(Path::new("z.yaml"), "kind: Pod\nmetadata: {name: p}\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            Path::new("z.yaml"),
+            "kind: Deployment\nmetadata: {name: p}\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            err.contains("kind \"Pod\" is not one a zone file holds"),
+            err.contains("kind \"Deployment\" is not one a zone file holds"),
             "{err}"
         );
         let err = parse(

@@ -587,6 +587,94 @@ pub async fn run(client: Client, counts: Arc<ResponseCounts>, tx: mpsc::Sender<S
     drive(futures::stream::select_all(streams), counts, tx).await;
 }
 
+/// Watches the Pods of the node `node` (field selector `spec.nodeName`), for search-path
+/// completion, until the zone task goes away: a list is one relist of the node's pods, then
+/// changes one at a time. The zone does not wait for it, and a failure costs only completions
+/// (an address of no known pod is answered as without autopath): errors are retried with
+/// backoff and reported once per outage.
+pub async fn watch_pods(client: Client, node: String, tx: mpsc::Sender<SourceEvent>) {
+    use k8s_openapi::api::core::v1::Pod;
+
+    use super::pods::{PodAddresses, PodChange, project_pod};
+
+    let key = |pod: &Pod| {
+        ObjectKey::new(
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+        )
+    };
+    let project = |pod: &Pod| match project_pod(pod) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(pod = %key(pod), error = %e, "pod skipped");
+            None
+        }
+    };
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut events = watcher(Api::<Pod>::all(client), config)
+        .default_backoff()
+        .boxed();
+    let mut listing: Option<Vec<PodAddresses>> = None;
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => {
+                listing = Some(Vec::new());
+                continue;
+            }
+            Ok(watcher::Event::InitApply(pod)) => {
+                if let (Some(l), Some(p)) = (listing.as_mut(), project(&pod)) {
+                    l.push(p);
+                }
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                let pods = listing.take().unwrap_or_default();
+                tracing::info!(node, pods = pods.len(), "listed this node's pods");
+                PodChange::Relist(pods)
+            }
+            Ok(watcher::Event::Apply(pod)) => match project(&pod) {
+                Some(p) => PodChange::Upsert(p),
+                None => PodChange::Delete(key(&pod)),
+            },
+            Ok(watcher::Event::Delete(pod)) => PodChange::Delete(key(&pod)),
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    tracing::warn!(
+                        error = %e,
+                        fix = fix_for_pods(&e),
+                        "watching this node's pods failed; search paths of pods not known yet are \
+                         not completed; retrying with backoff"
+                    );
+                }
+                continue;
+            }
+        };
+        failing = false;
+        if tx.send(SourceEvent::Pods(change)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn fix_for_pods(e: &watcher::Error) -> Option<&'static str> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s)
+            if s.code == 403 =>
+        {
+            Some(
+                "the agent may not list and watch pods: apply deploy/rbac.yaml (pods: get, list, \
+                 watch) or run without --autopath",
+            )
+        }
+        _ => None,
+    }
+}
+
 /// The source's loop, over any stream of watcher steps (the tests feed it scripted ones).
 async fn drive(
     mut steps: impl Stream<Item = (Kind, Result<Step, watcher::Error>)> + Unpin,
@@ -673,6 +761,7 @@ mod tests {
                 SourceEvent::DeleteNamespace { name, .. } => format!("delete ns {name}"),
                 SourceEvent::Synced => "synced".into(),
                 SourceEvent::Connected(c) => format!("connected {c}"),
+                SourceEvent::Pods(change) => format!("pods {change:?}"),
             })
             .collect()
     }

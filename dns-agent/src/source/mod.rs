@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kubernetes;
+pub mod pods;
 
 use std::{sync::Arc, time::Instant};
 
@@ -32,6 +33,8 @@ pub enum SourceEvent {
         name: Arc<str>,
         seen: Instant,
     },
+    /// The Pods of this node changed (search-path completion).
+    Pods(pods::PodChange),
     /// Every kind has been listed: the zone is complete and may answer.
     Synced,
     /// The source lost (false) or regained (true) its connection.

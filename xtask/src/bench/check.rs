@@ -115,16 +115,19 @@ impl<'a> FastPath<'a> {
             FastPath::AfXdp { .. } => Ok((now[0] - start[0], "redirected to AF_XDP".into())),
             FastPath::Xdns(_) => {
                 use dns_common::counter;
-                let answered = [
+                let answering = [
                     counter::ANSWERED,
                     counter::ANSWERED_NODATA,
                     counter::ANSWERED_NXDOMAIN,
-                ]
-                .iter()
-                .map(|&i| now[i as usize] - start[i as usize])
-                .sum();
+                    counter::ANSWERED_CACHED,
+                    counter::ANSWERED_AUTOPATH,
+                ];
+                let answered = answering
+                    .iter()
+                    .map(|&i| now[i as usize] - start[i as usize])
+                    .sum();
                 let others: Vec<String> = (0..counter::COUNT as usize)
-                    .filter(|&i| i > counter::ANSWERED_NXDOMAIN as usize)
+                    .filter(|&i| !answering.contains(&(i as u32)))
                     .filter(|&i| now[i] > start[i])
                     .map(|i| format!("{} {}", counter::NAMES[i], now[i] - start[i]))
                     .collect();

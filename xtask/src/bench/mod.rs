@@ -6,7 +6,9 @@
 //! as the machine's ceiling. Query sets (see `workload`): cluster names, search-path junk that
 //! must be NXDOMAIN, cached external names. Figures: the highest throughput under 0.1% loss
 //! (kxdpgun), latency percentiles at fixed offered loads (own load generator), the in-kernel
-//! cost per query (`cargo bench -p dns-agent --bench kernel_cost`) and memory.
+//! cost per query (`cargo bench -p dns-agent --bench kernel_cost`) and memory; and external
+//! names as a pod resolves them (glibc `getaddrinfo` through the search list, with and without
+//! `--autopath`: time and packets per resolution, see `resolve`).
 //!
 //! Systems are measured in rotation (every trial of a step for every system, then the next
 //! step), so noise from other work on the machine spreads over all of them. Nothing here
@@ -19,6 +21,7 @@ mod kxdpgun;
 mod loadgen;
 mod peers;
 mod report;
+pub mod resolve;
 mod throughput;
 pub mod tls;
 mod topo;
@@ -139,6 +142,8 @@ pub struct Measurements {
     /// moved).
     pub kernel_share: BTreeMap<(&'static str, &'static str), (u64, u64, String)>,
     pub memory: BTreeMap<&'static str, Memory>,
+    /// The report's section on external names as a pod resolves them (`resolve.rs`).
+    pub resolutions: String,
 }
 
 /// Systems measured on a query set: the reflectors only on cluster names (they answer every
@@ -233,7 +238,7 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
         network_secs,
         total_secs: started.elapsed().as_secs_f64(),
     };
-    let md = report::markdown(&results) + &tls;
+    let md = report::markdown(&results) + &results.m.resolutions + &tls;
     let svg = report::svg(&results);
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(dir.join("bench.svg"), &svg)?;
@@ -348,6 +353,7 @@ fn measure(
         latency: BTreeMap::new(),
         kernel_share: BTreeMap::new(),
         memory: BTreeMap::new(),
+        resolutions: String::new(),
     };
 
     phase("every system answers");
@@ -439,6 +445,8 @@ fn measure(
     // Still correct after the load.
     check_all(&topo, &processes, workload, &mut m, false)?;
     phase("checked again");
+    m.resolutions = resolve::measure(&topo, agent_bin, workload, dir, plan.quick)?;
+    phase("resolutions measured");
     for (id, p) in &processes {
         let mem = m.memory.entry(id).or_default();
         mem.rss_end = p.rss();

@@ -511,7 +511,7 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nExternal names reach the agent (the kernel holds only the cluster zone) and are answered from its cache of upstream answers, warmed before measuring like unbound's and dnsmasq's."
+        "\nExternal names reach the agent once (the check above: the kernel does not hold them yet), which forwards and caches them; from then on the XDP program answers them from its copy of that cache (`answered_cached`), warmed before measuring like unbound's and dnsmasq's caches."
     );
 
     let _ = writeln!(
@@ -542,6 +542,12 @@ pub fn markdown(r: &Results) -> String {
         target(
             &format!("{a} ≥ 3× unbound throughput (cluster names)"),
             ratio(r.tput("cluster", a), r.tput("cluster", "unbound")),
+            &|x| format!("{x:.2}×"),
+            &|x| x >= 3.0,
+        );
+        target(
+            &format!("{a} ≥ 3× unbound throughput (cached external names)"),
+            ratio(r.tput("external", a), r.tput("external", "unbound")),
             &|x| format!("{x:.2}×"),
             &|x| x >= 3.0,
         );

@@ -2,7 +2,8 @@
 //!
 //! One list of Services is written three ways: a zone file for xdns, `local-data` for
 //! unbound, `host-record`/`srv-host` for dnsmasq. External names live on a separate upstream
-//! (dnsmasq with long TTLs), which every system forwards to and, except xdns today, caches.
+//! (dnsmasq with long TTLs, A and AAAA), which every system forwards to and caches (xdns in the
+//! kernel too).
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
@@ -76,6 +77,12 @@ fn external_name(j: usize) -> String {
 
 fn external_ip(j: usize) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, (j % 250 + 1) as u8)
+}
+
+/// External names have IPv6 addresses too: a pod's getaddrinfo asks AAAA beside A, and real
+/// upstreams answer it.
+fn external_ip6(j: usize) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, j as u16 + 1)
 }
 
 impl Workload {
@@ -216,7 +223,13 @@ impl Workload {
              local-ttl={EXTERNAL_TTL}\nlocal=/example.org/\ncache-size=0\n"
         );
         for j in 0..self.external {
-            let _ = writeln!(s, "host-record={},{}", external_name(j), external_ip(j));
+            let _ = writeln!(
+                s,
+                "host-record={},{},{}",
+                external_name(j),
+                external_ip(j),
+                external_ip6(j)
+            );
         }
         s
     }
