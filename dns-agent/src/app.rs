@@ -274,13 +274,12 @@ fn userspace_server(
         Cache::new(config.cache.clone(), metrics.cache.clone()),
         metrics.clone(),
     ));
-    Arc::new(Handler {
-        zone: model.clone(),
+    Arc::new(Handler::new(
+        model.clone(),
         external,
-        metrics: metrics.clone(),
-        in_flight: Default::default(),
-        probe: heartbeat::Probe::new(&config.cluster_domain),
-    })
+        metrics.clone(),
+        heartbeat::Probe::new(&config.cluster_domain),
+    ))
 }
 
 /// Probes every upstream for a forwarding loop (a probe that comes back to our own listeners).

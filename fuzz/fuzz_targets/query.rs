@@ -54,15 +54,14 @@ fn agent() -> &'static Agent {
         );
         let external = Arc::new(ExternalResolver::new(forwarder, cache, metrics.clone()));
         Agent {
-            handler: Handler {
-                zone: Arc::new(RwLock::new(xdns_fuzz::zone_from(
+            handler: Handler::new(
+                Arc::new(RwLock::new(xdns_fuzz::zone_from(
                     xdns_fuzz::example_objects(),
                 ))),
                 external,
                 metrics,
-                in_flight: Default::default(),
-                probe: dns_agent::server::heartbeat::Probe::new("cluster.local"),
-            },
+                dns_agent::server::heartbeat::Probe::new("cluster.local"),
+            ),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -18,7 +18,8 @@ pub async fn serve(socket: Arc<UdpSocket>, handler: Arc<Handler>) -> io::Result<
             Err(e) => return Err(e),
         };
         if handler.probe.is(&buf[..n], peer, local) {
-            if let Some(reply) = handler.answer_probe(&buf[..n]) {
+            let mut reply = Vec::new();
+            if handler.answer_probe(&buf[..n], &mut reply) {
                 send(&socket, &reply, peer).await;
             }
             continue;
