@@ -42,7 +42,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let addresses = ListenAddresses::ensure(&config.args.listen)
         .await
         .context("putting the listen addresses on the node")?;
-    let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
+    let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr, config.udp_loops)?;
     check_interfaces(&config.args.interfaces)?;
     let (attachments, sync) = load_kernel(&config, &model, &metrics)?.unzip();
 
@@ -61,10 +61,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             beat.clone(),
             config.args.listen[0],
             handler.probe.clone(),
+            sockets.loops(),
         ));
     }
     let zone_loaded = source.spawn(&mut tasks, model, sync, metrics.clone());
-    sockets.serve(&mut tasks, &handler);
+    sockets
+        .serve(&mut tasks, &handler)
+        .context("starting the receive loops")?;
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
@@ -74,6 +77,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         policy = %config.forward.policy,
         cache_size = config.cache.capacity,
         kernel = attachments.is_some(),
+        udp_loops = sockets.loops(),
         "serving"
     );
 
@@ -105,6 +109,9 @@ async fn serve(
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut loading = true;
+    // Once serving: has the agent before this one left its sockets' places in the reuseport
+    // groups?
+    let mut settle = tokio::time::interval(Duration::from_secs(1));
     let outcome = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
@@ -118,6 +125,11 @@ async fn serve(
                 loading = false;
                 if loaded.is_ok() && let Err(e) = take_over(tasks, sockets, forwarder, attachments.as_mut()) {
                     break Err(e);
+                }
+            }
+            _ = settle.tick(), if !loading => {
+                if let Err(e) = sockets.settle() {
+                    tracing::warn!(error = %e, "steering queries by this agent's new socket places failed; queries still reach it");
                 }
             }
             Some(event) = links.recv() => {

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod handover;
 pub mod heartbeat;
 pub mod listen_address;
+pub mod mmsg;
 pub mod sockets;
 pub mod tcp;
 pub mod tls;
