@@ -69,6 +69,20 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// The userspace path alone: xdns with --no-kernel against unbound, UDP (kxdpgun) and TCP
+    /// (dnsperf), in rounds. Results go to results/userspace-<timestamp>/.
+    BenchUserspace {
+        /// A short run: every system must answer; not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds; ratios are taken within a round.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Another xdns system, started with these extra arguments (KEY=VALUE words go to its
+        /// environment), e.g. --variant "--max-udp-loops 1" (repeatable).
+        #[arg(long, allow_hyphen_values = true)]
+        variant: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,5 +127,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { quick, publish } => bench::bench(bench::Options { quick, publish }),
         Command::BenchTls { quick } => bench::tls::bench_tls(quick),
+        Command::BenchUserspace {
+            quick,
+            rounds,
+            variant,
+        } => bench::userspace::bench_userspace(bench::userspace::Options {
+            quick,
+            rounds: rounds.max(1),
+            variants: variant,
+        }),
     }
 }

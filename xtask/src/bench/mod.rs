@@ -20,6 +20,7 @@ mod report;
 mod throughput;
 pub mod tls;
 mod topo;
+pub mod userspace;
 mod workload;
 
 use std::{
