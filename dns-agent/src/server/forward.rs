@@ -137,7 +137,7 @@ pub struct ForwardSettings {
 
 /// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
 /// case-insensitive, and one cache entry serves every spelling).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
     /// Lowercased wire format.
     pub name: WireName,
@@ -147,6 +147,58 @@ pub struct Question {
     /// CD is part of the key as well as DO: an answer fetched with checking disabled may hold
     /// data a validating upstream would have refused to give to everyone else.
     pub checking_disabled: bool,
+}
+
+/// A [`Question`] borrowed from a query: what the cache is asked with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuestionRef<'a> {
+    pub name: &'a [u8],
+    pub qtype: u16,
+    pub qclass: u16,
+    pub dnssec_ok: bool,
+    pub checking_disabled: bool,
+}
+
+impl QuestionRef<'_> {
+    pub fn to_question(self) -> Question {
+        Question {
+            name: self.name.to_vec(),
+            qtype: self.qtype,
+            qclass: self.qclass,
+            dnssec_ok: self.dnssec_ok,
+            checking_disabled: self.checking_disabled,
+        }
+    }
+}
+
+/// A question, owned or borrowed, as a key: both hash and compare alike.
+pub trait QuestionKey {
+    fn key(&self) -> QuestionRef<'_>;
+}
+
+impl QuestionKey for Question {
+    fn key(&self) -> QuestionRef<'_> {
+        QuestionRef {
+            name: &self.name,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            dnssec_ok: self.dnssec_ok,
+            checking_disabled: self.checking_disabled,
+        }
+    }
+}
+
+impl QuestionKey for QuestionRef<'_> {
+    fn key(&self) -> QuestionRef<'_> {
+        *self
+    }
+}
+
+// Hashed through its borrowed form, so that a map keyed on questions can be asked with one.
+impl std::hash::Hash for Question {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
+    }
 }
 
 /// An accepted upstream reply: its bytes as received and their parse.

@@ -55,6 +55,8 @@ pub struct Handler {
     /// The zone model's version, read without its lock: answers kept per thread
     /// ([`zone_answers`]) are served while it stands.
     zone_version: Arc<ZoneVersion>,
+    /// The zone's name (wire format): names outside it go to the cache without the zone lock.
+    zone_name: Vec<u8>,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -80,7 +82,10 @@ impl Handler {
         metrics: Arc<Metrics>,
         probe: heartbeat::Probe,
     ) -> Self {
-        let zone_version = zone.read().expect("zone lock poisoned").version().clone();
+        let (zone_version, zone_name) = {
+            let z = zone.read().expect("zone lock poisoned");
+            (z.version().clone(), z.zone_wire().to_vec())
+        };
         Self {
             zone,
             external,
@@ -88,6 +93,7 @@ impl Handler {
             in_flight: Default::default(),
             probe,
             zone_version,
+            zone_name,
         }
     }
 
@@ -177,6 +183,9 @@ impl Handler {
             dns::build_reply_into(q, body, limit, out);
             return None;
         }
+        if crate::zone::surely_forwarded(&self.zone_name, &q.qname, q.qtype) {
+            return Some(ZoneReply::Forward);
+        }
         let build = |e: &zone_answers::Encoded, out: &mut Vec<u8>| {
             dns::build_reply_into(q, e.body(), limit, out)
         };
@@ -242,14 +251,26 @@ impl Handler {
         reply
     }
 
-    /// The upstream question (and cache key) for `name`, asked as `q` asks.
-    fn question_of(q: &Query<'_>, name: WireName) -> Question {
-        Question {
-            name,
+    /// The cache key of `q` itself, borrowed from it.
+    fn question_ref<'a>(q: &'a Query<'_>) -> forward::QuestionRef<'a> {
+        forward::QuestionRef {
+            name: &q.qname,
             qtype: q.qtype,
             qclass: q.qclass,
             dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
             checking_disabled: q.flags & dns_common::FLAG_CD != 0,
+        }
+    }
+
+    /// The upstream question (and cache key) for `name`, asked as `q` asks.
+    fn question_of(q: &Query<'_>, name: WireName) -> Question {
+        let asked = Self::question_ref(q);
+        Question {
+            name,
+            qtype: asked.qtype,
+            qclass: asked.qclass,
+            dnssec_ok: asked.dnssec_ok,
+            checking_disabled: asked.checking_disabled,
         }
     }
 
@@ -262,7 +283,7 @@ impl Handler {
             dns::build_reply_into(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit, out);
             return true;
         }
-        let Some(resolved) = self.external.cached(&Self::question_of(q, q.qname.clone())) else {
+        let Some(resolved) = self.external.cached(&Self::question_ref(q)) else {
             return false;
         };
         self.reply_from_resolved_into(q, resolved, limit, out);

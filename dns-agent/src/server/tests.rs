@@ -160,7 +160,11 @@ fn change(rng: &mut Rng) -> Change {
 fn name(rng: &mut Rng) -> Vec<u8> {
     let ns = NAMESPACES[rng.below(NAMESPACES.len())];
     let svc = SERVICES[rng.below(SERVICES.len())];
-    let text = match rng.below(10) {
+    let text = match rng.below(13) {
+        // Outside the zone, some of them close to it.
+        10 => "example.org".to_string(),
+        11 => "cluster.local.example.org".to_string(),
+        12 => "notcluster.local".to_string(),
         0 => format!("{ns}.svc.cluster.local"),
         1 => format!("{ns}.pod.cluster.local"),
         2 => format!("10-1-0-{}.{ns}.pod.cluster.local", rng.below(4)),
@@ -183,7 +187,8 @@ fn query(rng: &mut Rng, id: u16) -> Vec<u8> {
             *b = b.to_ascii_uppercase();
         }
     }
-    let qtype: u16 = [1, 28, 33, 12, 5, 16, 255][rng.below(7)];
+    // AXFR now and then: refused, inside the zone or not.
+    let qtype: u16 = [1, 28, 33, 12, 5, 16, 255, 252][rng.below(8)];
     let edns = rng.below(2) == 0;
     let mut m = id.to_be_bytes().to_vec();
     m.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, edns as u8]);

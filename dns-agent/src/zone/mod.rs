@@ -1156,6 +1156,17 @@ fn address_rdata(ip: IpAddr) -> RData {
     }
 }
 
+/// Is (`qname`, `qtype`) forwarded whatever the zone `zone` (wire format) holds? True for names
+/// neither at or below the zone nor under `arpa` (reverse names may be the cluster's), except
+/// zone transfers, which are refused. A suffix comparison, without the model: the serving path
+/// asks it first. A name it misses only costs the full resolution.
+pub fn surely_forwarded(zone: &[u8], qname: &[u8], qtype: u16) -> bool {
+    qtype != T_AXFR
+        && qtype != T_IXFR
+        && !qname.ends_with(zone)
+        && !qname.ends_with(b"\x04arpa\x00")
+}
+
 /// Record type of a query type, for logs.
 pub fn type_name(qtype: u16) -> String {
     RecordType::from(qtype).to_string()
