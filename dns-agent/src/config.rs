@@ -126,7 +126,7 @@ pub struct RunArgs {
     pub no_kernel: bool,
 
     /// UDP receive loops per listen address, each with a socket of its own (SO_REUSEPORT,
-    /// queries spread over them by their DNS ID): one per CPU the agent may use (its CPU
+    /// queries spread over them by source port and DNS ID): one per CPU the agent may use (its CPU
     /// affinity and cgroup CPU limit counted), at most N.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_udp_loops: usize,

@@ -5,8 +5,8 @@
 //! A timer alone would beat on while a serving loop is stuck; so every beat is earned by real
 //! questions, sent to the agent's own listen address and answered through the same sockets,
 //! loops and zone lock that pods' queries take: one question per UDP receive loop, each with an
-//! ID the reuseport group's program steers to that loop ([`super::handover::steer_by_query_id`]),
-//! and a beat only when every one is answered. A loop that hangs stops the heartbeat, as pods
+//! ID the reuseport group's program steers to that loop from the probe's source port
+//! ([`super::handover::steer_by_client`]), and a beat only when every one is answered. A loop that hangs stops the heartbeat, as pods
 //! whose queries land on it would stop getting answers. (While an agent before this one still
 //! holds its sockets' places, or for the second after it left, the probes may land on other
 //! loops than theirs: the beat then proves that loops answer, not each one.) The loops recognise
@@ -69,13 +69,16 @@ impl Probe {
     }
 }
 
-/// IDs for one round of probes, one per loop: ID `i` is steered to loop `i % loops`, so these
-/// reach loops 0, 1, … in turn. Random above that, so that a late reply to an earlier round
+/// IDs for one round of probes from source `port`, one per loop: the k-th is steered to loop k
+/// ([`super::handover::loop_of`]). Random beyond that, so that a late reply to an earlier round
 /// cannot pass for one of this round's.
-pub fn probe_ids(loops: usize) -> Vec<u16> {
+pub fn probe_ids(port: u16, loops: usize) -> Vec<u16> {
     let loops = loops.clamp(1, 1 << 16) as u32;
     let base = rand::random_range(0..(1u32 << 16) / loops);
-    (0..loops).map(|k| (base * loops + k) as u16).collect()
+    let shift = (loops - u32::from(port) % loops) % loops;
+    (0..loops)
+        .map(|k| (base * loops + (k + shift) % loops) as u16)
+        .collect()
 }
 
 /// Beats `heartbeat` for as long as all `loops` UDP receive loops answer `probe` sent to
@@ -89,12 +92,13 @@ pub async fn run(
     // Bound to the listen address: the serving loops know the probe by this source.
     let socket = UdpSocket::bind(SocketAddr::new(listen, 0)).await?;
     socket.connect(SocketAddr::new(listen, 53)).await?;
+    let port = socket.local_addr()?.port();
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; 512];
     loop {
         tick.tick().await;
-        let mut unanswered = probe_ids(loops);
+        let mut unanswered = probe_ids(port, loops);
         for id in &unanswered {
             let _ = socket.send(&probe.query(*id)).await;
         }
@@ -152,11 +156,15 @@ mod tests {
     #[test]
     fn a_round_of_probes_reaches_every_loop_once() {
         for loops in [1, 2, 3, 7, 16, 256] {
-            for _ in 0..100 {
-                let ids = probe_ids(loops);
-                let mut reached: Vec<usize> = ids.iter().map(|id| *id as usize % loops).collect();
-                reached.sort();
-                assert_eq!(reached, (0..loops).collect::<Vec<_>>(), "{ids:?}");
+            for port in [0, 1, 2, 53, 40000, 65535] {
+                for _ in 0..20 {
+                    let ids = probe_ids(port, loops);
+                    let reached: Vec<usize> = ids
+                        .iter()
+                        .map(|id| super::super::handover::loop_of(port, *id, loops))
+                        .collect();
+                    assert_eq!(reached, (0..loops).collect::<Vec<_>>(), "{ids:?}");
+                }
             }
         }
     }

@@ -101,7 +101,7 @@ impl Sockets {
             } else {
                 loops as u32
             };
-            handover::steer_by_query_id(&udp[0], 0, serving).map_err(steer)?;
+            handover::steer_by_client(&udp[0], addr.is_ipv6(), 0, serving).map_err(steer)?;
             handover::steer_to(&tcp, 0).map_err(steer)?;
             if udp_before > 0 {
                 tracing::info!(%addr, "another agent serves {addr}: taking over once the zone is loaded");
@@ -161,7 +161,8 @@ impl Sockets {
                 source,
             };
             let before = l.udp_before.load(Ordering::Relaxed);
-            handover::steer_by_query_id(&l.udp[0], before, l.udp.len() as u32).map_err(steer)?;
+            handover::steer_by_client(&l.udp[0], l.addr.is_ipv6(), before, l.udp.len() as u32)
+                .map_err(steer)?;
             handover::steer_to(&*l.tcp, l.tcp_index).map_err(steer)?;
         }
         Ok(())
@@ -179,12 +180,12 @@ impl Sockets {
             {
                 continue;
             }
-            handover::steer_by_query_id(&l.udp[0], 0, l.udp.len() as u32).map_err(|source| {
-                BindError::Steer {
+            handover::steer_by_client(&l.udp[0], l.addr.is_ipv6(), 0, l.udp.len() as u32).map_err(
+                |source| BindError::Steer {
                     addr: l.addr,
                     source,
-                }
-            })?;
+                },
+            )?;
             l.udp_before.store(0, Ordering::Relaxed);
             tracing::info!(addr = %l.addr, "the agent before this one is gone: its UDP sockets' places are this agent's");
         }

@@ -1,7 +1,7 @@
 //! UDP: the queries the kernel passes up, taken off the socket and answered in batches.
 //!
 //! Each listen address has one socket per receive loop, in one `SO_REUSEPORT` group; the
-//! group's steering program spreads queries over the loops by their DNS ID (see
+//! group's steering program spreads queries over the loops by source port and DNS ID (see
 //! [`super::handover`]). A loop takes up to [`mmsg::BATCH`] queries per system call, answers
 //! those the zone or the cache can answer into reusable buffers, and sends their replies with
 //! one system call. A query that waits for an upstream gets a task on the agent's main
