@@ -905,6 +905,101 @@ fn identical_misses_share_one_upstream_query() {
     assert_eq!(upstream.queries_for("same.example."), 2);
 }
 
+#[test]
+fn many_queries_on_one_tcp_connection_are_answered_and_a_slow_one_holds_up_none() {
+    use std::io::{Read as _, Write as _};
+    let topo = Topology::new();
+    let _upstream = Upstream::start(
+        &topo.node,
+        sock(UPSTREAM_V4),
+        Arc::new(|q: &Message| {
+            let reply = Action::Reply(a_reply(q, Ipv4Addr::new(203, 0, 113, 7), 300));
+            if qname(q) == "slow.example" {
+                Action::Delayed(Duration::from_millis(500), Box::new(reply))
+            } else {
+                reply
+            }
+        }),
+    );
+    let _agent = agent(&topo, &[UPSTREAM_V4], &[]);
+    let mut tcp = topo.pod.enter(|| {
+        std::net::TcpStream::connect_timeout(&sock(LISTEN_V4), Duration::from_secs(3))
+            .expect("TCP connect")
+    });
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The slow name first, then 300 cluster names, all in one write: the client pipelines
+    // (RFC 7766 §6.2.1.1).
+    let cluster = [
+        "web.shop.svc.cluster.local.",
+        "10-1-2-3.shop.pod.cluster.local.",
+    ];
+    let mut batch = Vec::new();
+    let mut frame = |id: u16, name: &str| {
+        let mut q = support::query_message(name, RecordType::A, false);
+        q.metadata.id = id;
+        let q = q.to_vec().unwrap();
+        batch.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        batch.extend_from_slice(&q);
+    };
+    frame(0, "slow.example.");
+    for id in 1..=300u16 {
+        frame(id, cluster[id as usize % 2]);
+    }
+    let started = Instant::now();
+    tcp.write_all(&batch).unwrap();
+    let mut order = Vec::new();
+    for _ in 0..301 {
+        let mut len = [0u8; 2];
+        tcp.read_exact(&mut len).expect("a reply length");
+        let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+        tcp.read_exact(&mut reply).expect("a reply");
+        let m = Message::from_vec(&reply).expect("a reply that parses");
+        let id = m.metadata.id;
+        let want = if id == 0 {
+            "A 203.0.113.7"
+        } else if id % 2 == 1 {
+            "A 10.1.2.3"
+        } else {
+            "A 10.96.10.20"
+        };
+        assert_eq!(answers(&m), vec![want], "reply {id}");
+        order.push((id, started.elapsed()));
+    }
+    let mut ids: Vec<u16> = order.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (0..=300).collect::<Vec<_>>(),
+        "every query answered once"
+    );
+    // The cluster names did not wait for the slow upstream: they came first.
+    assert_eq!(
+        order.last().unwrap().0,
+        0,
+        "the slow answer last: {order:?}"
+    );
+    assert!(
+        order[299].1 < Duration::from_millis(400),
+        "the cluster answers waited for the slow one: {:?}",
+        order[299].1
+    );
+    // The connection stays usable after all that.
+    let q = support::query_message("web.shop.svc.cluster.local.", RecordType::A, false)
+        .to_vec()
+        .unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    tcp.write_all(&framed).unwrap();
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len).expect("a reply length");
+    let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+    tcp.read_exact(&mut reply).expect("a reply");
+    assert_eq!(
+        answers(&Message::from_vec(&reply).unwrap()),
+        vec!["A 10.96.10.20"]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transports and spoofing.
 

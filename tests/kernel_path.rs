@@ -264,9 +264,12 @@ fn an_agent_replaced_by_another_drops_no_query() {
     let topo = Topology::new();
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-h"));
     let zone = support::example_cluster();
+    // Agents with different numbers of UDP sockets per address: the first one loop, the next
+    // one a loop per CPU, the third one again. Each steers queries among its own sockets by
+    // their places in the reuseport group, which move when the agent before leaves.
     let mut old = Agent::start_at(
         &topo,
-        Agent::args(&topo, "--zone-file", &zone, &[]),
+        Agent::args(&topo, "--zone-file", &zone, &["--max-udp-loops", "1"]),
         pin.clone(),
         9253,
     );
@@ -310,39 +313,56 @@ fn an_agent_replaced_by_another_drops_no_query() {
     // The new agent starts beside the old one, loads the zone, then takes the XDP link over.
     // Same ports: the new agent shares the metrics port too, and kubelet-like readiness
     // checks reach the new agent (503 until its zone is loaded).
-    let new = Agent::start_at(
-        &topo,
-        Agent::args(&topo, "--zone-file", &zone, &[]),
-        pin.clone(),
-        9253,
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !new.log().contains("TookOver") {
+    let hand_over = |old: &mut Agent, extra: &[&str]| {
+        let new = Agent::start_at(
+            &topo,
+            Agent::args(&topo, "--zone-file", &zone, extra),
+            pin.clone(),
+            9253,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !new.log().contains("TookOver") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no takeover:\n{}",
+                new.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let status = old.stop();
+        assert!(status.success());
+        assert!(old.log().contains("handed over"), "{}", old.log());
+        new
+    };
+    let mut new = hand_over(&mut old, &[]);
+    // Once the old agent's sockets are gone, the new one steers by its sockets' new places.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !new.log().contains("sockets' places are this agent's") {
         assert!(
             std::time::Instant::now() < deadline,
-            "no takeover:\n{}",
+            "the agent never noticed the old one's sockets were gone:\n{}",
             new.log()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let status = old.stop();
-    assert!(status.success());
-    assert!(old.log().contains("handed over"), "{}", old.log());
-    let kernel_before = new.kernel_answered();
+    std::thread::sleep(Duration::from_millis(300));
+    // And hands over in turn.
+    let newest = hand_over(&mut new, &["--max-udp-loops", "1"]);
+    let kernel_before = newest.kernel_answered();
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
 
     let (sent, lost) = (sent.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
-    assert!(sent > 300, "only {sent} queries sent");
+    assert!(sent > 600, "only {sent} queries sent");
     assert_eq!(
         lost, 0,
-        "{lost} of {sent} queries went unanswered across the handover"
+        "{lost} of {sent} queries went unanswered across the handovers"
     );
     assert!(
-        new.kernel_answered() > kernel_before,
-        "the new agent's program answers"
+        newest.kernel_answered() > kernel_before,
+        "the newest agent's program answers"
     );
     let out = topo
         .node

@@ -69,7 +69,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let addresses = ListenAddresses::ensure(&config.args.listen)
         .await
         .context("putting the listen addresses on the node")?;
-    let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr)?;
+    let mut sockets = Sockets::bind(&config.args.listen, config.metrics_addr, config.udp_loops)?;
     check_interfaces(&config.args.interfaces)?;
     let (attachments, mut sync) = load_kernel(&config, &model, &metrics)?.unzip();
     // Loaded and bound: from here on the agent attaches, writes maps and, on exit, removes its
@@ -93,11 +93,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             beat.clone(),
             config.args.listen[0],
             handler.probe.clone(),
+            sockets.loops(),
         ));
     }
     let completions = search.completions.clone();
     let zone_loaded = source.spawn(&mut tasks, model, sync, routing, metrics.clone(), search);
-    sockets.serve(&mut tasks, &handler);
+    sockets
+        .serve(&mut tasks, &handler)
+        .context("starting the receive loops")?;
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
@@ -117,6 +120,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         kernel_cache = config.args.kernel_cache(),
         autopath = config.args.autopath,
         kernel = attachments.is_some(),
+        udp_loops = sockets.loops(),
         "serving"
     );
 
@@ -158,6 +162,9 @@ async fn serve(
         tasks.spawn(crate::kernel::links::watch(link_tx));
     }
     let mut loading = true;
+    // Once serving: has the agent before this one left its sockets' places in the reuseport
+    // groups?
+    let mut settle = tokio::time::interval(Duration::from_secs(1));
     let outcome = loop {
         tokio::select! {
             _ = signals.interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
@@ -171,6 +178,11 @@ async fn serve(
                 loading = false;
                 if loaded.is_ok() && let Err(e) = take_over(tasks, sockets, forwarder, attachments.as_mut(), metrics) {
                     break Err(e);
+                }
+            }
+            _ = settle.tick(), if !loading => {
+                if let Err(e) = sockets.settle() {
+                    tracing::warn!(error = %e, "steering queries by this agent's new socket places failed; queries still reach it");
                 }
             }
             Some(event) = links.recv() => {
@@ -437,15 +449,19 @@ fn userspace_server(
         Cache::new(config.cache.clone(), metrics.cache.clone()),
         metrics.clone(),
     ));
-    Arc::new(Handler {
-        zone: model.clone(),
-        external,
-        metrics: metrics.clone(),
-        in_flight: Default::default(),
-        probe: heartbeat::Probe::new(&config.cluster_domain),
-        limits: Arc::new(Limits::new(config.limits.clone(), metrics.limits.clone())),
-        autopath,
-    })
+    Arc::new(
+        Handler::new(
+            model.clone(),
+            external,
+            metrics.clone(),
+            heartbeat::Probe::new(&config.cluster_domain),
+        )
+        .with_limits(Arc::new(Limits::new(
+            config.limits.clone(),
+            metrics.limits.clone(),
+        )))
+        .with_autopath(autopath),
+    )
 }
 
 /// Probes every upstream for a forwarding loop (a probe that comes back to our own listeners).

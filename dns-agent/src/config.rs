@@ -141,6 +141,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_kernel: bool,
 
+    /// UDP receive loops per listen address, each with a socket of its own (SO_REUSEPORT,
+    /// queries spread over them by source port and DNS ID): one per CPU the agent may use (its CPU
+    /// affinity and cgroup CPU limit counted), at most N.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_udp_loops: usize,
+
     /// Serve the queries pods send to this address — the kube-dns Service's cluster IP — without
     /// it being assigned on the node and without iptables (repeatable; IPv4 and IPv6). The XDP
     /// program answers what it holds; the rest it steers to the agent's listen address of the
@@ -394,10 +400,15 @@ pub enum ObjectSource {
     Api(ClientSource),
 }
 
+/// The most UDP receive loops (sockets) per listen address `--max-udp-loops` accepts.
+pub const MAX_UDP_LOOPS: usize = 256;
+
 /// Checked settings of `run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub args: RunArgs,
+    /// UDP receive loops per listen address: one per CPU, at most `--max-udp-loops`.
+    pub udp_loops: usize,
     pub source: ObjectSource,
     pub cluster_domain: String,
     /// Where names outside the cluster go, by the command line.
@@ -484,6 +495,15 @@ impl RunArgs {
                 "listen",
                 format!(
                     "{a} is not an address queries can be sent to; give the node-local address (169.254.20.10)"
+                ),
+            ));
+        }
+        if !(1..=MAX_UDP_LOOPS).contains(&self.max_udp_loops) {
+            return Err(refuse(
+                "max-udp-loops",
+                format!(
+                    "{} is out of range: from 1 (one loop) to {MAX_UDP_LOOPS}",
+                    self.max_udp_loops
                 ),
             ));
         }
@@ -593,7 +613,9 @@ impl RunArgs {
             ));
         }
         let limits = self.limit_settings(limits::fd_hard_limit().ok())?;
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         Ok(RunConfig {
+            udp_loops: cpus.min(self.max_udp_loops),
             interface_patterns: patterns,
             source,
             cluster_domain: domain,

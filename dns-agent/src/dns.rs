@@ -264,6 +264,18 @@ impl Body<'_> {
 /// had one. With `limit`, a reply that would exceed it is cut to header, question and OPT with
 /// TC set (RFC 2181 §9: the client retries over TCP).
 pub fn build_reply(query: &Query<'_>, body: Body<'_>, limit: Option<usize>) -> Vec<u8> {
+    let mut out = Vec::new();
+    build_reply_into(query, body, limit, &mut out);
+    out
+}
+
+/// [`build_reply`], appended to `out` (whose buffer the serving loops reuse).
+pub fn build_reply_into(
+    query: &Query<'_>,
+    body: Body<'_>,
+    limit: Option<usize>,
+    out: &mut Vec<u8>,
+) {
     let opt_len = if query.edns.is_some() {
         OPT_RECORD_LEN
     } else {
@@ -282,7 +294,7 @@ pub fn build_reply(query: &Query<'_>, body: Body<'_>, limit: Option<usize>) -> V
     };
     let own = !(FLAG_QR | FLAG_TC | FLAG_RD | FLAG_CD | OPCODE_MASK);
     let flags = FLAG_QR | (query.flags & (FLAG_RD | FLAG_CD)) | (body.flags & own) | tc;
-    let mut out = Vec::with_capacity(full.min(limit.unwrap_or(full)));
+    out.reserve(full.min(limit.unwrap_or(full)));
     out.extend_from_slice(&query.id.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&1u16.to_be_bytes());
@@ -294,7 +306,6 @@ pub fn build_reply(query: &Query<'_>, body: Body<'_>, limit: Option<usize>) -> V
     if let Some(e) = query.edns {
         out.extend_from_slice(&opt_record(body.ext_rcode, e.dnssec_ok));
     }
-    out
 }
 
 /// An error reply for a message that did not parse as a query we answer.
@@ -305,8 +316,22 @@ pub fn build_error(
     rcode: u16,
     question: Option<(usize, usize)>,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    build_error_into(msg, id, flags, rcode, question, &mut out);
+    out
+}
+
+/// [`build_error`], appended to `out`.
+pub fn build_error_into(
+    msg: &[u8],
+    id: u16,
+    flags: u16,
+    rcode: u16,
+    question: Option<(usize, usize)>,
+    out: &mut Vec<u8>,
+) {
     let out_flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | rcode;
-    let mut out = Vec::with_capacity(12 + question.map_or(0, |(a, b)| b - a));
+    out.reserve(12 + question.map_or(0, |(a, b)| b - a));
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&out_flags.to_be_bytes());
     out.extend_from_slice(&(question.is_some() as u16).to_be_bytes());
@@ -314,7 +339,6 @@ pub fn build_error(
     if let Some((a, b)) = question {
         out.extend_from_slice(&msg[a..b]);
     }
-    out
 }
 
 #[cfg(test)]

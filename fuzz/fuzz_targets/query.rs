@@ -62,16 +62,15 @@ fn agent() -> &'static Agent {
             metrics.limits.clone(),
         ));
         Agent {
-            handler: Handler {
-                zone: Arc::new(RwLock::new(xdns_fuzz::zone_from(
+            handler: Handler::new(
+                Arc::new(RwLock::new(xdns_fuzz::zone_from(
                     xdns_fuzz::example_objects(),
                 ))),
                 external,
                 metrics,
-                in_flight: Default::default(),
-                probe: dns_agent::server::heartbeat::Probe::new("cluster.local"),
-                limits,
-            },
+                dns_agent::server::heartbeat::Probe::new("cluster.local"),
+            )
+            .with_limits(limits),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

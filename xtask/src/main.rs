@@ -112,6 +112,20 @@ enum Command {
         names: std::path::PathBuf,
         count: usize,
     },
+    /// The userspace path alone: xdns with --no-kernel against unbound, UDP (kxdpgun) and TCP
+    /// (dnsperf), in rounds. Results go to results/userspace-<timestamp>/.
+    BenchUserspace {
+        /// A short run: every system must answer; not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds; ratios are taken within a round.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Another xdns system, started with these extra arguments (KEY=VALUE words go to its
+        /// environment), e.g. --variant "--max-udp-loops 1" (repeatable).
+        #[arg(long, allow_hyphen_values = true)]
+        variant: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -189,5 +203,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             soak::soak(o)
         }
         Command::BenchResolve { names, count } => bench::resolve::resolve_loop(&names, count),
+        Command::BenchUserspace {
+            quick,
+            rounds,
+            variant,
+        } => bench::userspace::bench_userspace(bench::userspace::Options {
+            quick,
+            rounds: rounds.max(1),
+            variants: variant,
+        }),
     }
 }

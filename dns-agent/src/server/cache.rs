@@ -34,7 +34,9 @@
 //! with [`Cache::take_changes`] and makes the kernel hold what the cache holds.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    borrow::Borrow,
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -44,7 +46,7 @@ use hickory_proto::{
     rr::RData,
 };
 
-use super::forward::Question;
+use super::forward::{Question, QuestionKey};
 use crate::{dns, metrics::CacheCounters};
 
 /// TTL of stale answers (RFC 8767 §4 suggests 30 s).
@@ -386,14 +388,31 @@ struct Entry {
     failed: Option<(Instant, u16)>,
     hits: u32,
     last_hit: Instant,
-    /// Position in the LRU order.
-    tick: u64,
 }
 
+/// No slot: the end of the recency list.
+const NIL: usize = usize::MAX;
+
+/// An entry in the slab, linked into the recency list.
+struct Slot {
+    key: Arc<Question>,
+    entry: Entry,
+    /// Neighbours in the recency list: `prev` was used more recently, `next` less.
+    prev: usize,
+    next: usize,
+}
+
+/// The entries, by question, and the order of their last use: a list threaded through a slab
+/// of slots, so that a hit moves its entry to the front without allocating, and the least
+/// recently used is at the back.
 struct Inner {
-    map: HashMap<Arc<Question>, Entry>,
-    lru: BTreeMap<u64, Arc<Question>>,
-    tick: u64,
+    map: HashMap<Arc<Question>, usize>,
+    slots: Vec<Slot>,
+    /// Slots free for reuse.
+    free: Vec<usize>,
+    /// Most and least recently used.
+    head: usize,
+    tail: usize,
     /// Keys changed since the kernel's writer last looked (`None`: nobody follows).
     changed: Option<HashSet<Arc<Question>>>,
 }
@@ -401,6 +420,27 @@ struct Inner {
 /// What the cache holds for a changed key: an answer and when it expires, or nothing the
 /// kernel may serve.
 pub type Change = (Question, Option<(Arc<Answer>, Instant)>);
+
+/// Lets the map be asked with a borrowed question: no copy of the name per lookup.
+impl<'a> Borrow<dyn QuestionKey + 'a> for Arc<Question> {
+    fn borrow(&self) -> &(dyn QuestionKey + 'a) {
+        &**self
+    }
+}
+
+impl Hash for dyn QuestionKey + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
+    }
+}
+
+impl PartialEq for dyn QuestionKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn QuestionKey + '_ {}
 
 pub struct Cache {
     settings: CacheSettings,
@@ -416,8 +456,10 @@ impl Cache {
             settings,
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
-                lru: BTreeMap::new(),
-                tick: 0,
+                slots: Vec::new(),
+                free: Vec::new(),
+                head: NIL,
+                tail: NIL,
                 changed: None,
             }),
             counters,
@@ -443,10 +485,10 @@ impl Cache {
         let keys = std::mem::take(changed);
         keys.into_iter()
             .map(|q| {
-                let held = inner
-                    .map
-                    .get(&q)
-                    .and_then(|e| e.answer.clone().map(|a| (a, e.expires)));
+                let held = inner.map.get(&q).and_then(|&slot| {
+                    let e = &inner.slots[slot].entry;
+                    e.answer.clone().map(|a| (a, e.expires))
+                });
                 (Question::clone(&q), held)
             })
             .collect()
@@ -474,11 +516,13 @@ impl Cache {
         e.answer.is_some() && now < e.expires + self.settings.serve_stale
     }
 
-    pub fn lookup(&self, q: &Question, now: Instant) -> Lookup {
+    pub fn lookup(&self, q: &(impl QuestionKey + ?Sized), now: Instant) -> Lookup {
+        let q: &dyn QuestionKey = &q.key();
         let mut inner = self.inner.lock().expect("cache lock");
-        let Some(e) = inner.map.get_mut(q) else {
+        let Some(&slot) = inner.map.get(q) else {
             return Lookup::Miss;
         };
+        let e = &mut inner.slots[slot].entry;
         let result = if let Some(answer) = e.answer.as_ref().filter(|_| now < e.expires) {
             if now.saturating_duration_since(e.last_hit) > PREFETCH_GAP {
                 e.hits = 1;
@@ -504,18 +548,18 @@ impl Cache {
         } else if self.stale_ok(e, now) {
             return Lookup::Miss;
         } else {
-            inner.remove(q, &self.counters);
+            inner.remove_slot(slot, &self.counters);
             self.noted(&inner);
             return Lookup::Miss;
         };
-        inner.touch(q);
+        inner.touch(slot);
         result
     }
 
     /// The answer held for `q` and its expiry, whether fresh or not; no hit is counted.
     pub fn peek(&self, q: &Question) -> Option<(Arc<Answer>, Instant)> {
         let inner = self.inner.lock().expect("cache lock");
-        let e = inner.map.get(q)?;
+        let e = &inner.slots[*inner.map.get(q)?].entry;
         Some((e.answer.clone()?, e.expires))
     }
 
@@ -526,7 +570,6 @@ impl Cache {
         }
         let mut inner = self.inner.lock().expect("cache lock");
         let (hits, last_hit) = inner
-            .map
             .get(q)
             .filter(|e| e.answer.is_some())
             .map_or((0, now), |e| (e.hits, e.last_hit));
@@ -540,7 +583,6 @@ impl Cache {
                 failed: None,
                 hits,
                 last_hit,
-                tick: 0,
             },
             self.settings.capacity,
             &self.counters,
@@ -551,7 +593,7 @@ impl Cache {
     /// Upstreams failed for `q` with `rcode`: what to serve instead, remembering the failure.
     pub fn fail(&self, q: &Question, rcode: u16, now: Instant) -> AfterFailure {
         let mut inner = self.inner.lock().expect("cache lock");
-        if let Some(e) = inner.map.get_mut(q)
+        if let Some(e) = inner.get_mut(q)
             && let Some(answer) = e.answer.clone()
         {
             if now < e.expires {
@@ -575,7 +617,6 @@ impl Cache {
                     failed: Some((until, rcode)),
                     hits: 0,
                     last_hit: now,
-                    tick: 0,
                 },
                 self.settings.capacity,
                 &self.counters,
@@ -590,18 +631,19 @@ impl Cache {
     /// Removes what can no longer be served: expired beyond serve-stale, failures over.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut inner = self.inner.lock().expect("cache lock");
-        let dead: Vec<Arc<Question>> = inner
+        let dead: Vec<usize> = inner
             .map
-            .iter()
-            .filter(|(_, e)| {
+            .values()
+            .copied()
+            .filter(|&slot| {
+                let e = &inner.slots[slot].entry;
                 let fresh = e.answer.is_some() && now < e.expires;
                 let failing = e.failed.is_some_and(|(until, _)| now < until);
                 !fresh && !failing && !self.stale_ok(e, now)
             })
-            .map(|(q, _)| q.clone())
             .collect();
-        for q in &dead {
-            inner.remove(q, &self.counters);
+        for &slot in &dead {
+            inner.remove_slot(slot, &self.counters);
         }
         self.noted(&inner);
         dead.len()
@@ -609,58 +651,116 @@ impl Cache {
 }
 
 impl Inner {
-    fn touch(&mut self, q: &Question) {
-        self.tick += 1;
-        let tick = self.tick;
-        let Some((key, e)) = self.map.get_key_value(q) else {
-            return;
-        };
-        let key = key.clone();
-        let old = e.tick;
-        self.lru.remove(&old);
-        self.lru.insert(tick, key);
-        if let Some(e) = self.map.get_mut(q) {
-            e.tick = tick;
+    fn get(&self, q: &Question) -> Option<&Entry> {
+        let q: &dyn QuestionKey = q;
+        self.map.get(q).map(|&slot| &self.slots[slot].entry)
+    }
+
+    fn get_mut(&mut self, q: &Question) -> Option<&mut Entry> {
+        let q: &dyn QuestionKey = q;
+        let slot = *self.map.get(q)?;
+        Some(&mut self.slots[slot].entry)
+    }
+
+    /// Takes `slot` out of the recency list.
+    fn unlink(&mut self, slot: usize) {
+        let (prev, next) = (self.slots[slot].prev, self.slots[slot].next);
+        match prev {
+            NIL => self.head = next,
+            p => self.slots[p].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.slots[n].prev = prev,
         }
     }
 
-    fn put(&mut self, q: &Question, mut entry: Entry, capacity: usize, c: &CacheCounters) {
-        if let Some(old) = self.map.get(q) {
-            c.entries[old.kind as usize].fetch_sub(1, Relaxed);
-            self.lru.remove(&old.tick);
-        } else {
-            while self.map.len() >= capacity {
-                let Some((_, victim)) = self.lru.pop_first() else {
-                    break;
-                };
-                if let Some(v) = self.map.remove(&victim) {
-                    c.entries[v.kind as usize].fetch_sub(1, Relaxed);
-                    c.evictions[v.kind as usize].fetch_add(1, Relaxed);
-                }
-                self.note(&victim);
-            }
+    /// Puts `slot` at the front of the recency list (it is not in it).
+    fn push_front(&mut self, slot: usize) {
+        self.slots[slot].prev = NIL;
+        self.slots[slot].next = self.head;
+        match self.head {
+            NIL => self.tail = slot,
+            h => self.slots[h].prev = slot,
         }
-        self.tick += 1;
-        entry.tick = self.tick;
+        self.head = slot;
+    }
+
+    /// Marks `slot` the most recently used.
+    fn touch(&mut self, slot: usize) {
+        if self.head != slot {
+            self.unlink(slot);
+            self.push_front(slot);
+        }
+    }
+
+    fn put(&mut self, q: &Question, entry: Entry, capacity: usize, c: &CacheCounters) {
+        let existing = {
+            let key: &dyn QuestionKey = q;
+            self.map.get(key).copied()
+        };
+        if let Some(slot) = existing {
+            c.entries[self.slots[slot].entry.kind as usize].fetch_sub(1, Relaxed);
+            c.entries[entry.kind as usize].fetch_add(1, Relaxed);
+            self.slots[slot].entry = entry;
+            self.touch(slot);
+            self.note(slot);
+            return;
+        }
+        while self.map.len() >= capacity && self.tail != NIL {
+            let victim = self.tail;
+            let kind = self.slots[victim].entry.kind;
+            self.remove_slot(victim, c);
+            c.evictions[kind as usize].fetch_add(1, Relaxed);
+        }
         c.entries[entry.kind as usize].fetch_add(1, Relaxed);
         let key = Arc::new(q.clone());
-        self.lru.insert(entry.tick, key.clone());
-        self.note(&key);
-        self.map.insert(key, entry);
+        let filled = Slot {
+            key: key.clone(),
+            entry,
+            prev: NIL,
+            next: NIL,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = filled;
+                slot
+            }
+            None => {
+                self.slots.push(filled);
+                self.slots.len() - 1
+            }
+        };
+        self.map.insert(key, slot);
+        self.push_front(slot);
+        self.note(slot);
+    }
+
+    fn note(&mut self, slot: usize) {
+        if let Some(changed) = self.changed.as_mut() {
+            changed.insert(self.slots[slot].key.clone());
+        }
     }
 
     fn remove(&mut self, q: &Question, c: &CacheCounters) {
-        if let Some((key, e)) = self.map.remove_entry(q) {
-            self.lru.remove(&e.tick);
-            c.entries[e.kind as usize].fetch_sub(1, Relaxed);
-            self.note(&key);
+        let slot = {
+            let key: &dyn QuestionKey = q;
+            self.map.get(key).copied()
+        };
+        if let Some(slot) = slot {
+            self.remove_slot(slot, c);
         }
     }
 
-    fn note(&mut self, key: &Arc<Question>) {
-        if let Some(changed) = self.changed.as_mut() {
-            changed.insert(key.clone());
-        }
+    fn remove_slot(&mut self, slot: usize, c: &CacheCounters) {
+        let key = self.slots[slot].key.clone();
+        self.map.remove(&key);
+        self.unlink(slot);
+        c.entries[self.slots[slot].entry.kind as usize].fetch_sub(1, Relaxed);
+        // The slot keeps its (dead) entry until reused; drop its answer now.
+        self.slots[slot].entry.answer = None;
+        self.note(slot);
+        self.free.push(slot);
     }
 }
 
@@ -1053,6 +1153,78 @@ mod tests {
         // Replacing an entry evicts nothing.
         cache.insert(&q("c.example"), answer(), 300, Kind::Success, t0);
         assert_eq!(c.evictions[Kind::Success as usize].load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_recency_order_survives_any_sequence_of_uses() {
+        // The slab's linked list against a vector kept in order of use, most recent first.
+        let c = counters();
+        let cache = Cache::new(
+            CacheSettings {
+                capacity: 5,
+                prefetch: 0,
+                ..settings()
+            },
+            c.clone(),
+        );
+        let t0 = Instant::now();
+        let mut model: Vec<u64> = Vec::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let k = next() % 9;
+            let name = format!("n{k}.example");
+            match next() % 4 {
+                0 => {
+                    cache.insert(&q(&name), answer(), 300, Kind::Success, t0);
+                    model.retain(|x| *x != k);
+                    model.insert(0, k);
+                    model.truncate(5);
+                }
+                1 => {
+                    cache.inner.lock().unwrap().remove(&q(&name), &c);
+                    model.retain(|x| *x != k);
+                }
+                _ => {
+                    let hit = matches!(cache.lookup(&q(&name), t0), Lookup::Hit { .. });
+                    assert_eq!(hit, model.contains(&k), "{name} in {model:?}");
+                    if hit {
+                        model.retain(|x| *x != k);
+                        model.insert(0, k);
+                    }
+                }
+            }
+            let inner = cache.inner.lock().unwrap();
+            let mut order = Vec::new();
+            let mut at = inner.head;
+            while at != NIL {
+                order.push(inner.slots[at].key.name.clone());
+                at = inner.slots[at].next;
+            }
+            let want: Vec<Vec<u8>> = model
+                .iter()
+                .map(|k| wire_from_dotted(&format!("n{k}.example")))
+                .collect();
+            assert_eq!(order, want);
+            assert_eq!(inner.map.len(), model.len());
+            let mut back = Vec::new();
+            let mut at = inner.tail;
+            while at != NIL {
+                back.push(inner.slots[at].key.name.clone());
+                at = inner.slots[at].prev;
+            }
+            back.reverse();
+            assert_eq!(back, want, "the list read backwards");
+            assert_eq!(
+                c.entries[Kind::Success as usize].load(Relaxed),
+                model.len() as u64
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::{
     cache::{AfterFailure, Answer, Cache, Kind, Lookup, STALE_TTL, cache_ttl},
-    forward::{ForwardError, Forwarder, Question},
+    forward::{ForwardError, Forwarder, Question, QuestionKey},
 };
 use crate::{dns, metrics::Metrics};
 
@@ -72,7 +72,7 @@ impl ExternalResolver {
 
     /// What the cache can serve for `q` right now; `None`: ask upstream ([`Self::resolve`]).
     /// Starts a prefetch when the entry is popular and about to expire.
-    pub fn cached(self: &Arc<Self>, q: &Question) -> Option<Resolved> {
+    pub fn cached(self: &Arc<Self>, q: &(impl QuestionKey + ?Sized)) -> Option<Resolved> {
         let c = &self.metrics.cache;
         match self.cache.lookup(q, Instant::now()) {
             Lookup::Hit {
@@ -82,7 +82,7 @@ impl ExternalResolver {
                 prefetch,
             } => {
                 c.hits[kind as usize].fetch_add(1, Relaxed);
-                if prefetch && self.start(q).1 {
+                if prefetch && self.start(&q.key().to_question()).1 {
                     c.prefetch.fetch_add(1, Relaxed);
                 }
                 Some(Resolved::Answer {

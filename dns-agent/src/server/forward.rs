@@ -183,7 +183,7 @@ impl UpstreamSetId {
 
 /// A question to ask upstream, and the key of the cache: the name is lowercased (DNS names are
 /// case-insensitive, and one cache entry serves every spelling).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
     /// Lowercased wire format.
     pub name: WireName,
@@ -195,6 +195,61 @@ pub struct Question {
     pub checking_disabled: bool,
     /// The upstreams the name routes to ([`Forwarder::upstream_set_of`]).
     pub upstream_set: UpstreamSetId,
+}
+
+/// A [`Question`] borrowed from a query: what the cache is asked with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuestionRef<'a> {
+    pub name: &'a [u8],
+    pub qtype: u16,
+    pub qclass: u16,
+    pub dnssec_ok: bool,
+    pub checking_disabled: bool,
+    pub upstream_set: UpstreamSetId,
+}
+
+impl QuestionRef<'_> {
+    pub fn to_question(self) -> Question {
+        Question {
+            name: self.name.to_vec(),
+            qtype: self.qtype,
+            qclass: self.qclass,
+            dnssec_ok: self.dnssec_ok,
+            checking_disabled: self.checking_disabled,
+            upstream_set: self.upstream_set,
+        }
+    }
+}
+
+/// A question, owned or borrowed, as a key: both hash and compare alike.
+pub trait QuestionKey {
+    fn key(&self) -> QuestionRef<'_>;
+}
+
+impl QuestionKey for Question {
+    fn key(&self) -> QuestionRef<'_> {
+        QuestionRef {
+            name: &self.name,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            dnssec_ok: self.dnssec_ok,
+            checking_disabled: self.checking_disabled,
+            upstream_set: self.upstream_set,
+        }
+    }
+}
+
+impl QuestionKey for QuestionRef<'_> {
+    fn key(&self) -> QuestionRef<'_> {
+        *self
+    }
+}
+
+// Hashed through its borrowed form, so that a map keyed on questions can be asked with one.
+impl std::hash::Hash for Question {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
+    }
 }
 
 /// An accepted upstream reply: its bytes as received and their parse.

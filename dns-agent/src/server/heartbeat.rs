@@ -2,11 +2,16 @@
 //! queries for intercepted addresses to the agent only while the heartbeat is fresh, and
 //! answers from its maps only within the grace period after the last one.
 //!
-//! A timer alone would beat on while the serving loop is stuck; so every beat is earned by a
-//! real question, sent to the agent's own listen address and answered through the same socket,
-//! loop and zone lock that pods' queries take. The serving loop recognises the probe by its
-//! source (the listen address itself) and its name (random, per agent), and leaves it out of
-//! the metrics.
+//! A timer alone would beat on while a serving loop is stuck; so every beat is earned by real
+//! questions, sent to the agent's own listen address and answered through the same sockets,
+//! loops and zone lock that pods' queries take: one question per UDP receive loop, each with an
+//! ID the reuseport group's program steers to that loop from the probe's source port
+//! ([`super::handover::steer_by_client`]), and a beat only when every one is answered. A loop that hangs stops the heartbeat, as pods
+//! whose queries land on it would stop getting answers. (While an agent before this one still
+//! holds its sockets' places, or for the second after it left, the probes may land on other
+//! loops than theirs: the beat then proves that loops answer, not each one.) The loops recognise
+//! the probe by its source (the listen address itself) and its name (random, per agent), and
+//! leave it out of the metrics.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -64,27 +69,51 @@ impl Probe {
     }
 }
 
-/// Beats `heartbeat` for as long as the agent answers `probe` sent to `listen`.
-pub async fn run(heartbeat: Arc<Heartbeat>, listen: IpAddr, probe: Probe) -> std::io::Result<()> {
-    // Bound to the listen address: the serving loop knows the probe by this source.
+/// IDs for one round of probes from source `port`, one per loop: the k-th is steered to loop k
+/// ([`super::handover::loop_of`]). Random beyond that, so that a late reply to an earlier round
+/// cannot pass for one of this round's.
+pub fn probe_ids(port: u16, loops: usize) -> Vec<u16> {
+    let loops = loops.clamp(1, 1 << 16) as u32;
+    let base = rand::random_range(0..(1u32 << 16) / loops);
+    let shift = (loops - u32::from(port) % loops) % loops;
+    (0..loops)
+        .map(|k| (base * loops + (k + shift) % loops) as u16)
+        .collect()
+}
+
+/// Beats `heartbeat` for as long as all `loops` UDP receive loops answer `probe` sent to
+/// `listen`.
+pub async fn run(
+    heartbeat: Arc<Heartbeat>,
+    listen: IpAddr,
+    probe: Probe,
+    loops: usize,
+) -> std::io::Result<()> {
+    // Bound to the listen address: the serving loops know the probe by this source.
     let socket = UdpSocket::bind(SocketAddr::new(listen, 0)).await?;
     socket.connect(SocketAddr::new(listen, 53)).await?;
+    let port = socket.local_addr()?.port();
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; 512];
     loop {
         tick.tick().await;
-        let id: u16 = rand::random();
-        let _ = socket.send(&probe.query(id)).await;
-        // A reply to an earlier probe that came late does not count for this one.
+        let mut unanswered = probe_ids(port, loops);
+        for id in &unanswered {
+            let _ = socket.send(&probe.query(*id)).await;
+        }
         let answered = tokio::time::timeout(INTERVAL, async {
-            loop {
+            while !unanswered.is_empty() {
                 match socket.recv(&mut buf).await {
-                    Ok(n) if n >= 2 && buf[..2] == id.to_be_bytes() => return true,
+                    Ok(n) if n >= 2 => {
+                        let id = u16::from_be_bytes([buf[0], buf[1]]);
+                        unanswered.retain(|u| *u != id);
+                    }
                     Ok(_) => continue,
                     Err(_) => return false,
                 }
             }
+            true
         })
         .await
         .unwrap_or(false);
@@ -122,5 +151,21 @@ mod tests {
             !probe.is(&other, own, Some(listen)),
             "another question from the node"
         );
+    }
+
+    #[test]
+    fn a_round_of_probes_reaches_every_loop_once() {
+        for loops in [1, 2, 3, 7, 16, 256] {
+            for port in [0, 1, 2, 53, 40000, 65535] {
+                for _ in 0..20 {
+                    let ids = probe_ids(port, loops);
+                    let reached: Vec<usize> = ids
+                        .iter()
+                        .map(|id| super::super::handover::loop_of(port, *id, loops))
+                        .collect();
+                    assert_eq!(reached, (0..loops).collect::<Vec<_>>(), "{ids:?}");
+                }
+            }
+        }
     }
 }

@@ -9,12 +9,17 @@ pub mod handover;
 pub mod heartbeat;
 pub mod limits;
 pub mod listen_address;
+pub mod mmsg;
 pub mod routing;
 pub mod sockets;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
 pub mod upstream;
+pub mod zone_answers;
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     net::IpAddr,
@@ -37,7 +42,7 @@ use crate::{
     dns::{self, Body, EXT_RCODE_BADVERS, Query, Reject},
     metrics::{Metrics, Path},
     zone::{
-        NXDOMAIN_FLAGS, Resolution, ZONE_FLAGS, ZoneModel,
+        NXDOMAIN_FLAGS, Resolution, ZONE_FLAGS, ZoneModel, ZoneVersion,
         encode::encode_sections,
         name::{WireName, to_name},
     },
@@ -58,6 +63,11 @@ pub struct Handler {
     pub limits: Arc<Limits>,
     /// Search-path completion (`--autopath`).
     pub autopath: Option<autopath::Autopath>,
+    /// The zone model's version, read without its lock: answers kept per thread
+    /// ([`zone_answers`]) are served while it stands.
+    zone_version: Arc<ZoneVersion>,
+    /// The zone's name (wire format): names outside it go to the cache without the zone lock.
+    zone_name: Vec<u8>,
 }
 
 /// Counts a query in flight for as long as it lives.
@@ -79,6 +89,42 @@ pub struct Pending {
 }
 
 impl Handler {
+    pub fn new(
+        zone: Arc<RwLock<ZoneModel>>,
+        external: Arc<ExternalResolver>,
+        metrics: Arc<Metrics>,
+        probe: heartbeat::Probe,
+    ) -> Self {
+        let (zone_version, zone_name) = {
+            let z = zone.read().expect("zone lock poisoned");
+            (z.version().clone(), z.zone_wire().to_vec())
+        };
+        Self {
+            limits: Arc::new(Limits::new(
+                limits::LimitSettings::default(),
+                metrics.limits.clone(),
+            )),
+            zone,
+            external,
+            metrics,
+            in_flight: Default::default(),
+            probe,
+            autopath: None,
+            zone_version,
+            zone_name,
+        }
+    }
+
+    /// The handler with these limits (default: [`limits::LimitSettings::default`]).
+    pub fn with_limits(self, limits: Arc<Limits>) -> Self {
+        Self { limits, ..self }
+    }
+
+    /// The handler completing search paths (`--autopath`).
+    pub fn with_autopath(self, autopath: Option<autopath::Autopath>) -> Self {
+        Self { autopath, ..self }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -98,24 +144,39 @@ impl Handler {
 
     /// The reply to one message when it needs no waiting: errors, answers from the zone, and
     /// answers from the cache of upstream answers. Otherwise the query, for [`Self::finish`].
-    /// Lets the UDP loop answer most queries without a task of their own. A client over its
-    /// rate (`--rate-limit`) gets REFUSED, and so does a query that would wait for an upstream
-    /// while `--max-pending` others wait.
+    /// A client over its rate (`--rate-limit`) gets REFUSED, and so does a query that would
+    /// wait for an upstream while `--max-pending` others wait.
     pub fn handle_now(
         &self,
         msg: &[u8],
         transport: Transport,
         client: IpAddr,
     ) -> Result<Option<Vec<u8>>, Pending> {
+        let mut out = Vec::new();
+        Ok(self
+            .answer_now(msg, transport, client, &mut out)?
+            .then_some(out))
+    }
+
+    /// [`Self::handle_now`] without allocating: the reply, if the message deserves one, is
+    /// appended to `out` (true). The serving loops reuse `out` from one query to the next.
+    pub fn answer_now(
+        &self,
+        msg: &[u8],
+        transport: Transport,
+        client: IpAddr,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, Pending> {
         self.metrics.request(transport);
         if !self.limits.within_rate(client) {
-            return Ok(self.refuse(msg, transport));
+            return Ok(self.refuse(msg, transport, out));
         }
+        let start = out.len();
         let q = match dns::parse_query(msg) {
             Ok(q) => q,
             Err(Reject::Drop) => {
                 self.metrics.dropped();
-                return Ok(None);
+                return Ok(false);
             }
             Err(Reject::Error {
                 id,
@@ -124,32 +185,24 @@ impl Handler {
                 question,
             }) => {
                 self.metrics.response(rcode);
-                return Ok(Some(dns::build_error(msg, id, flags, rcode, question)));
+                dns::build_error_into(msg, id, flags, rcode, question, out);
+                return Ok(true);
             }
         };
         let limit = match transport {
             Transport::Udp => Some(q.udp_limit()),
-            Transport::Tcp => None,
+            // A TCP message's length is 16 bits: a longer reply gets TC like an oversized UDP
+            // one.
+            Transport::Tcp => Some(u16::MAX as usize),
         };
-        let from_zone = {
-            let zone = self.zone.read().expect("zone lock poisoned");
-            self.complete_now(&zone, &q, client.to_canonical(), limit)
-                .unwrap_or_else(|| answer_from_zone(&zone, &q, limit))
-        };
-        let reply = match from_zone {
-            ZoneReply::Reply(r) => {
-                self.metrics.path(Path::Userspace);
-                r
-            }
-            zone => {
+        match self.answer_from_zone_into(&q, client, limit, out) {
+            None => self.metrics.path(Path::Userspace),
+            Some(zone) => {
                 self.metrics.path(Path::Forwarded);
-                let now = match zone {
-                    ZoneReply::Forward => self.forward_now(&q, limit),
-                    _ => None,
-                };
-                match now {
-                    Some(reply) => reply,
-                    None => match self.limits.pending() {
+                let answered =
+                    matches!(zone, ZoneReply::Forward) && self.forward_now(&q, limit, out);
+                if !answered {
+                    match self.limits.pending() {
                         Some(waiting) => {
                             return Err(Pending {
                                 msg: msg.to_vec(),
@@ -158,52 +211,128 @@ impl Handler {
                                 _waiting: waiting,
                             });
                         }
-                        None => {
-                            dns::build_reply(&q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit)
-                        }
-                    },
+                        None => dns::build_reply_into(
+                            &q,
+                            Body::empty(FLAG_RA | dns::RCODE_REFUSED),
+                            limit,
+                            out,
+                        ),
+                    }
                 }
             }
-        };
+        }
         self.metrics
-            .response(u16::from_be_bytes([reply[2], reply[3]]) & 0xf);
-        Ok(Some(reply))
+            .response(u16::from_be_bytes([out[start + 2], out[start + 3]]) & 0xf);
+        Ok(true)
     }
 
-    /// REFUSED, to a message a limit stops before it is looked at: the question echoed when
-    /// the message has one, nothing for a message that deserves no reply at all.
-    fn refuse(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        let reply = match dns::parse_query(msg) {
+    /// REFUSED, to a message a limit stops before it is looked at, appended to `out` (true):
+    /// the question echoed when the message has one, nothing for a message that deserves no
+    /// reply at all.
+    fn refuse(&self, msg: &[u8], transport: Transport, out: &mut Vec<u8>) -> bool {
+        match dns::parse_query(msg) {
             Ok(q) => {
                 let limit = match transport {
                     Transport::Udp => Some(q.udp_limit()),
-                    Transport::Tcp => None,
+                    Transport::Tcp => Some(u16::MAX as usize),
                 };
-                dns::build_reply(&q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit)
+                dns::build_reply_into(&q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit, out);
             }
             Err(Reject::Drop) => {
                 self.metrics.dropped();
-                return None;
+                return false;
             }
             Err(Reject::Error {
                 id,
                 flags,
                 question,
                 ..
-            }) => dns::build_error(msg, id, flags, dns::RCODE_REFUSED, question),
-        };
+            }) => out.extend_from_slice(&dns::build_error(
+                msg,
+                id,
+                flags,
+                dns::RCODE_REFUSED,
+                question,
+            )),
+        }
         self.metrics.response(dns::RCODE_REFUSED);
-        Some(reply)
+        true
     }
 
-    /// The reply to the agent's own heartbeat probe (`heartbeat.rs`): answered from the zone
-    /// like a pod's query, through the same lock, and left out of the metrics.
-    pub fn answer_probe(&self, msg: &[u8]) -> Option<Vec<u8>> {
-        let q = dns::parse_query(msg).ok()?;
+    /// Answers `q` from the zone into `out` (`None`), or says what the upstream must answer
+    /// ([`ZoneReply::Forward`] or [`ZoneReply::Chase`]). The same bytes as
+    /// [`answer_from_zone`]; answers that every client asking the same question gets are
+    /// encoded once per thread ([`zone_answers`]) and spliced after this client's question.
+    /// With `--autopath`, a search path of `client` completed comes first.
+    fn answer_from_zone_into(
+        &self,
+        q: &Query<'_>,
+        client: IpAddr,
+        limit: Option<usize>,
+        out: &mut Vec<u8>,
+    ) -> Option<ZoneReply> {
+        if let Some(body) = refusal(q) {
+            dns::build_reply_into(q, body, limit, out);
+            return None;
+        }
+        if self.autopath.is_some() {
+            let zone = self.zone.read().expect("zone lock poisoned");
+            match self.complete_now(&zone, q, client.to_canonical(), limit) {
+                Some(ZoneReply::Reply(r)) => {
+                    out.extend_from_slice(&r);
+                    return None;
+                }
+                Some(upstream) => return Some(upstream),
+                None => {}
+            }
+        }
+        if crate::zone::surely_forwarded(&self.zone_name, &q.qname, q.qtype) {
+            return Some(ZoneReply::Forward);
+        }
+        let build = |e: &zone_answers::Encoded, out: &mut Vec<u8>| {
+            dns::build_reply_into(q, e.body(), limit, out)
+        };
+        if zone_answers::with_fresh(&self.zone_version, &q.qname, q.qtype, |e| build(e, out))
+            .is_some()
+        {
+            return None;
+        }
+        let zone = self.zone.read().expect("zone lock poisoned");
+        if zone_answers::with_current(&zone, &q.qname, q.qtype, |e| build(e, out)).is_some() {
+            return None;
+        }
+        match encoded(&zone, &q.qname, zone.resolve(&q.qname, q.qtype)) {
+            Ok(e) => {
+                build(&e, out);
+                if zone.answer_follows_name(&q.qname) {
+                    zone_answers::keep(&zone, &q.qname, q.qtype, e);
+                }
+                None
+            }
+            Err(other) => match reply_from_resolution(&zone, q, other, limit) {
+                ZoneReply::Reply(r) => {
+                    out.extend_from_slice(&r);
+                    None
+                }
+                upstream => Some(upstream),
+            },
+        }
+    }
+
+    /// The reply to the agent's own heartbeat probe (`heartbeat.rs`), appended to `out`:
+    /// answered from the zone like a pod's query, always through the zone lock (a probe answered
+    /// from a copy would not notice a lock that hangs), and left out of the metrics.
+    pub fn answer_probe(&self, msg: &[u8], out: &mut Vec<u8>) -> bool {
+        let Ok(q) = dns::parse_query(msg) else {
+            return false;
+        };
         let zone = self.zone.read().expect("zone lock poisoned");
         match answer_from_zone(&zone, &q, Some(q.udp_limit())) {
-            ZoneReply::Reply(r) => Some(r),
-            _ => None,
+            ZoneReply::Reply(r) => {
+                out.extend_from_slice(&r);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -226,6 +355,19 @@ impl Handler {
         reply
     }
 
+    /// The cache key of `q` itself, borrowed from it, for the upstreams its name routes to
+    /// now.
+    fn question_ref<'a>(&self, q: &'a Query<'_>) -> forward::QuestionRef<'a> {
+        forward::QuestionRef {
+            upstream_set: self.external.forwarder().upstream_set_of(&q.qname),
+            name: &q.qname,
+            qtype: q.qtype,
+            qclass: q.qclass,
+            dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
+            checking_disabled: q.flags & dns_common::FLAG_CD != 0,
+        }
+    }
+
     /// The upstream question (and cache key) for `name`, asked as `q` asks, to the upstreams
     /// `name` routes to now.
     fn question_of(&self, q: &Query<'_>, name: WireName) -> Question {
@@ -240,21 +382,19 @@ impl Handler {
     }
 
     /// A name outside the cluster, if it needs no upstream now: our own loop probe, or an
-    /// answer from the cache.
-    fn forward_now(&self, q: &Query<'_>, limit: Option<usize>) -> Option<Vec<u8>> {
+    /// answer from the cache. The reply is appended to `out` (true).
+    fn forward_now(&self, q: &Query<'_>, limit: Option<usize>, out: &mut Vec<u8>) -> bool {
         // Our own loop probe coming back: an upstream forwards to us. Forwarding it again
         // would amplify the loop; the forwarder notes it, the sender gets REFUSED.
         if self.external.forwarder().is_loop_probe(&q.qname) {
-            return Some(dns::build_reply(
-                q,
-                Body::empty(FLAG_RA | dns::RCODE_REFUSED),
-                limit,
-            ));
+            dns::build_reply_into(q, Body::empty(FLAG_RA | dns::RCODE_REFUSED), limit, out);
+            return true;
         }
-        let resolved = self
-            .external
-            .cached(&self.question_of(q, q.qname.clone()))?;
-        Some(self.reply_from_resolved(q, resolved, limit))
+        let Some(resolved) = self.external.cached(&self.question_ref(q)) else {
+            return false;
+        };
+        self.reply_from_resolved_into(q, resolved, limit, out);
+        true
     }
 
     async fn forward(&self, q: &Query<'_>, limit: Option<usize>) -> Vec<u8> {
@@ -268,17 +408,33 @@ impl Handler {
     }
 
     fn reply_from_resolved(&self, q: &Query<'_>, r: Resolved, limit: Option<usize>) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.reply_from_resolved_into(q, r, limit, &mut out);
+        out
+    }
+
+    fn reply_from_resolved_into(
+        &self,
+        q: &Query<'_>,
+        r: Resolved,
+        limit: Option<usize>,
+        out: &mut Vec<u8>,
+    ) {
         match r {
-            Resolved::Answer { answer, ttl } => reply_from_answer(q, &answer, ttl, limit),
-            Resolved::Error(rcode) => self.error_reply(q, rcode, limit),
+            Resolved::Answer { answer, ttl } => reply_from_answer_into(q, &answer, ttl, limit, out),
+            Resolved::Error(rcode) => {
+                if rcode == dns::RCODE_SERVFAIL {
+                    self.metrics.forward_failed();
+                }
+                dns::build_reply_into(q, Body::empty(FLAG_RA | rcode), limit, out)
+            }
         }
     }
 
     fn error_reply(&self, q: &Query<'_>, rcode: u16, limit: Option<usize>) -> Vec<u8> {
-        if rcode == dns::RCODE_SERVFAIL {
-            self.metrics.forward_failed();
-        }
-        dns::build_reply(q, Body::empty(FLAG_RA | rcode), limit)
+        let mut out = Vec::new();
+        self.reply_from_resolved_into(q, Resolved::Error(rcode), limit, &mut out);
+        out
     }
 
     async fn chase_upstream(
@@ -319,41 +475,79 @@ pub enum ZoneReply {
 }
 
 /// Answers `q` from the zone alone: everything but forwarding. This is the userspace twin of
-/// the XDP program, and for every query the kernel answers it gives the same bytes.
+/// the XDP program, and for every query the kernel answers it gives the same bytes. (The
+/// serving loops give the same bytes again, from answers they keep encoded: see
+/// [`zone_answers`].)
 pub fn answer_from_zone(zone: &ZoneModel, q: &Query<'_>, limit: Option<usize>) -> ZoneReply {
-    let reply = |body| ZoneReply::Reply(dns::build_reply(q, body, limit));
+    if let Some(body) = refusal(q) {
+        return ZoneReply::Reply(dns::build_reply(q, body, limit));
+    }
+    match encoded(zone, &q.qname, zone.resolve(&q.qname, q.qtype)) {
+        Ok(e) => ZoneReply::Reply(dns::build_reply(q, e.body(), limit)),
+        Err(other) => reply_from_resolution(zone, q, other, limit),
+    }
+}
+
+/// What is refused before the zone is asked: EDNS versions above 0 (BADVERS), classes other
+/// than IN.
+fn refusal(q: &Query<'_>) -> Option<Body<'static>> {
     if let Some(e) = q.edns
         && e.version > 0
     {
-        return reply(Body {
+        return Some(Body {
             ext_rcode: EXT_RCODE_BADVERS,
             ..Body::empty(FLAG_RA)
         });
     }
-    if q.qclass != dns::CLASS_IN {
-        return reply(Body::empty(FLAG_RA | dns::RCODE_REFUSED));
-    }
-    match zone.resolve(&q.qname, q.qtype) {
-        Resolution::Answer { flags, sections } => reply(Body::sections(
-            flags,
-            sections.ancount,
-            sections.nscount,
-            sections.arcount,
-            &sections.data,
-        )),
+    (q.qclass != dns::CLASS_IN).then_some(Body::empty(FLAG_RA | dns::RCODE_REFUSED))
+}
+
+/// The header bits and sections of an answer every client asking (`qname`, its type) gets:
+/// positive answers and negative ones with the zone's SOA. Anything else comes back.
+fn encoded(
+    zone: &ZoneModel,
+    qname: &[u8],
+    resolution: Resolution,
+) -> Result<zone_answers::Encoded, Resolution> {
+    match resolution {
+        Resolution::Answer { flags, sections } => {
+            Ok(zone_answers::Encoded::from_sections(flags, sections))
+        }
         negative @ (Resolution::Nodata | Resolution::Nxdomain) => {
-            let soa = zone.negative_soa(&q.qname);
+            let soa = zone.negative_soa(qname);
             let flags = if negative == Resolution::Nodata {
                 ZONE_FLAGS
             } else {
                 NXDOMAIN_FLAGS
             };
-            reply(Body::sections(flags, 0, 1, 0, &soa))
+            Ok(zone_answers::Encoded::new(Body::sections(
+                flags, 0, 1, 0, &soa,
+            )))
         }
+        other => Err(other),
+    }
+}
+
+/// The reply for the resolutions that are not plain answers: not ready, refused, aliases; or
+/// the upstream's turn.
+fn reply_from_resolution(
+    zone: &ZoneModel,
+    q: &Query<'_>,
+    resolution: Resolution,
+    limit: Option<usize>,
+) -> ZoneReply {
+    let reply = |body| ZoneReply::Reply(dns::build_reply(q, body, limit));
+    match resolution {
         Resolution::NotReady => reply(Body::empty(FLAG_RA | dns::RCODE_SERVFAIL)),
         Resolution::Refused => reply(Body::empty(FLAG_RA | dns::RCODE_REFUSED)),
         Resolution::Forward => ZoneReply::Forward,
         Resolution::Cname { cname, target } => chase_in_zone(zone, q, *cname, target, limit),
+        done @ (Resolution::Answer { .. } | Resolution::Nodata | Resolution::Nxdomain) => {
+            match encoded(zone, &q.qname, done) {
+                Ok(e) => reply(e.body()),
+                Err(_) => unreachable!("answers and negative answers are encoded"),
+            }
+        }
     }
 }
 
@@ -424,6 +618,19 @@ pub fn reply_from_answer(
     ttl: Option<u32>,
     limit: Option<usize>,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    reply_from_answer_into(q, answer, ttl, limit, &mut out);
+    out
+}
+
+/// [`reply_from_answer`], appended to `out`.
+pub fn reply_from_answer_into(
+    q: &Query<'_>,
+    answer: &Answer,
+    ttl: Option<u32>,
+    limit: Option<usize>,
+    out: &mut Vec<u8>,
+) {
     let body = Body::sections(
         answer.reply_flags(),
         answer.ancount,
@@ -431,14 +638,14 @@ pub fn reply_from_answer(
         answer.arcount,
         &answer.sections,
     );
-    let mut reply = dns::build_reply(q, body, limit);
-    let truncated = u16::from_be_bytes([reply[2], reply[3]]) & dns_common::FLAG_TC != 0;
+    let start = out.len();
+    dns::build_reply_into(q, body, limit, out);
+    let truncated = u16::from_be_bytes([out[start + 2], out[start + 3]]) & dns_common::FLAG_TC != 0;
     if let Some(ttl) = ttl
         && !truncated
     {
-        answer.patch_ttls(&mut reply, 12 + q.question.len(), ttl);
+        answer.patch_ttls(&mut out[start..], 12 + q.question.len(), ttl);
     }
-    reply
 }
 
 /// The client's reply made from an upstream answer: the client's ID and question bytes, the

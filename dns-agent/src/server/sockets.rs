@@ -5,11 +5,15 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use tokio::{
     net::{TcpListener, UdpSocket},
+    runtime::Handle,
     task::JoinSet,
 };
 
@@ -50,29 +54,40 @@ pub enum BindError {
     },
 }
 
-/// One listen address's sockets, and their indices in the reuseport groups they share with an
+/// One listen address's sockets, and where they sit in the reuseport groups they share with an
 /// agent being replaced.
 struct Listener {
     addr: SocketAddr,
-    udp: Arc<UdpSocket>,
+    /// One per receive loop, in the order bound: loop k's socket is at index `udp_before + k`
+    /// of the group (until sockets bound before them close).
+    udp: Vec<std::net::UdpSocket>,
+    /// Sockets of earlier agents in the UDP group when these were bound; 0 once they are gone
+    /// and the group steered by the new indices ([`Sockets::settle`]).
+    udp_before: AtomicU32,
     tcp: Arc<TcpListener>,
-    udp_index: u32,
     tcp_index: u32,
 }
 
 /// The DNS sockets of every listen address, and the metrics listener.
 pub struct Sockets {
     listeners: Vec<Listener>,
+    loops: usize,
     /// Taken by the metrics server.
     pub metrics: Option<TcpListener>,
 }
 
 impl Sockets {
-    /// Binds port 53 of every listen address, steered to the agent already serving there (if
-    /// any) until [`Sockets::steer_to_self`]; and the metrics port, steered to this agent at once:
+    /// Binds port 53 of every listen address — `loops` UDP sockets (one per receive loop) and
+    /// a TCP listener — steered to the agent already serving there (if any) until
+    /// [`Sockets::steer_to_self`]; and the metrics port, steered to this agent at once:
     /// kubelet's readiness probe must see the new agent's /ready (503 until its zone is loaded),
     /// not the old agent's.
-    pub fn bind(listen: &[IpAddr], metrics_addr: SocketAddr) -> Result<Self, BindError> {
+    pub fn bind(
+        listen: &[IpAddr],
+        metrics_addr: SocketAddr,
+        loops: usize,
+    ) -> Result<Self, BindError> {
+        let loops = loops.max(1);
         let mut listeners = Vec::new();
         for ip in listen {
             let addr = SocketAddr::new(*ip, 53);
@@ -90,20 +105,30 @@ impl Sockets {
             let steer = |source| BindError::Steer { addr, source };
             // An agent being replaced may hold these already (SO_REUSEPORT): everything stays
             // with it until this one has loaded the zone.
-            let udp_index = handover::bound_before(addr, false) as u32;
+            let udp_before = handover::bound_before(addr, false) as u32;
             let tcp_index = handover::bound_before(addr, true) as u32;
-            let udp = bind_udp(addr).map_err(fail)?;
+            let udp = (0..loops)
+                .map(|_| bind_udp(addr))
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(fail)?;
             let tcp = bind_tcp(addr).map_err(fail)?;
-            handover::steer_to(&udp, 0).map_err(steer)?;
+            // Before this agent's sockets: the serving agent's; with none, these (answering
+            // SERVFAIL until the zone is loaded, as a lone agent must).
+            let serving = if udp_before > 0 {
+                udp_before
+            } else {
+                loops as u32
+            };
+            handover::steer_by_client(&udp[0], addr.is_ipv6(), 0, serving).map_err(steer)?;
             handover::steer_to(&tcp, 0).map_err(steer)?;
-            if udp_index > 0 {
+            if udp_before > 0 {
                 tracing::info!(%addr, "another agent serves {addr}: taking over once the zone is loaded");
             }
             listeners.push(Listener {
                 addr,
-                udp: Arc::new(udp),
+                udp,
+                udp_before: AtomicU32::new(udp_before),
                 tcp: Arc::new(tcp),
-                udp_index,
                 tcp_index,
             });
         }
@@ -118,16 +143,32 @@ impl Sockets {
         })?;
         Ok(Self {
             listeners,
+            loops,
             metrics: Some(metrics),
         })
     }
 
-    /// Serves every DNS socket with `handler`, a task each.
-    pub fn serve(&self, tasks: &mut JoinSet<io::Result<()>>, handler: &Arc<Handler>) {
+    /// UDP receive loops (and sockets) per listen address.
+    pub fn loops(&self) -> usize {
+        self.loops
+    }
+
+    /// Serves every DNS socket with `handler`: a receive loop per UDP socket, an accept loop
+    /// per TCP listener.
+    pub fn serve(
+        &self,
+        tasks: &mut JoinSet<io::Result<()>>,
+        handler: &Arc<Handler>,
+    ) -> io::Result<()> {
         for l in &self.listeners {
-            tasks.spawn(udp::serve(l.udp.clone(), handler.clone()));
+            for socket in &l.udp {
+                // The loop's own handle on the socket; this one stays for steering the group.
+                let socket = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
+                tasks.spawn(udp::serve(socket, handler.clone(), Handle::current()));
+            }
             tasks.spawn(tcp::serve(l.tcp.clone(), handler.clone()));
         }
+        Ok(())
     }
 
     /// Queries to this agent from now on (its zone is loaded).
@@ -137,8 +178,34 @@ impl Sockets {
                 addr: l.addr,
                 source,
             };
-            handover::steer_to(&*l.udp, l.udp_index).map_err(steer)?;
+            let before = l.udp_before.load(Ordering::Relaxed);
+            handover::steer_by_client(&l.udp[0], l.addr.is_ipv6(), before, l.udp.len() as u32)
+                .map_err(steer)?;
             handover::steer_to(&*l.tcp, l.tcp_index).map_err(steer)?;
+        }
+        Ok(())
+    }
+
+    /// Once this agent serves: when the agent before it has closed its sockets, this agent's
+    /// moved to the indices they left free (the kernel fills a hole with the group's last
+    /// socket), and the program, still counting from where they were, sends some queries to
+    /// the kernel's hash fallback instead: right, but uneven. Steer by their places now.
+    /// Call now and then; cheap when there is nothing to do.
+    pub fn settle(&self) -> Result<(), BindError> {
+        for l in &self.listeners {
+            if l.udp_before.load(Ordering::Relaxed) == 0
+                || handover::bound_before(l.addr, false) != l.udp.len()
+            {
+                continue;
+            }
+            handover::steer_by_client(&l.udp[0], l.addr.is_ipv6(), 0, l.udp.len() as u32).map_err(
+                |source| BindError::Steer {
+                    addr: l.addr,
+                    source,
+                },
+            )?;
+            l.udp_before.store(0, Ordering::Relaxed);
+            tracing::info!(addr = %l.addr, "the agent before this one is gone: its UDP sockets' places are this agent's");
         }
         Ok(())
     }
@@ -146,7 +213,7 @@ impl Sockets {
 
 /// A UDP socket on `addr` with SO_REUSEPORT: a new agent binds next to the old one during an
 /// upgrade, and the kernel shares queries between them until the old one leaves.
-fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -158,7 +225,7 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    Ok(sock.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -12,9 +12,12 @@ pub mod name;
 pub mod objects;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use dns_common::{BLOB_DATA_LEN, FLAG_AA, FLAG_RA, QTYPE_OTHER, RCODE_NXDOMAIN, SOA_RECORD_LEN};
@@ -35,6 +38,9 @@ use self::{
         endpoint_label,
     },
 };
+
+/// Hands out [`ZoneVersion::id`]s.
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The Kubernetes DNS schema version served at `dns-version.<zone>`.
 pub const SCHEMA_VERSION: &str = "1.1.0";
@@ -212,6 +218,42 @@ impl ReverseOwners {
     }
 }
 
+/// Which model, and how far it has changed: readable without the model's lock, so that copies
+/// of its answers kept elsewhere (the userspace server keeps encoded answers per thread) can
+/// tell at once whether they are still the model's. The model is changed in place behind its
+/// lock, never replaced, so one `ZoneVersion` follows it for good.
+#[derive(Debug)]
+pub struct ZoneVersion {
+    id: u64,
+    generation: AtomicU64,
+}
+
+impl ZoneVersion {
+    /// Tells models apart (one per [`ZoneModel::new`] in this process).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Moves on with every change of the model's answers.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// Names whose answers the recent changes touched, kept so that copies of answers can drop just
+/// those. Bounded: a copy further behind than the log reaches starts over.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// (generation the change made, the names it touched), oldest first.
+    recent: VecDeque<(u64, Vec<WireName>)>,
+    names: usize,
+    /// Copies at this generation or later can catch up with `recent`; older ones cannot.
+    floor: u64,
+}
+
+/// Names the change log holds at most (about 40 bytes each).
+const CHANGE_LOG_NAMES: usize = 16_384;
+
 /// The cluster zone.
 #[derive(Debug)]
 pub struct ZoneModel {
@@ -228,6 +270,8 @@ pub struct ZoneModel {
     reverse: HashMap<IpAddr, ReverseOwners>,
     /// Endpoints of all slices, kept as slices come and go (metrics read it per change).
     endpoints: usize,
+    version: Arc<ZoneVersion>,
+    changes: ChangeLog,
 }
 
 impl ZoneModel {
@@ -246,6 +290,11 @@ impl ZoneModel {
             slices_of: HashMap::new(),
             reverse: HashMap::new(),
             endpoints: 0,
+            version: Arc::new(ZoneVersion {
+                id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+                generation: AtomicU64::new(0),
+            }),
+            changes: ChangeLog::default(),
         }
     }
 
@@ -269,6 +318,61 @@ impl ZoneModel {
     /// Marks the first full load done: from now on the zone answers.
     pub fn set_synced(&mut self) {
         self.synced = true;
+        self.record_change(None);
+    }
+
+    /// This model's identity and generation, for copies of its answers.
+    pub fn version(&self) -> &Arc<ZoneVersion> {
+        &self.version
+    }
+
+    /// The names whose answers changed since `generation` of this model; `None` when the model
+    /// no longer remembers that far back (then any answer may have changed).
+    pub fn changed_since(&self, generation: u64) -> Option<impl Iterator<Item = &[u8]>> {
+        (generation >= self.changes.floor).then(|| {
+            self.changes
+                .recent
+                .iter()
+                .filter(move |(g, _)| *g > generation)
+                .flat_map(|(_, names)| names.iter().map(Vec::as_slice))
+        })
+    }
+
+    /// Does the answer for `qname` change only when a change touches `qname` itself
+    /// ([`Self::touched`])? True of every name the kernel may hold, since the kernel maps are
+    /// kept up to date the same way. Not of pod names (`a-b-c-d.<ns>.pod.<zone>`): they exist
+    /// with their namespace, whose changes touch `<ns>.pod.<zone>` alone.
+    pub fn answer_follows_name(&self, qname: &[u8]) -> bool {
+        !matches!(
+            classify(qname, &self.zone),
+            QueryName::Zone(ZoneName::Pod { .. })
+        )
+    }
+
+    /// A new generation: the names `touched` changed, or with `None`, possibly everything.
+    fn record_change(&mut self, touched: Option<BTreeSet<WireName>>) {
+        let generation = self.version.generation.load(Ordering::Relaxed) + 1;
+        let log = &mut self.changes;
+        match touched {
+            Some(names) => {
+                log.names += names.len();
+                log.recent
+                    .push_back((generation, names.into_iter().collect()));
+                while log.names > CHANGE_LOG_NAMES {
+                    let Some((g, names)) = log.recent.pop_front() else {
+                        break;
+                    };
+                    log.names -= names.len();
+                    log.floor = g;
+                }
+            }
+            None => {
+                log.recent.clear();
+                log.names = 0;
+                log.floor = generation;
+            }
+        }
+        self.version.generation.store(generation, Ordering::Release);
     }
 
     pub fn service_count(&self) -> usize {
@@ -302,9 +406,14 @@ impl ZoneModel {
 
     /// Applies changes in order.
     pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) {
+        let changes: Vec<Change> = changes.into_iter().collect();
+        // Before the first full load nothing is answered, so nothing was copied: no need to
+        // say which names changed.
+        let touched = self.synced.then(|| self.touched(&changes));
         for change in changes {
             self.apply_one(change);
         }
+        self.record_change(touched);
     }
 
     /// Replaces every object of `kind` by `objects` (a relist is the new truth: what it lacks
@@ -1067,6 +1176,17 @@ fn address_rdata(ip: IpAddr) -> RData {
         IpAddr::V4(v4) => RData::A(A(v4)),
         IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
     }
+}
+
+/// Is (`qname`, `qtype`) forwarded whatever the zone `zone` (wire format) holds? True for names
+/// neither at or below the zone nor under `arpa` (reverse names may be the cluster's), except
+/// zone transfers, which are refused. A suffix comparison, without the model: the serving path
+/// asks it first. A name it misses only costs the full resolution.
+pub fn surely_forwarded(zone: &[u8], qname: &[u8], qtype: u16) -> bool {
+    qtype != T_AXFR
+        && qtype != T_IXFR
+        && !qname.ends_with(zone)
+        && !qname.ends_with(b"\x04arpa\x00")
 }
 
 /// Record type of a query type, for logs.

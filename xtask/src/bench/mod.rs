@@ -25,6 +25,7 @@ pub mod resolve;
 mod throughput;
 pub mod tls;
 mod topo;
+pub mod userspace;
 mod workload;
 mod xdpgen;
 

@@ -356,7 +356,7 @@ fn sequential(pod: &Netns, server: SocketAddr, names: &[String]) -> anyhow::Resu
 }
 
 /// Time on CPU of every thread of `pid`, ns.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
