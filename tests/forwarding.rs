@@ -160,7 +160,8 @@ fn unbound_answers_are_cached_and_their_ttl_counts_down() {
             "marker.example.test. 300 IN A 192.0.2.99",
         ],
     );
-    let agent = agent(&topo, &[UNBOUND], &[]);
+    // The agent's own countdown and hit counters (tests/kernel_cache.rs: the kernel's).
+    let agent = agent(&topo, &[UNBOUND], &["--no-kernel-cache"]);
     let client = client(&topo);
 
     let first = client.query("www.example.test.", RecordType::A, true);
@@ -286,7 +287,15 @@ fn negative_answers_live_for_the_smaller_of_soa_ttl_and_minimum() {
     let agent = agent(
         &topo,
         &[UPSTREAM_V4],
-        &["--cache-min-ttl", "0", "--cache-negative-max-ttl", "20"],
+        // The cache's own counters: the kernel's copy would answer the repeats before the
+        // agent counts them (tests/kernel_cache.rs tests that path).
+        &[
+            "--cache-min-ttl",
+            "0",
+            "--cache-negative-max-ttl",
+            "20",
+            "--no-kernel-cache",
+        ],
     );
     let client = client(&topo);
     let nodata = client.query("nodata.example.", RecordType::A, true);
@@ -372,7 +381,13 @@ fn the_least_recently_used_entry_is_evicted_at_capacity() {
         sock(UPSTREAM_V4),
         answers_with(Ipv4Addr::new(203, 0, 113, 5)),
     );
-    let agent = agent(&topo, &[UPSTREAM_V4], &["--cache-size", "2"]);
+    // The recency order: only the agent's hits count in it (the kernel's copy answers repeats
+    // without the agent seeing them), so the kernel's copy is off here.
+    let agent = agent(
+        &topo,
+        &[UPSTREAM_V4],
+        &["--cache-size", "2", "--no-kernel-cache"],
+    );
     let client = client(&topo);
     for name in [
         "a.example.",
@@ -427,29 +442,48 @@ fn popular_names_are_refreshed_before_they_expire() {
     );
     let client = client(&topo);
     let q = || client.query("hot.example.", RecordType::A, false);
+    let cached = || agent.kernel_counters()["answered_cached"];
     assert_eq!(answers(&q()), vec!["A 203.0.113.1"]);
     let t0 = Instant::now();
-    // Two hits early in the TTL: popular, but too early to prefetch.
-    assert_eq!(answers(&q()), vec!["A 203.0.113.1"]);
-    assert_eq!(answers(&q()), vec!["A 203.0.113.1"]);
+    // Early in the TTL the kernel's copy answers: the agent does not see these.
+    wait_until(
+        "the kernel answers the name",
+        Duration::from_secs(2),
+        || {
+            let before = cached();
+            assert_eq!(answers(&q()), vec!["A 203.0.113.1"]);
+            cached() > before
+        },
+    );
     assert_eq!(upstream.queries_for("hot.example."), 1);
-    // With under 2 s of 6 left (floor ≤ ceil(10 % of 6) = 1): served from the cache, and
-    // refreshed in the background.
-    std::thread::sleep(Duration::from_millis(4400).saturating_sub(t0.elapsed()));
-    let late = q();
-    assert_eq!(answers(&late), vec!["A 203.0.113.1"]);
-    assert!(ttl_of(&late) <= 1, "TTL {}", ttl_of(&late));
+    // The last ceil(10 % of 6) = 1 s is the agent's: the kernel passes the name up, the agent
+    // answers it from its cache and counts it; asked twice there, it is refreshed in the
+    // background.
+    std::thread::sleep(Duration::from_millis(5300).saturating_sub(t0.elapsed()));
+    let before = cached();
+    for _ in 0..2 {
+        let late = q();
+        assert_eq!(answers(&late), vec!["A 203.0.113.1"]);
+        assert!(ttl_of(&late) <= 1, "TTL {}", ttl_of(&late));
+    }
+    assert_eq!(cached(), before, "the agent answered the prefetch window");
     wait_until(
         "the prefetch reaches the upstream",
         Duration::from_secs(2),
         || upstream.queries_for("hot.example.") == 2,
     );
     assert_eq!(agent.metric("coredns_cache_prefetch_total"), 1.0);
-    // Past the first answer's expiry: the refreshed answer, from the cache.
+    // Past the first answer's expiry: the refreshed answer, from the kernel's copy again.
     std::thread::sleep(Duration::from_millis(6500).saturating_sub(t0.elapsed()));
+    let before = cached();
     let after = q();
     assert_eq!(answers(&after), vec!["A 203.0.113.2"]);
     assert!(ttl_of(&after) >= 2, "TTL {}", ttl_of(&after));
+    assert_eq!(
+        cached(),
+        before + 1,
+        "the kernel answers the refreshed name"
+    );
     assert_eq!(upstream.queries_for("hot.example."), 2);
     assert_eq!(
         agent.metric("coredns_cache_misses_total"),

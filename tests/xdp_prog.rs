@@ -1159,6 +1159,44 @@ fn cached_ttls_count_down_and_an_expired_entry_goes_up() {
 }
 
 #[test]
+fn the_prefetch_window_is_passed_up_before_expiry() {
+    let mut f = fixture();
+    let answer = upstream(
+        "window.example.org.",
+        A,
+        ResponseCode::NoError,
+        vec![a("window.example.org.", 300, "192.0.2.10")],
+        vec![],
+    );
+    let q = question("window.example.org", A, false, false);
+    let expires = Instant::now() + Duration::from_secs(60);
+    let kernel_until = Instant::now() + Duration::from_millis(600);
+    f.cache
+        .set_held(
+            &q,
+            Some(dns_agent::server::cache::Held {
+                answer: answer.clone(),
+                expires,
+                kernel_until,
+            }),
+        )
+        .unwrap();
+    let query = dns_query(4, "window.example.org", A, None);
+    // Until the window: the TTL is the seconds left before expiry, not before the window.
+    let (_, ttl) = f.cached(CLIENT_V4, SERVER_V4, &query, &answer, expires);
+    assert!(ttl >= 58, "TTL {ttl}");
+    while Instant::now() < kernel_until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // In the window the agent answers (its entry is fresh for almost a minute yet).
+    f.run(
+        &query_frame(CLIENT_V4, SERVER_V4, &query),
+        XDP_PASS,
+        "pass_expired",
+    );
+}
+
+#[test]
 fn an_answer_with_more_ttls_than_the_kernel_counts_stays_with_the_agent() {
     let mut f = fixture();
     let many: Vec<Record> = (0..33)

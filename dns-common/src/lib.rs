@@ -34,8 +34,10 @@
 //! as received, so clients that randomise the case of their names see their own bytes.
 #![no_std]
 
-/// Bumped whenever a layout below changes. Pinned maps live in a directory named after it, so
-/// an agent never reads maps written with another layout.
+/// Bumped whenever the layout of a pinned map changes (the flows map's key and value: the
+/// other maps live and die with one agent). Pinned maps live in a directory named after it, so
+/// an agent never reads maps written with another layout, and an upgrade that keeps it keeps
+/// the flows of intercepted queries across the handover.
 pub const LAYOUT_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
@@ -304,6 +306,11 @@ pub struct AnswerValue {
     pub generation: u32,
     /// `bpf_ktime_get_ns()` time after which the entry must not be served; 0 for never.
     pub expires_ns: u64,
+    /// From this time on the program passes the entry's queries up although it has not
+    /// expired (at most [`AnswerValue::expires_ns`]; 0 with it): the agent answers the last
+    /// seconds of a cached answer's TTL itself, to see how popular it is and refresh it
+    /// (prefetch).
+    pub pass_from_ns: u64,
     pub data: [u8; INLINE_DATA_LEN],
 }
 
@@ -578,13 +585,14 @@ pub mod counter {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Layout checks: a change here is a change of the contract (bump LAYOUT_VERSION).
+// Layout checks: a change here is a change of the contract (bump LAYOUT_VERSION if the map is
+// pinned).
 
 const _: () = assert!(core::mem::size_of::<ShortKey>() == 64);
 const _: () = assert!(core::mem::size_of::<LongKey>() == 260);
 const _: () =
     assert!(core::mem::offset_of!(LongKey, name) == core::mem::offset_of!(ShortKey, name));
-const _: () = assert!(core::mem::size_of::<AnswerValue>() == 128);
+const _: () = assert!(core::mem::size_of::<AnswerValue>() == 136);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, generation) == 20);
 const _: () = assert!(core::mem::size_of::<CacheShortKey>() == 72);
 const _: () = assert!(
@@ -599,7 +607,8 @@ const _: () = assert!(MAX_TTL_FIELDS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<PodKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PodNamespace>() == 64);
 const _: () = assert!(core::mem::offset_of!(AnswerValue, expires_ns) == 24);
-const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 32);
+const _: () = assert!(core::mem::offset_of!(AnswerValue, pass_from_ns) == 32);
+const _: () = assert!(core::mem::offset_of!(AnswerValue, data) == 40);
 const _: () = assert!(core::mem::size_of::<BlobL>() == BLOB_DATA_LEN);
 const _: () = assert!(
     core::mem::offset_of!(ZoneConfig, intercept_v4)
@@ -703,6 +712,7 @@ impl AnswerValue {
             blob: 0,
             generation: 0,
             expires_ns: 0,
+            pass_from_ns: 0,
             data: [0; INLINE_DATA_LEN],
         }
     }

@@ -131,8 +131,9 @@ pub fn answer(
     } else {
         0
     };
-    // The agent's cache serves an entry while now < expiry: so does this.
-    if v.expires_ns != 0 && now >= v.expires_ns {
+    // The agent's cache serves an entry while now < expiry: so does this, but for the last
+    // seconds, which the agent answers itself to refresh popular names (prefetch).
+    if v.expires_ns != 0 && now >= v.pass_from_ns {
         return Err(pass(counter::PASS_EXPIRED));
     }
     let data = Answer {

@@ -29,7 +29,7 @@ use crate::{
     metrics::Metrics,
     server::{
         autopath::Completions,
-        cache::{Answer, Cache},
+        cache::{Answer, Cache, Held},
         forward::{Question, UpstreamSetId},
     },
 };
@@ -82,9 +82,12 @@ fn key(q: &Question, autopath: bool) -> Option<Key> {
 /// than it counts down, or longer than a blob), and the agent answers it. Without an expiry
 /// (a completed search path that ends in the zone) the TTLs are the answer's own, and the
 /// entry stays until it is removed.
+///
+/// The program passes its queries up from `until` on (at most `expires`; `None`: at expiry).
 pub fn cached_value(
     answer: &Answer,
     expires: Option<Instant>,
+    until: Option<Instant>,
 ) -> Option<(AnswerValue, Option<Vec<u8>>)> {
     let fields = if expires.is_some() {
         answer.ttl_offsets.len()
@@ -113,6 +116,10 @@ pub fn cached_value(
     v.ttl_odd = offsets.iter().filter(|o| *o & 1 == 1).count() as u16;
     // 0 means "never expires".
     v.expires_ns = expires.map_or(0, |e| monotonic_ns_at(e).max(1));
+    v.pass_from_ns = match (expires, until) {
+        (Some(e), Some(u)) => monotonic_ns_at(u.min(e)).max(1),
+        _ => v.expires_ns,
+    };
     for (i, off) in offsets.iter().enumerate() {
         let at = ttl_offset_at(i);
         v.data[at..at + 2].copy_from_slice(&off.to_ne_bytes());
@@ -130,6 +137,7 @@ pub fn cached_value(
 struct Written {
     answer: Arc<Answer>,
     expires: Option<Instant>,
+    until: Option<Instant>,
     blob: Option<u32>,
     /// The upstreams the answer came from: the kernel's key has no room for them, so it holds
     /// the answer of one set per question, the set the name routes to now.
@@ -178,7 +186,21 @@ impl KernelCache {
         q: &Question,
         entry: Option<(Arc<Answer>, Instant)>,
     ) -> Result<(), WriteError> {
-        self.write(q, false, entry.map(|(a, e)| (a, Some(e))))
+        self.write(q, false, entry.map(|(a, e)| (a, Some(e))), None)
+    }
+
+    /// [`Self::set`] of what the cache holds: the kernel answers it until
+    /// [`Held::kernel_until`], and passes its queries up from then on.
+    pub fn set_held(&mut self, q: &Question, held: Option<Held>) -> Result<(), WriteError> {
+        match held {
+            Some(h) => self.write(
+                q,
+                false,
+                Some((h.answer, Some(h.expires))),
+                Some(h.kernel_until),
+            ),
+            None => self.write(q, false, None, None),
+        }
     }
 
     /// Makes the kernel hold `answer` as the completed search path of `q` (the name a pod
@@ -188,7 +210,7 @@ impl KernelCache {
         q: &Question,
         entry: Option<(Arc<Answer>, Option<Instant>)>,
     ) -> Result<(), WriteError> {
-        self.write(q, true, entry)
+        self.write(q, true, entry, None)
     }
 
     fn write(
@@ -196,12 +218,14 @@ impl KernelCache {
         q: &Question,
         autopath: bool,
         entry: Option<(Arc<Answer>, Option<Instant>)>,
+        until: Option<Instant>,
     ) -> Result<(), WriteError> {
         let slot = slot(q, autopath);
         let held = self.written.get(&slot);
         if let (Some((answer, expires)), Some(w)) = (&entry, held)
             && Arc::ptr_eq(answer, &w.answer)
             && *expires == w.expires
+            && until == w.until
         {
             return Ok(());
         }
@@ -214,7 +238,7 @@ impl KernelCache {
         };
         let value = entry
             .as_ref()
-            .and_then(|(answer, expires)| cached_value(answer, *expires));
+            .and_then(|(answer, expires)| cached_value(answer, *expires, until));
         let Some((mut v, blob_data)) = value else {
             self.remove(&slot, &key);
             return Ok(());
@@ -256,6 +280,7 @@ impl KernelCache {
             Written {
                 answer,
                 expires,
+                until,
                 blob: new_blob,
                 set: q.upstream_set,
             },
@@ -369,9 +394,9 @@ impl KernelCache {
             }
         };
         for (q, held) in cache.take_changes() {
-            completions.cache_changed(&q, held.as_ref().map(|(a, _)| a));
+            completions.cache_changed(&q, held.as_ref().map(|h| &h.answer));
             let held = held.filter(|_| route(&q.name) == q.upstream_set);
-            count(self.set(&q, held));
+            count(self.set_held(&q, held));
         }
         for (q, held) in completions.take_changes() {
             count(self.set_completion(&q, held));

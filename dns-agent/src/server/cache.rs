@@ -31,7 +31,13 @@
 //!
 //! The kernel's copy (`kernel::cache_sync`): with [`Cache::follow`], every key whose entry
 //! changed (stored, replaced, evicted, swept) is noted, and the kernel's writer takes the notes
-//! with [`Cache::take_changes`] and makes the kernel hold what the cache holds.
+//! with [`Cache::take_changes`] and makes the kernel hold what the cache holds. The queries the
+//! kernel answers never reach the cache: they count neither as hits nor as uses. With prefetch
+//! on, the kernel leaves the last ceil(10 %) of each TTL to the agent ([`Held::kernel_until`]),
+//! so a name's popularity is the queries of that window: one asked `prefetch` times there is
+//! refreshed before it expires, and the kernel answers it again. The recency order sees only
+//! the agent's hits: an entry the kernel answers often can be evicted before one the agent
+//! answered last, and is then fetched again when next asked.
 
 use std::{
     borrow::Borrow,
@@ -417,9 +423,19 @@ struct Inner {
     changed: Option<HashSet<Arc<Question>>>,
 }
 
-/// What the cache holds for a changed key: an answer and when it expires, or nothing the
-/// kernel may serve.
-pub type Change = (Question, Option<(Arc<Answer>, Instant)>);
+/// What the cache holds for a changed key, or nothing the kernel may serve.
+pub type Change = (Question, Option<Held>);
+
+/// An answer the cache holds, as the kernel may serve it.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub answer: Arc<Answer>,
+    pub expires: Instant,
+    /// Until when the kernel answers it: its expiry, or with prefetch on, the start of the
+    /// prefetch window (the last ceil(10 %) of its TTL), which the agent answers itself: there
+    /// it counts the name's queries and refreshes a popular one before it expires.
+    pub kernel_until: Instant,
+}
 
 /// Lets the map be asked with a borrowed question: no copy of the name per lookup.
 impl<'a> Borrow<dyn QuestionKey + 'a> for Arc<Question> {
@@ -487,7 +503,16 @@ impl Cache {
             .map(|q| {
                 let held = inner.map.get(&q).and_then(|&slot| {
                     let e = &inner.slots[slot].entry;
-                    e.answer.clone().map(|a| (a, e.expires))
+                    let window = if self.settings.prefetch > 0 {
+                        Duration::from_secs((e.ttl * PREFETCH_PERCENT).div_ceil(100).into())
+                    } else {
+                        Duration::ZERO
+                    };
+                    e.answer.clone().map(|answer| Held {
+                        answer,
+                        expires: e.expires,
+                        kernel_until: e.expires.checked_sub(window).unwrap_or(e.expires),
+                    })
                 });
                 (Question::clone(&q), held)
             })
