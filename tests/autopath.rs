@@ -10,73 +10,32 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
-    str::FromStr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use hickory_proto::{
     op::{Message, ResponseCode},
-    rr::{Name, RData, Record, RecordType, rdata::SOA},
+    rr::RecordType,
 };
 use support::{
     Agent, Client, LISTEN_V4, LISTEN_V6, Topology, UPSTREAM_V4,
     fake_api::{self, FakeApi},
     query_message,
-    upstream::{Action, Upstream, reply_to},
+    upstream::{Upstream, example_org},
     wait::eventually,
 };
 
 /// The test pod's address (the pod side of the topology's veth).
 const POD_V4: &str = "192.0.2.2";
 
-fn soa() -> Record {
-    Record::from_rdata(
-        Name::from_str("example.org.").unwrap(),
-        3600,
-        RData::SOA(SOA::new(
-            Name::from_str("ns1.example.org.").unwrap(),
-            Name::from_str("hostmaster.example.org.").unwrap(),
-            1,
-            7200,
-            900,
-            1_209_600,
-            120,
-        )),
-    )
-}
-
 /// `www.example.org`: two A records; anything else: NXDOMAIN with the SOA.
 fn upstream(topo: &Topology) -> Upstream {
     Upstream::start(
         &topo.node,
         (UPSTREAM_V4, 53).into(),
-        Arc::new(|q: &Message| {
-            let mut r = reply_to(q);
-            let question = &q.queries[0];
-            let name = question.name().to_ascii().to_ascii_lowercase();
-            match (name.as_str(), question.query_type()) {
-                ("www.example.org.", RecordType::A) => {
-                    for last in [80, 81] {
-                        r.add_answer(Record::from_rdata(
-                            question.name().clone(),
-                            300,
-                            RData::A(Ipv4Addr::new(192, 0, 2, last).into()),
-                        ));
-                    }
-                }
-                ("www.example.org.", _) => {
-                    r.add_authority(soa());
-                }
-                _ => {
-                    r.metadata.response_code = ResponseCode::NXDomain;
-                    r.add_authority(soa());
-                }
-            }
-            Action::Reply(r)
-        }),
+        example_org(&[("www.example.org.", 300)]),
     )
 }
 
@@ -91,10 +50,6 @@ fn zone_with_pod(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("cluster.yaml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn counter(agent: &Agent, name: &str) -> u64 {
-    agent.kernel_counters()[name]
 }
 
 fn ask(client: &Client, name: &str, qtype: RecordType) -> Message {
@@ -218,9 +173,9 @@ fn search_paths_are_completed_by_the_agent_then_by_the_kernel_also_with_the_agen
             &format!("{name} completed by the kernel"),
             Duration::from_secs(5),
             || {
-                let before = counter(&agent, "answered_autopath");
+                let before = agent.kernel_counter("answered_autopath");
                 client.exchange_raw(&query)?;
-                (counter(&agent, "answered_autopath") > before).then_some(())
+                (agent.kernel_counter("answered_autopath") > before).then_some(())
             },
         );
         // The kernel's reply (UDP) and the agent's (TCP, from the same pod), within one second,
@@ -230,10 +185,10 @@ fn search_paths_are_completed_by_the_agent_then_by_the_kernel_also_with_the_agen
             Duration::from_secs(10),
             || {
                 let at = Instant::now();
-                let before = counter(&agent, "answered_autopath");
+                let before = agent.kernel_counter("answered_autopath");
                 let kernel = client.exchange_raw(&query)?;
                 let user = client.query_tcp(&query);
-                (counter(&agent, "answered_autopath") == before + 1
+                (agent.kernel_counter("answered_autopath") == before + 1
                     && at.elapsed() < Duration::from_millis(200)
                     && kernel.len() == user.len())
                 .then_some((kernel, user))
@@ -246,16 +201,16 @@ fn search_paths_are_completed_by_the_agent_then_by_the_kernel_also_with_the_agen
     }
     // Not completed by the kernel: a search-path expansion whose completion the kernel does not
     // hold goes up (pass_autopath); an address of no known pod gets NXDOMAIN from the kernel.
-    let before = counter(&agent, "pass_autopath");
+    let before = agent.kernel_counter("pass_autopath");
     let m = ask(
         &client,
         "api.example.org.shop.svc.cluster.local.",
         RecordType::A,
     );
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    assert_eq!(counter(&agent, "pass_autopath"), before + 1);
+    assert_eq!(agent.kernel_counter("pass_autopath"), before + 1);
     let v6 = Client::new(&topo.pod, IpAddr::V6(LISTEN_V6));
-    let nx = counter(&agent, "answered_nxdomain");
+    let nx = agent.kernel_counter("answered_nxdomain");
     let m = ask(
         &v6,
         "www.example.org.shop.svc.cluster.local.",
@@ -266,16 +221,16 @@ fn search_paths_are_completed_by_the_agent_then_by_the_kernel_also_with_the_agen
         ResponseCode::NXDomain,
         "not a known pod"
     );
-    assert_eq!(counter(&agent, "answered_nxdomain"), nx + 1);
+    assert_eq!(agent.kernel_counter("answered_nxdomain"), nx + 1);
 
     // The agent stops; the kernel keeps completing what it holds.
     agent.signal(libc::SIGSTOP);
     for (name, qtype) in completed {
-        let before = counter(&agent, "answered_autopath");
+        let before = agent.kernel_counter("answered_autopath");
         let m = ask(&client, name, qtype);
         assert_eq!(m.answers[0].record_type(), RecordType::CNAME, "{name}");
         assert_eq!(
-            counter(&agent, "answered_autopath"),
+            agent.kernel_counter("answered_autopath"),
             before + 1,
             "{name}: the kernel"
         );
@@ -299,11 +254,11 @@ fn without_autopath_expansions_are_nxdomain() {
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     }
     assert_eq!(
-        counter(&agent, "answered_nxdomain"),
+        agent.kernel_counter("answered_nxdomain"),
         3,
         "the kernel, plainly"
     );
-    assert_eq!(counter(&agent, "answered_autopath"), 0);
+    assert_eq!(agent.kernel_counter("answered_autopath"), 0);
 }
 
 #[test]

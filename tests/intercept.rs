@@ -93,10 +93,6 @@ fn assert_answer(client: &Client, (name, ip): (&str, &str)) {
     assert_eq!(a_of(&m), vec![ip.to_string()], "{name}");
 }
 
-fn counter(agent: &Agent, name: &str) -> u64 {
-    agent.kernel_counters()[name]
-}
-
 #[test]
 fn pods_asking_the_kube_dns_address_are_answered_by_the_kernel_and_the_agent() {
     let cluster = Cluster::new(ServicePath::KubeProxy, &coredns_data());
@@ -109,10 +105,10 @@ fn pods_asking_the_kube_dns_address_are_answered_by_the_kernel_and_the_agent() {
         let client = cluster.client(pod, Duration::from_secs(3));
         // The client's socket takes replies from the cluster IP only: every answer below came
         // from the address the pod asked.
-        let kernel = counter(&agent, "answered");
+        let kernel = agent.kernel_counter("answered");
         assert_answer(&client, WEB);
         assert_eq!(
-            counter(&agent, "answered"),
+            agent.kernel_counter("answered"),
             kernel + 1,
             "the kernel answered {}",
             WEB.0
@@ -121,14 +117,14 @@ fn pods_asking_the_kube_dns_address_are_answered_by_the_kernel_and_the_agent() {
         // The outside name: steered to the agent the first time, then (once the agent's
         // cache is in the kernel, within milliseconds) answered by the kernel as well.
         let (steered, restored, cached) = (
-            counter(&agent, "steered"),
-            counter(&agent, "egress_restored"),
-            counter(&agent, "answered_cached"),
+            agent.kernel_counter("steered"),
+            agent.kernel_counter("egress_restored"),
+            agent.kernel_counter("answered_cached"),
         );
         assert_answer(&client, EXTERNAL);
-        let by_kernel = counter(&agent, "answered_cached") - cached;
+        let by_kernel = agent.kernel_counter("answered_cached") - cached;
         assert_eq!(
-            (counter(&agent, "steered") - steered) + by_kernel,
+            (agent.kernel_counter("steered") - steered) + by_kernel,
             1,
             "{} steered to the agent or answered from the kernel's cache",
             EXTERNAL.0
@@ -139,21 +135,21 @@ fn pods_asking_the_kube_dns_address_are_answered_by_the_kernel_and_the_agent() {
                 "asked for the first time: the agent forwards it"
             );
         }
-        let steered = counter(&agent, "steered");
+        let steered = agent.kernel_counter("steered");
         assert_answer(&client, POD);
         assert_eq!(
-            counter(&agent, "steered"),
+            agent.kernel_counter("steered"),
             steered + 1,
             "the pod name steered to the agent"
         );
         assert_eq!(
-            counter(&agent, "egress_restored") - restored,
+            agent.kernel_counter("egress_restored") - restored,
             2 - by_kernel,
             "every reply of the agent given the cluster IP back"
         );
     }
     assert!(agent.forwarded() >= 1, "the outside name went upstream");
-    assert_eq!(counter(&agent, "left_to_service"), 0);
+    assert_eq!(agent.kernel_counter("left_to_service"), 0);
 
     // TCP is not intercepted: it reaches kube-dns through the Service proxy.
     let q = support::query_message(WEB.0, RecordType::A, false);
@@ -320,10 +316,10 @@ fn a_killed_or_hung_agent_leaves_kube_dns_answering_within_a_second() {
         second = Some(cluster.agent(&pin, "3s"))
     });
     let second = second.expect("started");
-    let kernel = counter(&second, "answered");
+    let kernel = second.kernel_counter("answered");
     assert_answer(&client, WEB);
     assert_eq!(
-        counter(&second, "answered"),
+        second.kernel_counter("answered"),
         kernel + 1,
         "the kernel answers again"
     );
@@ -331,17 +327,17 @@ fn a_killed_or_hung_agent_leaves_kube_dns_answering_within_a_second() {
     // SIGSTOP: the socket stays but nothing reads it; the heartbeat goes stale.
     while_asking(&cluster, "SIGSTOP", || second.signal(libc::SIGSTOP));
     assert!(
-        counter(&second, "left_to_service") > 0,
+        second.kernel_counter("left_to_service") > 0,
         "queries left to the Service"
     );
     second.signal(libc::SIGCONT);
-    let steered = counter(&second, "steered");
+    let steered = second.kernel_counter("steered");
     eventually(
         "steering resumes after SIGCONT",
         Duration::from_secs(5),
         || {
             ask(&client, EXTERNAL.0)?;
-            (counter(&second, "steered") > steered).then_some(())
+            (second.kernel_counter("steered") > steered).then_some(())
         },
     );
 
@@ -364,9 +360,9 @@ fn without_a_service_proxy_the_routed_kube_dns_answers_when_the_agent_is_gone() 
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("xdns-i"));
     let mut agent = cluster.agent(&pin, "30s");
     let client = cluster.client(0, Duration::from_secs(3));
-    let steered = counter(&agent, "steered");
+    let steered = agent.kernel_counter("steered");
     assert_answer(&client, EXTERNAL);
-    assert_eq!(counter(&agent, "steered"), steered + 1);
+    assert_eq!(agent.kernel_counter("steered"), steered + 1);
 
     while_asking(&cluster, "SIGKILL, kube-dns routed", || agent.kill());
     assert_answer(&client, POD);

@@ -9,105 +9,45 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
-    str::FromStr,
-    sync::Arc,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use hickory_proto::{
     op::{Message, ResponseCode},
-    rr::{Name, RData, Record, RecordType, rdata::SOA},
+    rr::RecordType,
 };
 use support::{
-    Agent, Client, LISTEN_V4, Topology, UPSTREAM_V4, query_message,
-    upstream::{Action, Upstream, reply_to},
+    Agent, Client, LISTEN_V4, Topology, UPSTREAM_V4,
+    answers::ttls,
+    query_message,
+    upstream::{Upstream, example_org},
     wait::eventually,
 };
 
 /// The TTL of the name whose countdown the test watches to its end.
 const SHORT_TTL: u32 = 6;
 
-fn soa() -> Record {
-    Record::from_rdata(
-        Name::from_str("example.org.").unwrap(),
-        3600,
-        RData::SOA(SOA::new(
-            Name::from_str("ns1.example.org.").unwrap(),
-            Name::from_str("hostmaster.example.org.").unwrap(),
-            1,
-            7200,
-            900,
-            1_209_600,
-            120,
-        )),
-    )
-}
-
 /// `www` and `short`: A records (TTL 300 and [`SHORT_TTL`]); `mail`: an A record, so AAAA is
-/// NODATA; anything else: NXDOMAIN. Every negative answer carries the SOA.
+/// NODATA; anything else: NXDOMAIN.
 fn upstream(topo: &Topology) -> Upstream {
     Upstream::start(
         &topo.node,
         (UPSTREAM_V4, 53).into(),
-        Arc::new(|q: &Message| {
-            let mut r = reply_to(q);
-            let question = &q.queries[0];
-            let name = question.name().to_ascii().to_ascii_lowercase();
-            let ttl = match name.as_str() {
-                "www.example.org." => Some(300),
-                "short.example.org." => Some(SHORT_TTL),
-                "mail.example.org." => Some(300),
-                _ => None,
-            };
-            match (ttl, question.query_type()) {
-                (Some(ttl), RecordType::A) => {
-                    for last in [80, 81] {
-                        r.add_answer(Record::from_rdata(
-                            question.name().clone(),
-                            ttl,
-                            RData::A(Ipv4Addr::new(192, 0, 2, last).into()),
-                        ));
-                    }
-                }
-                (Some(_), _) => {
-                    r.add_authority(soa());
-                }
-                (None, _) => {
-                    r.metadata.response_code = ResponseCode::NXDomain;
-                    r.add_authority(soa());
-                }
-            }
-            Action::Reply(r)
-        }),
+        example_org(&[
+            ("www.example.org.", 300),
+            ("short.example.org.", SHORT_TTL),
+            ("mail.example.org.", 300),
+        ]),
     )
-}
-
-fn counter(agent: &Agent, name: &str) -> u64 {
-    agent.kernel_counters()[name]
-}
-
-/// The TTLs of every record of a reply but the OPT.
-fn ttls(reply: &[u8]) -> Vec<u32> {
-    let m = Message::from_vec(reply).expect("a reply that parses");
-    m.answers
-        .iter()
-        .chain(&m.authorities)
-        .chain(
-            m.additionals
-                .iter()
-                .filter(|r| r.record_type() != RecordType::OPT),
-        )
-        .map(|r| r.ttl)
-        .collect()
 }
 
 /// One query over UDP that the kernel answers from the cache (its counter moves by one).
 fn from_kernel(agent: &Agent, client: &Client, query: &[u8]) -> Vec<u8> {
-    let before = counter(agent, "answered_cached");
+    let before = agent.kernel_counter("answered_cached");
     let reply = client.exchange_raw(query).expect("a reply over UDP");
     assert_eq!(
-        counter(agent, "answered_cached"),
+        agent.kernel_counter("answered_cached"),
         before + 1,
         "the kernel answered from the cache"
     );
@@ -159,9 +99,9 @@ fn the_kernel_answers_cached_names_with_the_agents_bytes_also_with_the_agent_sto
                 &format!("{name} {qtype} in the kernel"),
                 Duration::from_secs(5),
                 || {
-                    let before = counter(&agent, "answered_cached");
+                    let before = agent.kernel_counter("answered_cached");
                     client.exchange_raw(&bytes)?;
-                    (counter(&agent, "answered_cached") > before).then_some(())
+                    (agent.kernel_counter("answered_cached") > before).then_some(())
                 },
             );
             // The kernel's reply (UDP) and the agent's (TCP, never the kernel's) to the same
@@ -204,7 +144,7 @@ fn the_kernel_answers_cached_names_with_the_agents_bytes_also_with_the_agent_sto
     let short = &queries[3];
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(SHORT_TTL as u64 + 5);
-    let expired_before = counter(&agent, "pass_expired");
+    let expired_before = agent.kernel_counter("pass_expired");
     let quiet = Client::with_timeout(&topo.pod, IpAddr::V4(LISTEN_V4), Duration::from_millis(300));
     loop {
         assert!(Instant::now() < deadline, "never expired: {seen:?}");
@@ -224,7 +164,7 @@ fn the_kernel_answers_cached_names_with_the_agents_bytes_also_with_the_agent_sto
         "counted down a second at a time to 0: {seen:?}"
     );
     assert!(
-        counter(&agent, "pass_expired") > expired_before,
+        agent.kernel_counter("pass_expired") > expired_before,
         "the expired entry was passed up"
     );
     // Still answered: what has not expired.
@@ -246,6 +186,6 @@ fn with_no_kernel_cache_the_agent_answers_every_external_name() {
         let m = client.query("www.example.org.", RecordType::A, true);
         assert_eq!(m.answers.len(), 2);
     }
-    assert_eq!(counter(&agent, "answered_cached"), 0);
-    assert_eq!(counter(&agent, "pass_miss"), 5, "every one went up");
+    assert_eq!(agent.kernel_counter("answered_cached"), 0);
+    assert_eq!(agent.kernel_counter("pass_miss"), 5, "every one went up");
 }

@@ -26,12 +26,12 @@ use dns_agent::{
     zone::{ZoneModel, name::wire_from_dotted},
 };
 use hickory_proto::{
-    op::{Message, ResponseCode},
-    rr::{Name, RData, Record, RecordType},
+    op::ResponseCode,
+    rr::{Name, RData, Record},
 };
 use support::{
     LISTEN_V4, LISTEN_V6,
-    answers::{a, question, record, upstream, upstream_soa},
+    answers::{a, question, record, ttls, upstream, upstream_soa},
     frames::{check_reply, dns_query, query_frame, udp_frame},
 };
 
@@ -812,21 +812,6 @@ impl Fixture {
         };
         (reply, *ttl)
     }
-}
-
-/// Every TTL of a reply's records (answer, authority, additional; not OPT).
-fn ttls(reply: &[u8]) -> Vec<u32> {
-    let m = Message::from_vec(reply).expect("a reply that parses");
-    m.answers
-        .iter()
-        .chain(&m.authorities)
-        .chain(
-            m.additionals
-                .iter()
-                .filter(|r| r.record_type() != RecordType::OPT),
-        )
-        .map(|r| r.ttl)
-        .collect()
 }
 
 #[test]

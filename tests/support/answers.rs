@@ -11,6 +11,21 @@ use hickory_proto::{
     rr::{Name, RData, Record, RecordType, rdata::SOA},
 };
 
+/// The TTLs of every record of a reply but the OPT.
+pub fn ttls(reply: &[u8]) -> Vec<u32> {
+    let m = Message::from_vec(reply).expect("a reply that parses");
+    m.answers
+        .iter()
+        .chain(&m.authorities)
+        .chain(
+            m.additionals
+                .iter()
+                .filter(|r| r.record_type() != RecordType::OPT),
+        )
+        .map(|r| r.ttl)
+        .collect()
+}
+
 pub fn record(name: &str, ttl: u32, data: RData) -> Record {
     Record::from_rdata(Name::from_str(name).unwrap(), ttl, data)
 }

@@ -533,6 +533,11 @@ impl Agent {
             .collect()
     }
 
+    /// One of the XDP program's counters (`answered_cached`, `steered`, ...).
+    pub fn kernel_counter(&self, name: &str) -> u64 {
+        self.kernel_counters()[name]
+    }
+
     pub fn kernel_answered(&self) -> u64 {
         let c = self.kernel_counters();
         c["answered"] + c["answered_nodata"] + c["answered_nxdomain"]

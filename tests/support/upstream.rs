@@ -4,6 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, UdpSocket},
+    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,7 +14,10 @@ use std::{
 
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
-    rr::{RData, Record, RecordType, rdata::A},
+    rr::{
+        Name, RData, Record, RecordType,
+        rdata::{A, SOA},
+    },
 };
 
 use super::Netns;
@@ -79,6 +83,54 @@ pub fn example_zone() -> Behaviour {
         }
         Action::Reply(r)
     })
+}
+
+/// An upstream for names below `example.org`: each of `names` (`www.example.org.`, lowercase,
+/// with its TTL) has the A records 192.0.2.80 and .81, and no other type (NODATA); any other
+/// name is NXDOMAIN. Every negative answer carries [`example_org_soa`].
+pub fn example_org(names: &'static [(&'static str, u32)]) -> Behaviour {
+    Arc::new(move |q: &Message| {
+        let mut r = reply_to(q);
+        let question = &q.queries[0];
+        let name = question.name().to_ascii().to_ascii_lowercase();
+        let ttl = names.iter().find(|(n, _)| *n == name).map(|(_, ttl)| *ttl);
+        match (ttl, question.query_type()) {
+            (Some(ttl), RecordType::A) => {
+                for last in [80, 81] {
+                    r.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        ttl,
+                        RData::A(A::new(192, 0, 2, last)),
+                    ));
+                }
+            }
+            (Some(_), _) => {
+                r.add_authority(example_org_soa());
+            }
+            (None, _) => {
+                r.metadata.response_code = ResponseCode::NXDomain;
+                r.add_authority(example_org_soa());
+            }
+        }
+        Action::Reply(r)
+    })
+}
+
+/// The SOA of `example.org` (TTL 3600, MINIMUM 120: negative answers live 120 s).
+pub fn example_org_soa() -> Record {
+    Record::from_rdata(
+        Name::from_str("example.org.").unwrap(),
+        3600,
+        RData::SOA(SOA::new(
+            Name::from_str("ns1.example.org.").unwrap(),
+            Name::from_str("hostmaster.example.org.").unwrap(),
+            1,
+            7200,
+            900,
+            1_209_600,
+            120,
+        )),
+    )
 }
 
 /// A running upstream. Stops when dropped.
