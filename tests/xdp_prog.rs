@@ -776,6 +776,18 @@ impl Fixture {
         expires
     }
 
+    /// From `when` on, `dns_bytes` is passed up as expired.
+    fn passed_up_from(&self, when: Instant, dns_bytes: &[u8]) {
+        while Instant::now() < when {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.run(
+            &query_frame(CLIENT_V4, SERVER_V4, dns_bytes),
+            XDP_PASS,
+            "pass_expired",
+        );
+    }
+
     /// A query the kernel answers from the cache: checks the frame, and that its DNS payload is
     /// the agent's cache's reply at that moment (the seconds left, counted down), byte for byte.
     /// Returns the reply and the TTL it carried.
@@ -1133,14 +1145,7 @@ fn cached_ttls_count_down_and_an_expired_entry_goes_up() {
     }
     seen.dedup();
     assert_eq!(seen, vec![3, 2, 1, 0], "counted down second by second");
-    while Instant::now() < expires {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f.run(
-        &query_frame(CLIENT_V4, SERVER_V4, &query),
-        XDP_PASS,
-        "pass_expired",
-    );
+    f.passed_up_from(expires, &query);
 }
 
 #[test]
@@ -1170,15 +1175,8 @@ fn the_prefetch_window_is_passed_up_before_expiry() {
     // Until the window: the TTL is the seconds left before expiry, not before the window.
     let (_, ttl) = f.cached(CLIENT_V4, SERVER_V4, &query, &answer, expires);
     assert!(ttl >= 58, "TTL {ttl}");
-    while Instant::now() < kernel_until {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // In the window the agent answers (its entry is fresh for almost a minute yet).
-    f.run(
-        &query_frame(CLIENT_V4, SERVER_V4, &query),
-        XDP_PASS,
-        "pass_expired",
-    );
+    f.passed_up_from(kernel_until, &query);
 }
 
 #[test]
