@@ -211,6 +211,12 @@ impl Sockets {
     }
 }
 
+/// The receive buffer asked for each UDP socket: a burst of queries the loop is not there for
+/// (another process on its core, a page fault) waits here rather than being dropped. 4 MiB is
+/// what unbound's documentation advises for a busy server (`so-rcvbuf`); the kernel caps it at
+/// `net.core.rmem_max` (default 208 KiB) and charges only what queued packets use.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
 /// A UDP socket on `addr` with SO_REUSEPORT: a new agent binds next to the old one during an
 /// upgrade, and the kernel shares queries between them until the old one leaves.
 fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
@@ -219,6 +225,9 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
+    if let Err(e) = sock.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::debug!(%addr, error = %e, "setting the UDP receive buffer");
+    }
     sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;

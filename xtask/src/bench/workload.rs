@@ -169,7 +169,7 @@ impl Workload {
              server:\n  interface: {listen}\n  port: 53\n  do-ip6: no\n  do-tcp: yes\n\
              \x20 access-control: 0.0.0.0/0 allow\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n\
              \x20 directory: \"{dir}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n\
-             \x20 num-threads: 2\n  so-reuseport: yes\n  module-config: \"iterator\"\n\
+             \x20 num-threads: 2\n  so-reuseport: yes\n  so-rcvbuf: 4m\n  module-config: \"iterator\"\n\
              \x20 local-zone: \"{ZONE}.\" static\n\
              \x20 local-data: \"{ZONE}. 5 IN SOA ns.dns.{ZONE}. hostmaster.{ZONE}. 1 7200 1800 86400 5\"\n",
             dir = dir.display(),
