@@ -29,9 +29,9 @@ use super::{
 };
 use crate::netns;
 
-/// The autopath agent's listen address, link and metrics port.
-const AUTOPATH_LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 17);
-const AUTOPATH_LINK: usize = 5;
+/// The autopath agent's listen address, link (the one after the topology's) and metrics port.
+const AUTOPATH_LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 30);
+const AUTOPATH_LINK: usize = super::topo::LINKS;
 const AUTOPATH_METRICS: u16 = 9270;
 /// The pod's namespace in the search list.
 const POD_NAMESPACE: &str = "ns-0";
@@ -81,33 +81,27 @@ pub fn measure(
 ) -> anyhow::Result<String> {
     let (rounds, per_round) = if quick { (1, 100) } else { (3, 600) };
     let autopath = start_autopath_agent(topo, agent_bin, workload, dir)?;
-    let link = |i: usize| topo.links[i].pod_if.clone();
-    let targets = [
-        Target {
-            id: "xdns-generic",
-            title: "xdns kernel path, generic",
-            listen: Ipv4Addr::new(169, 254, 20, 10),
-            pod_if: link(1),
-        },
+    // The systems of the run that resolve as a pod's resolver would ask them, and the autopath
+    // agent beside them.
+    let mut targets: Vec<Target> = super::topo::systems()
+        .into_iter()
+        .filter(|s| ["xdns-generic", "unbound", "dnsmasq"].contains(&s.id))
+        .map(|s| Target {
+            id: s.id,
+            title: s.title,
+            listen: s.listen,
+            pod_if: topo.links[s.link].pod_if.clone(),
+        })
+        .collect();
+    targets.insert(
+        targets.len().min(1),
         Target {
             id: "xdns-autopath",
             title: "xdns kernel path, generic, --autopath",
             listen: AUTOPATH_LISTEN,
             pod_if: format!("xb{}l{AUTOPATH_LINK}p", std::process::id() % 100_000),
         },
-        Target {
-            id: "unbound",
-            title: "unbound (2 threads)",
-            listen: Ipv4Addr::new(169, 254, 20, 13),
-            pod_if: link(0),
-        },
-        Target {
-            id: "dnsmasq",
-            title: "dnsmasq",
-            listen: Ipv4Addr::new(169, 254, 20, 14),
-            pod_if: link(0),
-        },
-    ];
+    );
     // The names and the address each must resolve to.
     let external = &workload.sets[2];
     let names = dir.join("resolve-names.txt");
