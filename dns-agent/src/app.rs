@@ -51,17 +51,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // First: a SIGTERM from here on is a clean shutdown, even one that comes the moment /ready
     // says 200 (the default action would kill the agent before it cleans up).
     let signals = Signals::install()?;
-    // Every TCP connection and upstream query holds a file descriptor; the configuration was
-    // checked against the hard limit. Failing to raise the soft one is not fatal: `accept`
-    // survives running out (see `accept`).
-    match limits::raise_fd_limit() {
-        Ok(files) => tracing::debug!(files, "open files allowed"),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "raising the soft limit of open files to the hard one failed; TCP connections \
-             may run out of file descriptors before --tcp-max-connections"
-        ),
-    }
+    raise_open_files();
     let source = Source::open(&config).await?;
     let model = ZoneModel::new(zone_settings(&config));
     let metrics = Arc::new(Metrics::default());
@@ -76,27 +66,29 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // listen address. CAP_PERFMON, CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN and the rest go now.
     crate::capabilities::keep_for_serving(attachments.is_some())
         .context("dropping the capabilities serving does not need")?;
-    let kernel_cache = sync
-        .as_mut()
-        .filter(|_| config.args.kernel_cache())
-        .and_then(|s| s.maps_mut().take_cache())
-        .map(KernelCache::new);
+    let kernel_cache = kernel_cache(&config, sync.as_mut());
     let (search, autopath) = search_paths(&config, &model, kernel_cache.is_some());
 
     let model = Arc::new(RwLock::new(model));
     let handler = userspace_server(&config, &model, &forwarder, &metrics, autopath);
 
     let mut tasks = Tasks::new();
-    let heartbeat = sync.as_ref().map(|s| s.maps().heartbeat());
-    if let Some(beat) = &heartbeat {
+    if let Some(beat) = sync.as_ref().map(|s| s.maps().heartbeat()) {
         tasks.spawn(heartbeat::run(
-            beat.clone(),
+            beat,
             config.args.listen[0],
             handler.probe.clone(),
             sockets.loops(),
         ));
     }
-    let completions = search.completions.clone();
+    if let Some(kernel_cache) = kernel_cache {
+        tasks.spawn(crate::kernel::cache_sync::follow(
+            handler.external.clone(),
+            search.completions.clone(),
+            kernel_cache,
+            metrics.clone(),
+        ));
+    }
     let zone_loaded = source.spawn(&mut tasks, model, sync, routing, metrics.clone(), search);
     sockets
         .serve(&mut tasks, &handler)
@@ -104,14 +96,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let metrics_listener = sockets.metrics.take().expect("bound once");
     tasks.spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tasks.spawn(handler.external.clone().sweep());
-    if let Some(kernel_cache) = kernel_cache {
-        tasks.spawn(crate::kernel::cache_sync::follow(
-            handler.external.clone(),
-            completions,
-            kernel_cache,
-            metrics.clone(),
-        ));
-    }
     tracing::info!(
         listen = ?config.args.listen,
         upstreams = ?forwarder.upstreams(),
@@ -134,14 +118,47 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &metrics,
     )
     .await;
-    drain(&handler).await;
+    shut_down(&handler, tasks, sockets, addresses).await;
+    outcome
+}
+
+/// Every TCP connection and upstream query holds a file descriptor; the configuration was
+/// checked against the hard limit. Failing to raise the soft one is not fatal: `accept`
+/// survives running out (see `accept`).
+fn raise_open_files() {
+    match limits::raise_fd_limit() {
+        Ok(files) => tracing::debug!(files, "open files allowed"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "raising the soft limit of open files to the hard one failed; TCP connections \
+             may run out of file descriptors before --tcp-max-connections"
+        ),
+    }
+}
+
+/// The writer of the kernel's copy of the cache of upstream answers, unless
+/// `--no-kernel-cache` or no kernel path.
+fn kernel_cache(config: &RunConfig, sync: Option<&mut KernelSync>) -> Option<KernelCache> {
+    sync.filter(|_| config.args.kernel_cache())
+        .and_then(|s| s.maps_mut().take_cache())
+        .map(KernelCache::new)
+}
+
+/// After serving: the queries in flight answered, the tasks stopped, the sockets closed, and
+/// the listen addresses removed unless another agent bound beside this one (a handover) keeps
+/// serving on them.
+async fn shut_down(
+    handler: &Handler,
+    mut tasks: Tasks,
+    sockets: Sockets,
+    addresses: ListenAddresses,
+) {
+    drain(handler).await;
     tasks.shutdown().await;
     drop(sockets);
-    // Another agent bound beside this one (a handover) keeps serving on the addresses.
     addresses
         .release(|ip| handover::bound_before(SocketAddr::new(ip, 53), false) > 0)
         .await;
-    outcome
 }
 
 /// Serves until a signal or a failed task. On the way: once the zone is loaded, takes the
