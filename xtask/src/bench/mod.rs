@@ -469,14 +469,20 @@ fn check_all(
     for set in &workload.sets {
         for s in systems_for(set.id) {
             let fast_path = check::FastPath::of(topo, &s, processes.get(s.id))?;
-            let start = fast_path.read()?;
-            let n = check::check_set(topo, &s, set).with_context(|| {
-                if before {
-                    "before the load"
-                } else {
-                    "after the load"
-                }
-            })?;
+            let what = if before {
+                "before the load"
+            } else {
+                "after the load"
+            };
+            let mut start = fast_path.read()?;
+            let mut n = check::check_set(topo, &s, set).context(what)?;
+            if before && set.id == "external" {
+                // The first pass filled the caches (the kernel's copy within milliseconds):
+                // who answers is what the second one shows.
+                std::thread::sleep(Duration::from_millis(200));
+                start = fast_path.read()?;
+                n = check::check_set(topo, &s, set).context(what)?;
+            }
             if let (Some(start), true) = (start, before) {
                 let (answered, others) = fast_path.since(&start)?;
                 m.kernel_share

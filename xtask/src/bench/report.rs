@@ -504,14 +504,14 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n### Who answered\n\nDuring the correctness check (one query each): for the xdns kernel-path systems, answered by the XDP program, and the program's other counters that moved (`pass_*`: handed to userspace, which answered); for knotd in XDP mode, frames its XDP program redirected to its AF_XDP socket (the veth's `xdp_redirect` counters):\n\n| system | set | answered on the fast path | other counters |\n|---|---|---:|---|"
+        "\n### Who answered\n\nDuring the correctness check (one query each; for cached external names, the second of two passes: the first fills the caches): for the xdns kernel-path systems, answered by the XDP program, and the program's other counters that moved (`pass_*`: handed to userspace, which answered); for knotd in XDP mode, frames its XDP program redirected to its AF_XDP socket (the veth's `xdp_redirect` counters):\n\n| system | set | answered on the fast path | other counters |\n|---|---|---:|---|"
     );
     for ((sys, set), (k, n, others)) in &r.m.kernel_share {
         let _ = writeln!(s, "| {sys} | {set} | {k} of {n} | {others} |");
     }
     let _ = writeln!(
         s,
-        "\nExternal names reach the agent once (the check above: the kernel does not hold them yet), which forwards and caches them; from then on the XDP program answers them from its copy of that cache (`answered_cached`), warmed before measuring like unbound's and dnsmasq's caches."
+        "\nExternal names reach the agent once (the first pass: the kernel does not hold them yet), which forwards and caches them; from then on the XDP program answers them from its copy of that cache (`answered_cached`), warmed before measuring like unbound's and dnsmasq's caches."
     );
 
     let _ = writeln!(
