@@ -75,3 +75,30 @@ pub fn test() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every file of `tests/` is a `[[test]]` of dns-agent: a test file nobody registered never
+    /// runs, and CI would stay green without it (a merge once dropped three).
+    #[test]
+    fn every_integration_test_file_is_registered() {
+        let root = crate::util::root();
+        let manifest = std::fs::read_to_string(root.join("dns-agent/Cargo.toml")).unwrap();
+        let registered: Vec<&str> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("path = \"../tests/"))
+            .filter_map(|l| l.strip_suffix('"'))
+            .collect();
+        let mut missing = Vec::new();
+        for entry in std::fs::read_dir(root.join("tests")).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".rs") && !registered.contains(&name.as_str()) {
+                missing.push(name);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "tests/{missing:?} have no [[test]] in dns-agent/Cargo.toml: add one each"
+        );
+    }
+}
