@@ -269,7 +269,9 @@ pub struct RunArgs {
     pub cache_servfail_ttl: u32,
 
     /// Refresh a cached name in the background when it has been asked this many times (with no
-    /// gap of a minute) and has at most 10% of its TTL left. 0: no prefetch.
+    /// gap of a minute) and has at most 10% of its TTL left. With the kernel's copy of the cache
+    /// (the default), the queries counted are those of that last 10%: the kernel answers the
+    /// rest without the agent seeing them. 0: no prefetch.
     #[arg(
         long,
         value_name = "HITS",
@@ -335,8 +337,9 @@ pub struct RunArgs {
     pub rate_limit_burst: Option<u32>,
     /// Keep the cache of upstream answers out of the kernel. By default every answer the cache
     /// holds is also written to the XDP program's maps with its expiry, and the kernel answers
-    /// it until then with its TTLs counted down (stale answers and prefetch stay the agent's);
-    /// the kernel's room for them is --cache-size entries.
+    /// it until then with its TTLs counted down (stale answers and prefetch stay the agent's:
+    /// with --cache-prefetch, the last 10% of each TTL is answered by the agent, which counts
+    /// the name's queries there); the kernel's room for them is --cache-size entries.
     #[arg(long, help_heading = "Cache")]
     pub no_kernel_cache: bool,
 }
