@@ -32,13 +32,10 @@ use std::{
     time::Instant,
 };
 
-use dns_agent::{
-    kernel::{
-        Capacity, Kernel,
-        cache_sync::KernelCache,
-        sync::{KernelSync, entries_of},
-    },
-    zone::objects::{ClusterObject, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind},
+use dns_agent::kernel::{
+    Capacity, Kernel,
+    cache_sync::KernelCache,
+    sync::{KernelSync, entries_of},
 };
 use support::{
     LISTEN_V4, LISTEN_V6,
@@ -49,7 +46,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
 const SERVER: IpAddr = IpAddr::V4(LISTEN_V4);
-const NAMESPACES: usize = 50;
+const NAMESPACES: usize = support::SERVICE_NAMESPACES;
 /// Distinct names each case cycles through.
 const NAMES_PER_CASE: usize = 1024;
 
@@ -98,23 +95,6 @@ fn program_ids() -> Vec<u32> {
                 .and_then(|v| v.trim().parse().ok())
         })
         .collect()
-}
-
-/// The Service `svc-<i>` in namespace `ns-<i % 50>`: a ClusterIP with one named port, as most
-/// Services are.
-fn service(i: usize) -> ClusterObject {
-    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32);
-    ClusterObject::Service(
-        ObjectKey::new(&format!("ns-{}", i % NAMESPACES), &format!("svc-{i}")),
-        ServiceInfo {
-            kind: ServiceKind::ClusterIp(vec![IpAddr::V4(ip)]),
-            ports: vec![Port {
-                name: Some("http".into()),
-                port: 80,
-                protocol: Protocol::Tcp,
-            }],
-        },
-    )
 }
 
 /// External names in the kernel's copy of the cache.
@@ -274,10 +254,7 @@ struct SizeResult {
 }
 
 fn measure(services: usize, runs: usize, only: Option<&str>) -> SizeResult {
-    let mut objects: Vec<ClusterObject> = (0..NAMESPACES)
-        .map(|n| ClusterObject::Namespace(format!("ns-{n}").into()))
-        .collect();
-    objects.extend((0..services).map(service));
+    let objects = support::services(services);
     let started = Instant::now();
     let zone = support::zone_from(objects);
     let pin = PathBuf::from("/sys/fs/bpf").join(support::unique("xdns-kc"));

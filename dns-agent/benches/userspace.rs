@@ -14,7 +14,7 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     str::FromStr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
@@ -29,10 +29,7 @@ use dns_agent::{
         forward::{ForwardSettings, Forwarder, Policy, Question, Timeouts},
         heartbeat::Probe,
     },
-    zone::{
-        name::wire_from_dotted,
-        objects::{ClusterObject, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind},
-    },
+    zone::name::wire_from_dotted,
 };
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query},
@@ -41,7 +38,7 @@ use hickory_proto::{
 use support::frames::dns_query;
 
 const SERVICES: usize = 5000;
-const NAMESPACES: usize = 50;
+const NAMESPACES: usize = support::SERVICE_NAMESPACES;
 const EXTERNAL: usize = 200;
 
 struct Options {
@@ -78,21 +75,6 @@ fn options() -> Options {
     o
 }
 
-fn service(i: usize) -> ClusterObject {
-    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32);
-    ClusterObject::Service(
-        ObjectKey::new(&format!("ns-{}", i % NAMESPACES), &format!("svc-{i}")),
-        ServiceInfo {
-            kind: ServiceKind::ClusterIp(vec![IpAddr::V4(ip)]),
-            ports: vec![Port {
-                name: Some("http".into()),
-                port: 80,
-                protocol: Protocol::Tcp,
-            }],
-        },
-    )
-}
-
 fn external_name(j: usize) -> String {
     format!("ext-{j}.example.org")
 }
@@ -113,10 +95,7 @@ fn upstream_answer(j: usize) -> Answer {
 }
 
 fn handler() -> Arc<Handler> {
-    let mut objects: Vec<ClusterObject> = (0..NAMESPACES)
-        .map(|n| ClusterObject::Namespace(format!("ns-{n}").into()))
-        .collect();
-    objects.extend((0..SERVICES).map(service));
+    let objects = support::services(SERVICES);
     let zone = support::zone_from(objects);
     let metrics = Arc::new(Metrics::default());
     let forward = ForwardSettings {

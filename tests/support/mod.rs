@@ -742,6 +742,38 @@ pub fn zone_from(
     zone
 }
 
+/// Namespaces of [`services`].
+pub const SERVICE_NAMESPACES: usize = 50;
+
+/// `n` ClusterIP Services with one named port (`http`/80), as most Services are: `svc-<i>` in
+/// namespace `ns-<i % 50>`, cluster IP 10.96.0.1 + i; and their namespaces.
+pub fn services(n: usize) -> Vec<dns_agent::zone::objects::ClusterObject> {
+    use dns_agent::zone::objects::{
+        ClusterObject, ObjectKey, Port, Protocol, ServiceInfo, ServiceKind,
+    };
+    let mut objects: Vec<ClusterObject> = (0..SERVICE_NAMESPACES)
+        .map(|ns| ClusterObject::Namespace(format!("ns-{ns}").into()))
+        .collect();
+    objects.extend((0..n).map(|i| {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32);
+        ClusterObject::Service(
+            ObjectKey::new(
+                &format!("ns-{}", i % SERVICE_NAMESPACES),
+                &format!("svc-{i}"),
+            ),
+            ServiceInfo {
+                kind: ServiceKind::ClusterIp(vec![IpAddr::V4(ip)]),
+                ports: vec![Port {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+        )
+    }));
+    objects
+}
+
 /// The example cluster's objects.
 pub fn example_objects() -> Vec<dns_agent::zone::objects::ClusterObject> {
     dns_agent::source::file::load(&example_cluster()).expect("example cluster loads")
