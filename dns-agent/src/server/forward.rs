@@ -940,11 +940,12 @@ async fn exchange_tcp(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::zone::name::wire_from_dotted;
 
-    fn settings() -> ForwardSettings {
+    /// Settings for forwarders in unit tests: sequential, short timeouts.
+    pub(crate) fn settings() -> ForwardSettings {
         ForwardSettings {
             policy: Policy::Sequential,
             timeouts: Timeouts {

@@ -533,11 +533,9 @@ impl fmt::Display for StubList<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::{
-        server::forward::{ForwardSettings, Policy, Timeouts},
+        server::forward::tests::settings,
         zone::{ZoneSettings, objects::ClusterObject},
     };
 
@@ -671,21 +669,6 @@ mod tests {
                 e.starts_with("ConfigMap kube-system/kube-dns: ") && e.contains(wanted),
                 "{stub:?} {upstreams:?}: {e}"
             );
-        }
-    }
-
-    fn settings() -> ForwardSettings {
-        ForwardSettings {
-            policy: Policy::Sequential,
-            timeouts: Timeouts {
-                attempt: Duration::from_secs(1),
-                total: Duration::from_secs(2),
-            },
-            force_tcp: false,
-            max_concurrent: 10,
-            health_check: Duration::from_millis(500),
-            max_fails: 2,
-            tls: None,
         }
     }
 
