@@ -1286,16 +1286,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn upstream_forms() {
-        // The forms themselves are tested with the parser (server::upstream); here, that the
-        // flag takes them, mixed, in order.
+    /// A self-signed CA certificate in a file of its own (for --upstream-ca), and the directory
+    /// that holds it (removed when dropped).
+    fn ca_file() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        (dir, ca)
+    }
+
+    #[test]
+    fn upstream_forms() {
+        // The forms themselves are tested with the parser (server::upstream); here, that the
+        // flag takes them, mixed, in order.
+        let (_dir, ca) = ca_file();
         let c = args(&[
             "--upstream",
             "tls://192.0.2.1#dns.example.com",
@@ -1383,12 +1390,7 @@ mod tests {
 
     #[test]
     fn stub_domains_are_checked_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.pem");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let (_dir, ca) = ca_file();
         let c = args(&[
             "--stub-domain",
             "Corp.Example.=192.0.2.1, 192.0.2.2:5353",
