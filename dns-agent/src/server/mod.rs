@@ -275,6 +275,10 @@ impl Handler {
             dns::build_reply_into(q, body, limit, out);
             return None;
         }
+        if crate::zone::surely_forwarded(&self.zone_name, &q.qname, q.qtype) {
+            return Some(ZoneReply::Forward);
+        }
+        // Search paths are completed for names under the zone only (`<ns>.svc.<zone>`).
         if self.autopath.is_some() {
             let zone = self.zone.read().expect("zone lock poisoned");
             match self.complete_now(&zone, q, client.to_canonical(), limit) {
@@ -285,9 +289,6 @@ impl Handler {
                 Some(upstream) => return Some(upstream),
                 None => {}
             }
-        }
-        if crate::zone::surely_forwarded(&self.zone_name, &q.qname, q.qtype) {
-            return Some(ZoneReply::Forward);
         }
         let build = |e: &zone_answers::Encoded, out: &mut Vec<u8>| {
             dns::build_reply_into(q, e.body(), limit, out)
