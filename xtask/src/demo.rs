@@ -181,7 +181,7 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<44} {:<5} {:<9} {:<34} {:<11} {:>9}",
+        "{:<44} {:<5} {:<9} {:<34} {:<12} {:>9}",
         "QUERY", "TYPE", "RCODE", "ANSWER", "ANSWERED BY", "LATENCY"
     );
     let sock = pod.enter(|| UdpSocket::bind("0.0.0.0:0"))??;
@@ -193,10 +193,10 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
         let kernel_before = kernel_answered(&counters_path)?;
         let (user_before, fwd_before, hits_before) = userspace(&node)?;
         let (reply, latency) = query(&sock, name, *qtype)?;
-        let kernel = kernel_answered(&counters_path)? - kernel_before;
+        let kernel = kernel_label(kernel_before, kernel_answered(&counters_path)?);
         let (user, fwd, hits) = userspace(&node)?;
-        let by = if kernel > 0 {
-            "kernel"
+        let by = if let Some(k) = kernel {
+            k
         } else if hits > hits_before {
             "cache"
         } else if fwd > fwd_before {
@@ -208,7 +208,7 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
         };
         let answer = summarize(&reply);
         println!(
-            "{:<44} {:<5} {:<9} {:<34} {:<11} {:>7.0} µs   {what}",
+            "{:<44} {:<5} {:<9} {:<34} {:<12} {:>7.0} µs   {what}",
             name,
             qtype.to_string(),
             rcode_name(reply.metadata.response_code.low()),
@@ -250,8 +250,9 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
                 None
             };
             let (reply, latency) = query_to(&sock, KUBE_DNS, name, RecordType::A)?;
-            let by = if kernel_answered(&counters_path)? > kernel_before {
-                "kernel"
+            let kernel = kernel_label(kernel_before, kernel_answered(&counters_path)?);
+            let by = if let Some(k) = kernel {
+                k
             } else {
                 match user_before {
                     None => "kube-dns",
@@ -270,7 +271,7 @@ fn run_demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
                 }
             };
             println!(
-                "  {:<30} {:<9} {:<16} {:<11} {:>7.0} µs   {what}",
+                "  {:<30} {:<9} {:<16} {:<12} {:>7.0} µs   {what}",
                 name,
                 rcode_name(reply.metadata.response_code.low()),
                 summarize(&reply),
@@ -444,18 +445,34 @@ fn summarize(m: &Message) -> String {
     }
 }
 
-fn kernel_answered(path: &Path) -> anyhow::Result<u64> {
+/// (answered by the XDP program from the zone, answered from its copy of the cache).
+fn kernel_answered(path: &Path) -> anyhow::Result<(u64, u64)> {
     let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
     let map = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))?;
-    let mut total = 0;
-    for i in [
-        dns_common::counter::ANSWERED,
-        dns_common::counter::ANSWERED_NODATA,
-        dns_common::counter::ANSWERED_NXDOMAIN,
-    ] {
-        total += map.get(&i, 0)?.iter().sum::<u64>();
+    let sum = |counters: &[u32]| -> anyhow::Result<u64> {
+        let mut total = 0;
+        for i in counters {
+            total += map.get(i, 0)?.iter().sum::<u64>();
+        }
+        Ok(total)
+    };
+    use dns_common::counter::*;
+    Ok((
+        sum(&[ANSWERED, ANSWERED_NODATA, ANSWERED_NXDOMAIN])?,
+        sum(&[ANSWERED_CACHED, ANSWERED_AUTOPATH])?,
+    ))
+}
+
+/// Who answered, by the kernel's counters before and after a query: "kernel" (the zone),
+/// "kernel cache" (its copy of the agent's cache), or `None` (not the kernel).
+fn kernel_label(before: (u64, u64), after: (u64, u64)) -> Option<&'static str> {
+    if after.0 > before.0 {
+        Some("kernel")
+    } else if after.1 > before.1 {
+        Some("kernel cache")
+    } else {
+        None
     }
-    Ok(total)
 }
 
 /// (answered by userspace from the zone, forwarded or from the cache, cache hits), from the
