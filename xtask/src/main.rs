@@ -112,6 +112,10 @@ enum Command {
         names: std::path::PathBuf,
         count: usize,
     },
+    /// (Run by `bench` in the node namespace.) The socket ceiling: echo every UDP query to
+    /// ADDR:53 with QR set, a thread per CPU (recvmmsg/sendmmsg).
+    #[command(hide = true)]
+    BenchEcho { listen: std::net::Ipv4Addr },
     /// The userspace path alone: xdns with --no-kernel against unbound, UDP (kxdpgun) and TCP
     /// (dnsperf), in rounds. Results go to results/userspace-<timestamp>/.
     BenchUserspace {
@@ -202,6 +206,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             soak::check(&o)?;
             soak::soak(o)
         }
+        Command::BenchEcho { listen } => bench::echo::serve(listen),
         Command::BenchResolve { names, count } => bench::resolve::resolve_loop(&names, count),
         Command::BenchUserspace {
             quick,

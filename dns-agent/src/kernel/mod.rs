@@ -605,6 +605,39 @@ impl Kernel {
         test_run(program, frame, repeat)
     }
 
+    /// Runs the program `repeat` times on copies of one frame in live-frames mode
+    /// (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run starts from the frame as given, and what the
+    /// program sends goes to the loopback device (which drops it). With the kernel's run-time
+    /// statistics on ([`aya::sys::enable_stats`]), [`Kernel::run_stats`] then tells the
+    /// program's own time per run on a warm CPU, without the test harness around it.
+    pub fn test_run_live(&self, frame: &[u8], repeat: u32) -> Result<(), KernelError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load");
+        aya::programs::TestRun::test_run(
+            program,
+            aya::programs::TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(64),
+                ..aya::programs::TestRunOptions::new()
+            }
+            .into(),
+        )
+        .map_err(KernelError::TestRun)?;
+        Ok(())
+    }
+
+    /// The XDP program's accumulated run time and run count, as the kernel keeps them while
+    /// its run-time statistics are on (zero otherwise).
+    pub fn run_stats(&self) -> Option<(std::time::Duration, u64)> {
+        let info = self.program_info(Hook::Xdp)?;
+        Some((info.run_time(), info.run_count()))
+    }
+
     /// Runs the egress program (loaded with `egress`) on one frame, as it would leave an
     /// interface: the verdict (`TC_ACT_*`) and the frame as the program left it.
     pub fn test_run_egress(&self, frame: &[u8]) -> Result<TestRunOutcome, KernelError> {

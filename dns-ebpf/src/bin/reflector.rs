@@ -10,6 +10,11 @@
 //! the client's stack would drop the echo (`UdpInCsumErrors`). xdns computes the full
 //! checksum from scratch, which is part of the DNS work the comparison shows.
 //!
+//! `xdns_reflect_lookup` does the same after one step of DNS work: it finds the question's name
+//! in a hash map keyed as xdns's zone map is (the name in wire form, zero-padded to 64 bytes),
+//! and passes the query if the name is not there. What a name lookup alone costs against the
+//! bare echo is the least any server that answers from a map of names pays.
+//!
 //! Also `xdns_pass`, which passes everything: on a veth in driver mode, `XDP_TX` frames from
 //! the host side only arrive when the pod-side peer has an XDP program too (DESIGN.md).
 //!
@@ -28,10 +33,12 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     bindings::xdp_action,
+    helpers::generated::bpf_xdp_load_bytes,
     helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 
@@ -74,12 +81,32 @@ static GEN_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "GEN_CURSOR")]
 static GEN_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// Key of `REFLECT_NAMES`: as long as xdns's short key; names of 64 bytes or more are passed.
+const NAME_KEY: usize = 64;
+const NAME_WORDS: usize = NAME_KEY / 8;
+/// Labels walked in a name of under 64 bytes.
+const MAX_LABELS: usize = 32;
+
+/// The names `xdns_reflect_lookup` answers, in wire form and zero-padded; xtask fills it.
+#[map(name = "REFLECT_NAMES")]
+static REFLECT_NAMES: HashMap<[u8; NAME_KEY], u8> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
+/// The key being built (too big for the stack beside the rest).
+#[map(name = "REFLECT_KEY")]
+static REFLECT_KEY: PerCpuArray<[u64; NAME_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "BENCH_COUNTS")]
 static BENCH_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BENCH_COUNTERS, 0);
 
 #[xdp]
 pub fn xdns_reflect(ctx: XdpContext) -> u32 {
     reflect(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[xdp]
+pub fn xdns_reflect_lookup(ctx: XdpContext) -> u32 {
+    reflect_lookup(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[xdp]
@@ -187,37 +214,90 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((ctx.data() + off) as *mut T)
 }
 
+// Ethernet, IPv4 without options, UDP to port 53, and the DNS header.
+const QUERY_HEAD: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + 12;
+const IP: usize = ETH_HLEN;
+const UDP: usize = IP + IPV4_HLEN;
+const DNS: usize = UDP + UDP_HLEN;
+
+/// The frame's headers if it is a UDP/IPv4 DNS query to port 53.
 #[inline(always)]
-fn reflect(ctx: &XdpContext) -> Option<u32> {
-    // Ethernet, IPv4 without options, UDP to port 53, and the first 4 bytes of the DNS header.
-    const LEN: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + 4;
-    let f = ptr_at::<[u8; LEN]>(ctx, 0)?;
+fn query_head(ctx: &XdpContext) -> Option<&mut [u8; QUERY_HEAD]> {
+    let f = ptr_at::<[u8; QUERY_HEAD]>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let f = unsafe { &mut *f };
-    let ip = ETH_HLEN;
-    let udp = ip + IPV4_HLEN;
-    let dns = udp + UDP_HLEN;
     if u16::from_be_bytes([f[12], f[13]]) != ETH_P_IP
-        || f[ip] != 0x45
-        || f[ip + 9] != IPPROTO_UDP
-        || u16::from_be_bytes([f[udp + 2], f[udp + 3]]) != DNS_PORT
-        || f[dns + 2] & FLAG_QR != 0
+        || f[IP] != 0x45
+        || f[IP + 9] != IPPROTO_UDP
+        || u16::from_be_bytes([f[UDP + 2], f[UDP + 3]]) != DNS_PORT
+        || f[DNS + 2] & FLAG_QR != 0
     {
         return None;
     }
+    Some(f)
+}
+
+/// Turns the query into its echo: addresses and ports swapped, QR set, no UDP checksum.
+#[inline(always)]
+fn echo(f: &mut [u8; QUERY_HEAD]) -> u32 {
     for i in 0..6 {
         f.swap(i, 6 + i);
     }
     for i in 0..4 {
-        f.swap(ip + 12 + i, ip + 16 + i);
+        f.swap(IP + 12 + i, IP + 16 + i);
     }
     for i in 0..2 {
-        f.swap(udp + i, udp + 2 + i);
+        f.swap(UDP + i, UDP + 2 + i);
     }
-    f[dns + 2] |= FLAG_QR;
-    f[udp + 6] = 0;
-    f[udp + 7] = 0;
-    Some(xdp_action::XDP_TX)
+    f[DNS + 2] |= FLAG_QR;
+    f[UDP + 6] = 0;
+    f[UDP + 7] = 0;
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn reflect(ctx: &XdpContext) -> Option<u32> {
+    query_head(ctx).map(echo)
+}
+
+#[inline(always)]
+fn reflect_lookup(ctx: &XdpContext) -> Option<u32> {
+    let f = query_head(ctx)?;
+    // The name's wire length, by its length bytes.
+    let mut len = 0usize;
+    let mut labels = 0;
+    loop {
+        if labels == MAX_LABELS || len >= NAME_KEY {
+            return None;
+        }
+        let l = *ptr_at::<u8>(ctx, QUERY_HEAD + len).map(|p| unsafe { &*p })? as usize;
+        len += 1 + l;
+        if l == 0 {
+            break;
+        }
+        if l > 63 {
+            return None;
+        }
+        labels += 1;
+    }
+    if len >= NAME_KEY {
+        return None;
+    }
+    let key = REFLECT_KEY.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot of NAME_WORDS words; the helper writes `len` < NAME_KEY bytes into
+    // it and checks the packet's bounds itself.
+    unsafe {
+        let words = key.cast::<u64>();
+        for w in 0..NAME_WORDS {
+            words.add(w).write_volatile(0);
+        }
+        let n = len & (NAME_KEY - 1);
+        if n == 0 || bpf_xdp_load_bytes(ctx.ctx, QUERY_HEAD as u32, key.cast(), n as u32) != 0 {
+            return None;
+        }
+        REFLECT_NAMES.get(&*key.cast::<[u8; NAME_KEY]>())?;
+    }
+    Some(echo(f))
 }
 
 #[cfg(not(test))]

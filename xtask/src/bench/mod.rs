@@ -17,6 +17,7 @@
 //! generated section and docs/benchmarks.svg.
 
 mod check;
+pub mod echo;
 mod kxdpgun;
 mod loadgen;
 mod peers;
@@ -318,6 +319,15 @@ fn measure(
     let zone_file = dir.join("zone.yaml");
     std::fs::write(&zone_file, workload.zone_yaml())?;
     let mut topo = Topology::new(reflector, senders)?;
+    // Every name asked (and the readiness probe's): the lookup reflector finds them all.
+    let probe = workload::service_name(0);
+    topo.reflect_names(
+        workload
+            .sets
+            .iter()
+            .flat_map(|set| set.queries.iter().map(|q| q.name.as_str()))
+            .chain([probe.as_str()]),
+    )?;
     let by_id = |id: &str| {
         topo::all_systems()
             .into_iter()
@@ -561,7 +571,7 @@ fn throughput_all(
         // Live frames where an XDP program answered (nearly) everything in the check.
         let generator = |s: &System| {
             let fast = m.kernel_share.get(&(s.id, set.id));
-            if s.is_reflector()
+            if s.is_xdp_reflector()
                 || fast.is_some_and(|(answered, n, _)| *answered as f64 >= 0.99 * *n as f64)
             {
                 Generator::LiveFrames

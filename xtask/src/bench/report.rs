@@ -388,6 +388,14 @@ pub fn markdown(r: &Results) -> String {
         ("xdns-generic", "pdns-recursor", "× PowerDNS Recursor", ""),
         ("xdns-generic", "dnsmasq", "× dnsmasq", ""),
         ("xdns-userspace", "unbound", "× unbound", ""),
+        (
+            "xdns-userspace",
+            "reflector-sockets",
+            "of the socket echo",
+            "",
+        ),
+        ("unbound", "reflector-sockets", "of the socket echo", ""),
+        ("reflector-sockets", "unbound", "× unbound", ""),
         ("knot-xdp", "unbound", "× unbound", ""),
     ];
     let _ = writeln!(
@@ -590,9 +598,9 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
-const COLORS: [&str; 11] = [
-    "#7f7f7f", "#1f77b4", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#d62728", "#e377c2",
-    "#2ca02c", "#393b79", "#ff7f0e",
+const COLORS: [&str; 12] = [
+    "#7f7f7f", "#c7c7c7", "#1f77b4", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#d62728",
+    "#e377c2", "#2ca02c", "#393b79", "#ff7f0e",
 ];
 
 /// One SVG: throughput per system and set (top: median bars, whiskers from the lowest to the

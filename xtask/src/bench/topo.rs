@@ -4,13 +4,15 @@
 //!
 //! | link | host side XDP | pod side XDP | systems (listen address on the node's `lo`) |
 //! |---|---|---|---|
-//! | 0 | none | none | xdns userspace (.12), unbound (.13), dnsmasq (.14), knotd (.17), kresd (.19), pdns-recursor (.20) |
+//! | 0 | none | none | xdns userspace (.12), unbound (.13), dnsmasq (.14), knotd (.17), kresd (.19), pdns-recursor (.20), socket echo (.21) |
 //! | 1 | xdns, generic | none | xdns kernel path, generic (.10) |
 //! | 2 | xdns, driver | `xdns_pass` | xdns kernel path, driver (.11) |
 //! | 3 | reflector, generic | none | reflector, generic (.15) |
 //! | 4 | reflector, driver | `xdns_pass` | reflector, driver (.16) |
 //! | 5 | knotd's own (AF_XDP) | none | knotd in XDP mode (.18) |
 //! | 6 | `xdns_drop`, driver | none | none: the load generator's own ceiling |
+//! | 7 | reflector with a name lookup, generic | none | `xdns_reflect_lookup`, generic (.22) |
+//! | 8 | reflector with a name lookup, driver | `xdns_pass` | `xdns_reflect_lookup`, driver (.23) |
 //!
 //! Driver-mode `XDP_TX` on a veth needs a program on the peer (DESIGN.md), hence `xdns_pass`
 //! on the pod side of links 2 and 4. The throughput generator (`xdpgen`) puts its reply
@@ -44,7 +46,7 @@ use super::xdpgen::XdpGen;
 use crate::netns::{self, Netns};
 
 pub const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
-pub const LINKS: usize = 7;
+pub const LINKS: usize = 9;
 /// knotd's own link in XDP mode.
 const KNOT_XDP_LINK: usize = 5;
 /// The link whose host side drops everything (the generator's ceiling).
@@ -54,6 +56,10 @@ pub const SINK_LINK: usize = 6;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Reflector(XdpMode),
+    /// The reflector after one name lookup in a hash map (`xdns_reflect_lookup`).
+    LookupReflector(XdpMode),
+    /// The socket path's ceiling: an echo on UDP sockets (`echo.rs`), no DNS work.
+    SocketReflector,
     XdnsKernel(XdpMode),
     XdnsUserspace,
     Unbound,
@@ -76,13 +82,23 @@ pub struct System {
 }
 
 impl System {
+    /// Echoes every query with QR set (the XDP reflectors and the socket echo).
     pub fn is_reflector(&self) -> bool {
-        matches!(self.kind, Kind::Reflector(_))
+        matches!(
+            self.kind,
+            Kind::Reflector(_) | Kind::LookupReflector(_) | Kind::SocketReflector
+        )
+    }
+    /// An XDP reflector: answers in the kernel, so the live-frames generator drives it.
+    pub fn is_xdp_reflector(&self) -> bool {
+        matches!(self.kind, Kind::Reflector(_) | Kind::LookupReflector(_))
     }
     pub fn driver_link(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Reflector(XdpMode::Driver) | Kind::XdnsKernel(XdpMode::Driver)
+            Kind::Reflector(XdpMode::Driver)
+                | Kind::LookupReflector(XdpMode::Driver)
+                | Kind::XdnsKernel(XdpMode::Driver)
         )
     }
     /// Answers only its own zones: no forwarding, so no external names.
@@ -160,6 +176,20 @@ pub fn all_systems() -> Vec<System> {
             link: 2,
         },
         System {
+            id: "lookup-generic",
+            title: "XDP reflector after a name lookup, generic",
+            kind: Kind::LookupReflector(XdpMode::Skb),
+            listen: l(22),
+            link: 7,
+        },
+        System {
+            id: "lookup-driver",
+            title: "XDP reflector after a name lookup, driver",
+            kind: Kind::LookupReflector(XdpMode::Driver),
+            listen: l(23),
+            link: 8,
+        },
+        System {
             id: "knot-xdp",
             title: "knotd, XDP mode (AF_XDP, 1 worker)",
             kind: Kind::Knot { xdp: true },
@@ -171,6 +201,13 @@ pub fn all_systems() -> Vec<System> {
             title: "xdns userspace only (--no-kernel)",
             kind: Kind::XdnsUserspace,
             listen: l(12),
+            link: 0,
+        },
+        System {
+            id: "reflector-sockets",
+            title: "UDP echo on sockets (recvmmsg/sendmmsg, a thread per CPU)",
+            kind: Kind::SocketReflector,
+            listen: l(21),
             link: 0,
         },
         System {
@@ -380,6 +417,7 @@ impl Topology {
             .with_context(|| format!("loading {}", reflector_object.display()))?;
         for name in [
             "xdns_reflect",
+            "xdns_reflect_lookup",
             "xdns_pass",
             "xdns_drop",
             "xdns_gen_query",
@@ -422,9 +460,14 @@ impl Topology {
         crate::netns::in_netns(&topo.node.path(), || prog.attach(&sink, XdpMode::Driver))?
             .with_context(|| format!("attaching xdns_drop to {sink}"))?;
         for s in systems() {
-            if let Kind::Reflector(mode) = s.kind {
+            let (program, mode) = match s.kind {
+                Kind::Reflector(mode) => ("xdns_reflect", mode),
+                Kind::LookupReflector(mode) => ("xdns_reflect_lookup", mode),
+                _ => continue,
+            };
+            {
                 let iface = topo.links[s.link].host_if.clone();
-                let prog = xdp_program(&mut topo.programs, "xdns_reflect")?;
+                let prog = xdp_program(&mut topo.programs, program)?;
                 crate::netns::in_netns(&topo.node.path(), || prog.attach(&iface, mode))?
                     .with_context(|| format!("attaching the reflector to {iface} ({mode:?})"))?;
             }
@@ -439,6 +482,36 @@ impl Topology {
             .filter(|s| s.driver_link())
             .map(|s| s.link)
             .collect()
+    }
+
+    /// The names `xdns_reflect_lookup` finds: each in wire form, zero-padded to 64 bytes, as
+    /// xdns's zone map keys hold them. Longer names are not kept (the program passes them).
+    pub fn reflect_names<'n>(
+        &mut self,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> anyhow::Result<()> {
+        let mut map: aya::maps::HashMap<_, [u8; 64], u8> = self
+            .programs
+            .map_mut("REFLECT_NAMES")
+            .context("map REFLECT_NAMES missing from the reflector object")?
+            .try_into()?;
+        for name in names {
+            let mut key = [0u8; 64];
+            let mut at = 0;
+            for label in name.trim_end_matches('.').split('.') {
+                if at + 1 + label.len() >= key.len() {
+                    at = key.len();
+                    break;
+                }
+                key[at] = label.len() as u8;
+                key[at + 1..at + 1 + label.len()].copy_from_slice(label.as_bytes());
+                at += 1 + label.len();
+            }
+            if at < key.len() {
+                map.insert(key, 1, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Puts `xdns_pass` on the pod side of the driver-mode links.
@@ -538,7 +611,7 @@ pub fn start(
     let stderr = File::create(&log)?;
     let node = &topo.node;
     let (mut cmd, pin) = match system.kind {
-        Kind::Reflector(_) => return Ok(None),
+        Kind::Reflector(_) | Kind::LookupReflector(_) => return Ok(None),
         Kind::XdnsKernel(_) | Kind::XdnsUserspace => {
             let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), metrics_port);
             let pin = PathBuf::from(format!(
@@ -575,6 +648,11 @@ pub fn start(
                 }
             }
             (c, Some(pin))
+        }
+        Kind::SocketReflector => {
+            let mut c = node.command(std::env::current_exe()?);
+            c.args(["bench-echo", &system.listen.to_string()]);
+            (c, None)
         }
         Kind::Unbound => {
             let mut c = node.command("unbound");
