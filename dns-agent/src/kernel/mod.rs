@@ -624,8 +624,7 @@ impl Kernel {
                 repeat,
                 attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(64),
                 ..aya::programs::TestRunOptions::new()
-            }
-            .into(),
+            },
         )
         .map_err(KernelError::TestRun)?;
         Ok(())

@@ -222,10 +222,10 @@ const DNS: usize = UDP + UDP_HLEN;
 
 /// The frame's headers if it is a UDP/IPv4 DNS query to port 53.
 #[inline(always)]
-fn query_head(ctx: &XdpContext) -> Option<&mut [u8; QUERY_HEAD]> {
-    let f = ptr_at::<[u8; QUERY_HEAD]>(ctx, 0)?;
+fn query_head(ctx: &XdpContext) -> Option<*mut [u8; QUERY_HEAD]> {
+    let p = ptr_at::<[u8; QUERY_HEAD]>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    let f = unsafe { &mut *f };
+    let f = unsafe { &*p };
     if u16::from_be_bytes([f[12], f[13]]) != ETH_P_IP
         || f[IP] != 0x45
         || f[IP + 9] != IPPROTO_UDP
@@ -234,12 +234,14 @@ fn query_head(ctx: &XdpContext) -> Option<&mut [u8; QUERY_HEAD]> {
     {
         return None;
     }
-    Some(f)
+    Some(p)
 }
 
 /// Turns the query into its echo: addresses and ports swapped, QR set, no UDP checksum.
 #[inline(always)]
-fn echo(f: &mut [u8; QUERY_HEAD]) -> u32 {
+fn echo(p: *mut [u8; QUERY_HEAD]) -> u32 {
+    // SAFETY: from query_head, in bounds; nothing else refers to the frame meanwhile.
+    let f = unsafe { &mut *p };
     for i in 0..6 {
         f.swap(i, 6 + i);
     }
@@ -295,6 +297,8 @@ fn reflect_lookup(ctx: &XdpContext) -> Option<u32> {
         if n == 0 || bpf_xdp_load_bytes(ctx.ctx, QUERY_HEAD as u32, key.cast(), n as u32) != 0 {
             return None;
         }
+        // By reference: by value would copy the key onto the 512-byte stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
         REFLECT_NAMES.get(&*key.cast::<[u8; NAME_KEY]>())?;
     }
     Some(echo(f))
