@@ -596,13 +596,15 @@ impl Kernel {
     /// the verdict, the frame as the program left it, and the kernel's mean run time over
     /// `repeat` runs.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, KernelError> {
-        let program: &Xdp = self
-            .ebpf
+        test_run(self.xdp(), frame, repeat)
+    }
+
+    fn xdp(&self) -> &Xdp {
+        self.ebpf
             .program(PROGRAM_NAME)
             .expect("checked at load")
             .try_into()
-            .expect("checked at load");
-        test_run(program, frame, repeat)
+            .expect("checked at load")
     }
 
     /// Runs the program `repeat` times on copies of one frame in live-frames mode
@@ -611,14 +613,8 @@ impl Kernel {
     /// statistics on ([`aya::sys::enable_stats`]), [`Kernel::run_stats`] then tells the
     /// program's own time per run on a warm CPU, without the test harness around it.
     pub fn test_run_live(&self, frame: &[u8], repeat: u32) -> Result<(), KernelError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load");
         aya::programs::TestRun::test_run(
-            program,
+            self.xdp(),
             aya::programs::TestRunOptions {
                 data_in: Some(frame),
                 repeat,
