@@ -11,8 +11,8 @@
 //! checksum from scratch, which is part of the DNS work the comparison shows.
 //!
 //! `xdns_reflect_lookup` does the same after one step of DNS work: it finds the question's name
-//! in a hash map keyed as xdns's zone map is (the name in wire form, zero-padded to 64 bytes),
-//! and passes the query if the name is not there. What a name lookup alone costs against the
+//! in a hash map with a key the size of xdns' zone map key (64 bytes: the name in wire form,
+//! zero-padded), and passes the query if the name is not there. What a name lookup alone costs against the
 //! bare echo is the least any server that answers from a map of names pays.
 //!
 //! Also `xdns_pass`, which passes everything: on a veth in driver mode, `XDP_TX` frames from

@@ -15,7 +15,7 @@
 //! | 8 | reflector with a name lookup, driver | `xdns_pass` | `xdns_reflect_lookup`, driver (.23) |
 //!
 //! Driver-mode `XDP_TX` on a veth needs a program on the peer (DESIGN.md), hence `xdns_pass`
-//! on the pod side of links 2 and 4. The throughput generator (`xdpgen`) puts its reply
+//! on the pod side of links 2, 4 and 8. The throughput generator (`xdpgen`) puts its reply
 //! counter on the pod side for each trial, in place of `xdns_pass`. knotd in XDP mode takes
 //! every UDP packet to port 53 that arrives on its interface, whatever the address: it needs a
 //! link of its own.
@@ -465,12 +465,10 @@ impl Topology {
                 Kind::LookupReflector(mode) => ("xdns_reflect_lookup", mode),
                 _ => continue,
             };
-            {
-                let iface = topo.links[s.link].host_if.clone();
-                let prog = xdp_program(&mut topo.programs, program)?;
-                crate::netns::in_netns(&topo.node.path(), || prog.attach(&iface, mode))?
-                    .with_context(|| format!("attaching the reflector to {iface} ({mode:?})"))?;
-            }
+            let iface = topo.links[s.link].host_if.clone();
+            let prog = xdp_program(&mut topo.programs, program)?;
+            crate::netns::in_netns(&topo.node.path(), || prog.attach(&iface, mode))?
+                .with_context(|| format!("attaching {program} to {iface} ({mode:?})"))?;
         }
         topo.attach_pass()?;
         Ok(topo)
@@ -484,8 +482,9 @@ impl Topology {
             .collect()
     }
 
-    /// The names `xdns_reflect_lookup` finds: each in wire form, zero-padded to 64 bytes, as
-    /// xdns's zone map keys hold them. Longer names are not kept (the program passes them).
+    /// The names `xdns_reflect_lookup` finds: each in wire form with its root label, zero-padded
+    /// to 64 bytes (the size of xdns' zone map key). A name of 64 bytes or more is not kept: the
+    /// program passes it.
     pub fn reflect_names<'n>(
         &mut self,
         names: impl IntoIterator<Item = &'n str>,
@@ -499,7 +498,8 @@ impl Topology {
             let mut key = [0u8; 64];
             let mut at = 0;
             for label in name.trim_end_matches('.').split('.') {
-                if at + 1 + label.len() >= key.len() {
+                // The root label's zero byte must fit after this label too.
+                if at + 1 + label.len() + 1 > key.len() - 1 {
                     at = key.len();
                     break;
                 }
