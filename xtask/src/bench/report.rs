@@ -669,9 +669,9 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
-const COLORS: [&str; 12] = [
+const COLORS: [&str; 14] = [
     "#7f7f7f", "#c7c7c7", "#1f77b4", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#d62728",
-    "#e377c2", "#2ca02c", "#393b79", "#ff7f0e",
+    "#e377c2", "#2ca02c", "#393b79", "#ff7f0e", "#aec7e8", "#98df8a",
 ];
 
 /// One SVG: throughput per system and set (top: median bars, whiskers from the lowest to the
