@@ -14,6 +14,12 @@
 //!   outstanding, queries pipelined on each connection), cluster names and cached external
 //!   names, and the server's CPU time per answer meanwhile.
 //!
+//! Beside them, on cluster names over UDP only, the socket echo of the main bench
+//! (`reflector-sockets`, `echo.rs`): no DNS work at all, so its rate is the most a server on
+//! sockets can answer here, and its CPU time per answer at the fixed load is what the socket
+//! path itself costs (the kernel's receive and send work, the system calls); a server's CPU time
+//! per answer above the echo's is its own work.
+//!
 //! `--variant "ARGS"` adds an xdns system started with these extra arguments (`KEY=VALUE`
 //! words are set in its environment instead): to compare settings in one run. Ratios are only
 //! taken within a round. Results go to `results/userspace-<timestamp>/report.md`.
@@ -118,6 +124,11 @@ fn contenders(opts: &Options, topo: &Topology) -> anyhow::Result<Vec<Contender>>
         },
         Contender {
             system: by_id("unbound"),
+            args: Vec::new(),
+            env: Vec::new(),
+        },
+        Contender {
+            system: by_id("reflector-sockets"),
             args: Vec::new(),
             env: Vec::new(),
         },
@@ -314,9 +325,9 @@ fn measure(
     let mut processes: Vec<Process> = Vec::new();
     for (k, c) in contenders.iter().enumerate() {
         eprintln!("starting {}", c.system.id);
-        let p = if c.system.kind == Kind::Unbound {
+        let p = if matches!(c.system.kind, Kind::Unbound | Kind::SocketReflector) {
             topo::start(&topo, &c.system, agent_bin, &zone_file, dir, 0)?
-                .context("unbound has a process")?
+                .context("unbound and the echo have a process")?
         } else {
             start_agent(&topo, c, agent_bin, &zone_file, dir, 9353 + k as u16)?
         };
@@ -345,10 +356,13 @@ fn measure(
     topo.detach_pass()?;
     for round in 0..opts.rounds {
         for set in &workload.sets {
-            let valid = valid_of(set);
             let mut searches: Vec<Search> = contenders
                 .iter()
-                .map(|_| Search::new(if opts.quick { 20_000 } else { 200_000 }, max_trials))
+                .map(|c| {
+                    let mut s = Search::new(if opts.quick { 20_000 } else { 200_000 }, max_trials);
+                    s.done = !measured(&c.system, set.id);
+                    s
+                })
                 .collect();
             let mut step = 0;
             while searches.iter().any(|s| !s.done) {
@@ -363,7 +377,7 @@ fn measure(
                         &mut topo,
                         s,
                         Generator::Kxdpgun,
-                        valid,
+                        valid_of(s, set),
                         &kxdpgun_files[set.id],
                         rate,
                         1.0,
@@ -387,7 +401,9 @@ fn measure(
                 step += 1;
             }
             for (i, s) in searches.into_iter().enumerate() {
-                udp.insert((round, set.id, i), s);
+                if measured(&contenders[i].system, set.id) {
+                    udp.insert((round, set.id, i), s);
+                }
             }
         }
         for set_id in tcp_sets {
@@ -396,17 +412,19 @@ fn measure(
                 .iter()
                 .find(|s| s.id == set_id)
                 .expect("a set of the workload");
-            let valid = valid_of(set);
             for k in 0..contenders.len() {
                 let i = (k + round) % contenders.len();
                 let s = &contenders[i].system;
+                if !measured(s, set.id) {
+                    continue;
+                }
                 let pid = processes[i].pid();
                 let cpu = super::tls::cpu_ns(pid)?;
                 let t = throughput::trial(
                     &mut topo,
                     s,
                     Generator::Kxdpgun,
-                    valid,
+                    valid_of(s, set),
                     &kxdpgun_files[set.id],
                     fixed_load,
                     f64::from(FIXED_SECS),
@@ -426,6 +444,10 @@ fn measure(
                     f.cpu_us.unwrap_or(0.0)
                 );
                 fixed.insert((round, set.id, i), f);
+                if s.is_reflector() {
+                    // An echo is no DNS server over TCP.
+                    continue;
+                }
                 let cpu = super::tls::cpu_ns(pid)?;
                 let (rate, completed) =
                     tcp_run(&topo, s.listen, set, &dnsperf_files[set.id], tcp_secs)?;
@@ -457,9 +479,17 @@ fn measure(
     Ok(report(opts, &workload, &contenders, &udp, &fixed, &tcp))
 }
 
-/// What counts as a valid reply to `set`'s queries.
-fn valid_of(set: &QuerySet) -> Valid {
-    if set.rcode() == 3 {
+/// Whether `system` is measured on `set`: the echo answers every query alike, so only on
+/// cluster names.
+fn measured(system: &System, set: &str) -> bool {
+    !system.is_reflector() || set == "cluster"
+}
+
+/// What counts as a valid reply from `system` to `set`'s queries.
+fn valid_of(system: &System, set: &QuerySet) -> Valid {
+    if system.is_reflector() {
+        Valid::Echo
+    } else if set.rcode() == 3 {
         Valid::Nxdomain
     } else {
         Valid::Answer
@@ -488,7 +518,9 @@ fn report(
          answers/s, loss and the server's CPU time per answer. TCP: dnsperf -m tcp, \
          {TCP_CONNECTIONS} connections, {TCP_OUTSTANDING} queries outstanding, and the server's \
          CPU time per answer. \"× unbound\": this system's rate over unbound's in the same round; \
-         \"CPU ÷\": unbound's CPU time per answer over this system's (above 1: cheaper).\n",
+         \"CPU ÷\": unbound's CPU time per answer over this system's (above 1: cheaper). \
+         `reflector-sockets`: a UDP echo with no DNS work (cluster names over UDP only), the \
+         socket path's own ceiling and CPU cost per query.\n",
         workload.services,
         opts.rounds,
         load.split_whitespace()
