@@ -59,8 +59,9 @@ enum Command {
         write_corpora: bool,
     },
     /// Benchmark xdns against unbound, dnsmasq, knotd (XDP and UDP), kresd, PowerDNS Recursor
-    /// and a bare XDP reflector in network namespaces: throughput, latency percentiles,
-    /// in-kernel cost, memory. Results go to results/<timestamp>/.
+    /// and the paths' ceilings (bare XDP reflectors, with and without a name lookup, and a UDP
+    /// echo on sockets) in network namespaces: throughput, latency percentiles, in-kernel cost,
+    /// memory. Results go to results/<timestamp>/.
     Bench {
         /// A short run that checks every system answers correctly and within the loss bound
         /// (CI); not a measurement.
