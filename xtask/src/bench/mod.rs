@@ -2,8 +2,9 @@
 //! run today, measured in one run on one machine.
 //!
 //! Systems (see `topo`): the xdns kernel path in generic and driver mode, xdns userspace only,
-//! unbound and dnsmasq as node-local caches holding the same records, and a bare XDP reflector
-//! as the machine's ceiling. Query sets (see `workload`): cluster names, search-path junk that
+//! unbound, knotd (XDP and sockets), kresd, PowerDNS Recursor and dnsmasq holding the same
+//! records, and the ceilings: bare XDP reflectors, the reflector after one name lookup, and a
+//! UDP echo on sockets (`echo`). Query sets (see `workload`): cluster names, search-path junk that
 //! must be NXDOMAIN, cached external names. Figures: the highest throughput under 0.1% loss
 //! (kxdpgun), latency percentiles at fixed offered loads (own load generator), the in-kernel
 //! cost per query (`cargo bench -p dns-agent --bench kernel_cost`) and memory; and external
