@@ -560,15 +560,7 @@ fn throughput_all(
     };
     for set in sets {
         let systems = systems_for(set.id);
-        let valid = |s: &System| {
-            if s.is_reflector() {
-                Valid::Echo
-            } else if set.rcode() == 3 {
-                Valid::Nxdomain
-            } else {
-                Valid::Answer
-            }
-        };
+        let valid = |s: &System| Valid::of(s, set);
         // Live frames where an XDP program answered (nearly) everything in the check.
         let generator = |s: &System| {
             let fast = m.kernel_share.get(&(s.id, set.id));

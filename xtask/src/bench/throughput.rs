@@ -28,6 +28,7 @@ use std::path::Path;
 use super::{
     kxdpgun,
     topo::{SINK_LINK, System, Topology},
+    workload::QuerySet,
     xdpgen,
 };
 
@@ -63,6 +64,19 @@ pub enum Valid {
     Nxdomain,
     /// The reflector's echo: NOERROR, no answer.
     Echo,
+}
+
+impl Valid {
+    /// What `system` validly replies to `set`'s queries: the reflectors echo them.
+    pub fn of(system: &System, set: &QuerySet) -> Self {
+        if system.is_reflector() {
+            Valid::Echo
+        } else if set.rcode() == 3 {
+            Valid::Nxdomain
+        } else {
+            Valid::Answer
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]

@@ -377,7 +377,7 @@ fn measure(
                         &mut topo,
                         s,
                         Generator::Kxdpgun,
-                        valid_of(s, set),
+                        Valid::of(s, set),
                         &kxdpgun_files[set.id],
                         rate,
                         1.0,
@@ -424,7 +424,7 @@ fn measure(
                     &mut topo,
                     s,
                     Generator::Kxdpgun,
-                    valid_of(s, set),
+                    Valid::of(s, set),
                     &kxdpgun_files[set.id],
                     fixed_load,
                     f64::from(FIXED_SECS),
@@ -479,21 +479,9 @@ fn measure(
     Ok(report(opts, &workload, &contenders, &udp, &fixed, &tcp))
 }
 
-/// Whether `system` is measured on `set`: the echo answers every query alike, so only on
-/// cluster names.
+/// Whether `system` is measured on `set` (the echo only on cluster names, as in the main bench).
 fn measured(system: &System, set: &str) -> bool {
-    !system.is_reflector() || set == "cluster"
-}
-
-/// What counts as a valid reply from `system` to `set`'s queries.
-fn valid_of(system: &System, set: &QuerySet) -> Valid {
-    if system.is_reflector() {
-        Valid::Echo
-    } else if set.rcode() == 3 {
-        Valid::Nxdomain
-    } else {
-        Valid::Answer
-    }
+    system.skips(set).is_none()
 }
 
 fn report(
