@@ -12,8 +12,8 @@
 //!
 //! `xdns_reflect_lookup` does the same after one step of DNS work: it finds the question's name
 //! in a hash map with a key the size of xdns' zone map key (64 bytes: the name in wire form,
-//! zero-padded), and passes the query if the name is not there. What a name lookup alone costs against the
-//! bare echo is the least any server that answers from a map of names pays.
+//! zero-padded), and passes the query if the name is not there. What a name lookup alone costs
+//! against the bare echo is the least any server that answers from a map of names pays.
 //!
 //! Also `xdns_pass`, which passes everything: on a veth in driver mode, `XDP_TX` frames from
 //! the host side only arrive when the pod-side peer has an XDP program too (DESIGN.md).
@@ -33,10 +33,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    bindings::xdp_action,
-    helpers::generated::bpf_xdp_load_bytes,
-    helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,

@@ -88,18 +88,19 @@ fn echo_loop(fd: RawFd) -> anyhow::Result<()> {
     let mut addrs: [libc::sockaddr_in; BATCH] = unsafe { mem::zeroed() };
     let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
     let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+    for i in 0..BATCH {
+        iovecs[i].iov_base = bufs[i * ROOM..].as_mut_ptr().cast();
+        let h = &mut headers[i].msg_hdr;
+        h.msg_name = (&raw mut addrs[i]).cast();
+        h.msg_iov = &raw mut iovecs[i];
+        h.msg_iovlen = 1;
+    }
     loop {
+        // What the last round changed: the kernel writes each sender's address length, and the
+        // replies were sent with the queries' lengths.
         for i in 0..BATCH {
-            iovecs[i] = libc::iovec {
-                iov_base: bufs[i * ROOM..].as_mut_ptr().cast(),
-                iov_len: ROOM,
-            };
-            let h = &mut headers[i].msg_hdr;
-            h.msg_name = (&raw mut addrs[i]).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &raw mut iovecs[i];
-            h.msg_iovlen = 1;
-            headers[i].msg_len = 0;
+            iovecs[i].iov_len = ROOM;
+            headers[i].msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         }
         // SAFETY: every header points at live buffers of the lengths given.
         let n = unsafe {
