@@ -127,7 +127,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
         /// Another xdns system, started with these extra arguments (KEY=VALUE words go to its
-        /// environment), e.g. --variant "--max-udp-loops 1" (repeatable).
+        /// environment, bin=PATH runs another build of the agent), e.g. --variant
+        /// "--max-udp-loops 1" or --variant "bin=../old/target/release/dns-agent" (repeatable).
         #[arg(long, allow_hyphen_values = true)]
         variant: Vec<String>,
     },

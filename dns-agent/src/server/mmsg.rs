@@ -1,7 +1,8 @@
 //! Datagrams in batches: one `recvmmsg(2)` takes up to [`BATCH`] queries off a socket, one
-//! `sendmmsg(2)` sends their replies. The socket is non-blocking and registered with tokio,
-//! which says when to try again. Batches save system calls (and the wake-ups between them);
-//! each datagram still crosses the network stack on its own.
+//! `sendmmsg(2)` sends their replies. The socket is in blocking mode with timeouts
+//! (`SO_RCVTIMEO`, `SO_SNDTIMEO`): a receive sleeps until the first datagram comes, then takes
+//! what else is queued without waiting. Batches save system calls (and the wake-ups between
+//! them); each datagram still crosses the network stack on its own.
 
 use std::{io, mem, net::SocketAddr, os::fd::AsRawFd, ptr};
 
@@ -59,8 +60,8 @@ impl RecvBatch {
         })
     }
 
-    /// Takes what the socket holds, up to [`BATCH`] datagrams, without waiting: `WouldBlock`
-    /// when there is nothing.
+    /// Waits for a datagram, then takes what else the socket holds, up to [`BATCH`] in all:
+    /// `WouldBlock` when the socket's receive timeout passed with nothing.
     pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         self.received = 0;
         for i in 0..BATCH {
@@ -85,7 +86,7 @@ impl RecvBatch {
                 socket.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_WAITFORONE,
                 ptr::null_mut(),
             )
         };
@@ -159,8 +160,8 @@ impl SendBatch {
         self.ready
     }
 
-    /// Sends replies `from..` of the batch in one call, without waiting: how many went out
-    /// (`WouldBlock` when the socket's send buffer is full). A reply that fails for a reason
+    /// Sends replies `from..` of the batch in one call: how many went out (`WouldBlock` when
+    /// the socket's send buffer stayed full for its send timeout). A reply that fails for a reason
     /// of its own (say, no route to its client) is reported as the error with nothing sent;
     /// the caller skips it.
     pub fn send(&mut self, socket: &impl AsRawFd, from: usize) -> io::Result<usize> {
@@ -190,7 +191,7 @@ impl SendBatch {
                 socket.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 self.headers.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                0,
             )
         };
         if n < 0 {

@@ -6,16 +6,12 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
     },
 };
 
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    runtime::Handle,
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, runtime::Handle, task::JoinSet};
 
 use super::{Handler, handover, tcp, udp};
 use crate::capabilities::{self, Capability, Missing};
@@ -72,6 +68,9 @@ struct Listener {
 pub struct Sockets {
     listeners: Vec<Listener>,
     loops: usize,
+    /// The UDP receive loops' threads, once serving: stopped (and waited for) when the sockets
+    /// are dropped.
+    udp_loops: Mutex<Vec<udp::Loop>>,
     /// Taken by the metrics server.
     pub metrics: Option<TcpListener>,
 }
@@ -144,6 +143,7 @@ impl Sockets {
         Ok(Self {
             listeners,
             loops,
+            udp_loops: Mutex::new(Vec::new()),
             metrics: Some(metrics),
         })
     }
@@ -163,8 +163,17 @@ impl Sockets {
         for l in &self.listeners {
             for socket in &l.udp {
                 // The loop's own handle on the socket; this one stays for steering the group.
-                let socket = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
-                tasks.spawn(udp::serve(socket, handler.clone(), Handle::current()));
+                let (receive_loop, ended) =
+                    udp::Loop::spawn(socket.try_clone()?, handler.clone(), Handle::current())?;
+                self.udp_loops
+                    .lock()
+                    .expect("loops lock")
+                    .push(receive_loop);
+                tasks.spawn(async move {
+                    ended
+                        .await
+                        .unwrap_or_else(|_| Err(io::Error::other("a UDP receive loop panicked")))
+                });
             }
             tasks.spawn(tcp::serve(l.tcp.clone(), handler.clone()));
         }
@@ -232,7 +241,7 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
-    sock.set_nonblocking(true)?;
+    // Blocking: each receive loop sleeps in its own receive call (`udp`).
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }

@@ -2,57 +2,115 @@
 //!
 //! Each listen address has one socket per receive loop, in one `SO_REUSEPORT` group; the
 //! group's steering program spreads queries over the loops by source port and DNS ID (see
-//! [`super::handover`]). A loop takes up to [`mmsg::BATCH`] queries per system call, answers
-//! those the zone or the cache can answer into reusable buffers, and sends their replies with
-//! one system call. A query that waits for an upstream gets a task on the agent's main
-//! runtime, which sends its reply when it comes.
+//! [`super::handover`]). A loop is a thread of its own, as in unbound or Knot: it sleeps in
+//! `recvmmsg` until a query comes, takes up to [`mmsg::BATCH`] queries at once, answers those the
+//! zone or the cache can answer into reusable buffers, and sends their replies with one
+//! `sendmmsg`: two system calls per batch. (A loop on the async runtime took four: the
+//! runtime's `epoll_wait`, the receive, the send, and a receive that found the socket empty.)
+//! A query that waits for an upstream gets a task on the agent's runtime, which sends its reply
+//! when it comes.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use tokio::{io::Interest, net::UdpSocket, runtime::Handle};
+use socket2::SockRef;
+use tokio::{runtime::Handle, sync::oneshot};
 
 use super::{
     Handler, Transport,
     mmsg::{Datagram, RecvBatch, SendBatch},
 };
 
-/// Serves one UDP socket until the task is cancelled. Queries that wait for an upstream are
-/// spawned on `upstream_runtime`.
-pub async fn serve(
+/// How long a loop sleeps in `recvmmsg` before it looks whether it should stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How long a loop waits for room in the socket's send buffer before it drops the rest of a
+/// batch of replies (the clients ask again).
+const SEND_WAIT: Duration = Duration::from_millis(100);
+
+/// A receive loop: a thread serving one UDP socket until the loop is dropped or the socket
+/// fails. Dropping it stops the thread and waits for it (at most [`STOP_CHECK`]), so that the
+/// socket has left its reuseport group when the drop returns.
+pub struct Loop {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Loop {
+    /// Starts serving `socket`; queries that wait for an upstream are spawned on `runtime`. The
+    /// receiver gets how the loop ended if it ends by itself (an error of the socket).
+    pub fn spawn(
+        socket: UdpSocket,
+        handler: Arc<Handler>,
+        runtime: Handle,
+    ) -> io::Result<(Self, oneshot::Receiver<io::Result<()>>)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done) = oneshot::channel();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("xdns-udp".into())
+            .spawn(move || {
+                // Tasks the handler starts (a prefetch, say) go to the runtime too.
+                let _runtime = runtime.enter();
+                let result = receive_loop(Arc::new(socket), &handler, &runtime, &thread_stop);
+                if !thread_stop.load(Ordering::Relaxed) {
+                    let _ = done_tx.send(result);
+                }
+            })?;
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+            },
+            done,
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn receive_loop(
     socket: Arc<UdpSocket>,
-    handler: Arc<Handler>,
-    upstream_runtime: Handle,
+    handler: &Arc<Handler>,
+    runtime: &Handle,
+    stop: &AtomicBool,
 ) -> io::Result<()> {
+    // Blocking, with timeouts: the loop sleeps in the system calls themselves.
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(STOP_CHECK))?;
+    socket.set_write_timeout(Some(SEND_WAIT))?;
     let local = socket.local_addr().ok();
     let mut queries = RecvBatch::new();
     let mut replies = SendBatch::default();
-    loop {
-        socket.readable().await?;
-        // Batches until the socket is empty; then tokio waits for the next datagram.
-        loop {
-            match socket.try_io(Interest::READABLE, || queries.recv(&*socket)) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // ICMP errors from earlier sends surface here on some kernels; not fatal.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(e),
-            }
-            for query in queries.iter() {
-                answer(
-                    &handler,
-                    &socket,
-                    query,
-                    local,
-                    &mut replies,
-                    &upstream_runtime,
-                );
-            }
-            flush(&socket, &mut replies).await;
-            // Under a steady stream the socket is never empty: let the runtime's other tasks
-            // run now and then.
-            tokio::task::consume_budget().await;
+    while !stop.load(Ordering::Relaxed) {
+        match queries.recv(&*socket) {
+            Ok(_) => {}
+            // The timeout: nothing came.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // ICMP errors from earlier sends surface here on some kernels; not fatal.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(e),
         }
+        for query in queries.iter() {
+            answer(handler, &socket, query, local, &mut replies, runtime);
+        }
+        flush(&socket, &mut replies);
     }
+    Ok(())
 }
 
 /// One datagram: its reply joins the batch, or a task waits for the upstream.
@@ -62,7 +120,7 @@ fn answer(
     query: Datagram<'_>,
     local: Option<SocketAddr>,
     replies: &mut SendBatch,
-    upstream_runtime: &Handle,
+    runtime: &Handle,
 ) {
     if query.truncated {
         // Longer than any query a resolver sends: not answered from its first bytes.
@@ -89,9 +147,15 @@ fn answer(
         Ok(false) => {}
         Err(pending) => {
             let (socket, handler) = (socket.clone(), handler.clone());
-            upstream_runtime.spawn(async move {
+            runtime.spawn(async move {
                 let reply = handler.finish(pending).await;
-                if let Err(e) = socket.send_to(&reply, peer_addr).await {
+                // Without waiting: the socket is the loop's, in blocking mode. A full send
+                // buffer loses this reply as the network would; the client asks again.
+                if let Err(e) = SockRef::from(&*socket).send_to_with_flags(
+                    &reply,
+                    &peer_addr.into(),
+                    libc::MSG_DONTWAIT,
+                ) {
                     tracing::debug!(peer = %peer_addr, error = %e, "sending a UDP reply failed");
                 }
             });
@@ -100,15 +164,19 @@ fn answer(
 }
 
 /// Sends the batch: one system call when the socket takes it all, more when it takes part.
-async fn flush(socket: &UdpSocket, replies: &mut SendBatch) {
+fn flush(socket: &UdpSocket, replies: &mut SendBatch) {
     let mut sent = 0;
     while sent < replies.len() {
-        match socket.try_io(Interest::WRITABLE, || replies.send(socket, sent)) {
+        match replies.send(socket, sent) {
             Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if socket.writable().await.is_err() {
-                    break;
-                }
+                // No room for SEND_WAIT: the rest of the batch is lost, as on a congested link.
+                tracing::debug!(
+                    lost = replies.len() - sent,
+                    "the UDP send buffer stayed full"
+                );
+                break;
             }
             Err(e) => {
                 // This reply cannot go (its client's route, say): the others still can.

@@ -21,7 +21,8 @@
 //! per answer above the echo's is its own work.
 //!
 //! `--variant "ARGS"` adds an xdns system started with these extra arguments (`KEY=VALUE`
-//! words are set in its environment instead): to compare settings in one run. Ratios are only
+//! words are set in its environment instead; `bin=PATH` runs another build of the agent): to
+//! compare settings, or two commits, in one run. Ratios are only
 //! taken within a round. Results go to `results/userspace-<timestamp>/report.md`.
 
 use std::{
@@ -50,9 +51,12 @@ use crate::{
 pub struct Options {
     pub quick: bool,
     pub rounds: usize,
-    /// Extra xdns systems: arguments (and `KEY=VALUE` environment) of each.
+    /// Extra xdns systems: arguments (and `KEY=VALUE` environment, `bin=PATH` binary) of each.
     pub variants: Vec<String>,
 }
+
+/// The word of a variant that names the agent's binary rather than an environment variable.
+const VARIANT_BIN: &str = "bin";
 
 /// The link every userspace system sits behind (no XDP on it).
 const LINK: usize = 0;
@@ -186,6 +190,12 @@ fn start_agent(
         .collect();
     let log = dir.join(format!("{safe}.log"));
     let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), metrics_port);
+    // `bin=PATH` in a variant: another build of the agent.
+    let agent_bin = c
+        .env
+        .iter()
+        .find(|(k, _)| k == VARIANT_BIN)
+        .map_or(agent_bin, |(_, path)| Path::new(path));
     let mut command = topo.node.command(agent_bin);
     command
         .arg("run")
@@ -196,7 +206,12 @@ fn start_agent(
         .args(["--metrics-addr", &metrics.to_string()])
         .arg("--no-kernel")
         .args(&c.args)
-        .envs(c.env.iter().map(|(k, v)| (k, v)))
+        .envs(
+            c.env
+                .iter()
+                .filter(|(k, _)| k != VARIANT_BIN)
+                .map(|(k, v)| (k, v)),
+        )
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(File::create(&log)?);
