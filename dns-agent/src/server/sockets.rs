@@ -75,6 +75,17 @@ pub struct Sockets {
     pub metrics: Option<TcpListener>,
 }
 
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        let loops = self.udp_loops.get_mut().unwrap_or_else(|e| e.into_inner());
+        for l in loops.iter() {
+            l.stop();
+        }
+        // Dropping each waits for its thread.
+        loops.clear();
+    }
+}
+
 impl Sockets {
     /// Binds port 53 of every listen address — `loops` UDP sockets (one per receive loop) and
     /// a TCP listener — steered to the agent already serving there (if any) until

@@ -73,9 +73,17 @@ impl Loop {
     }
 }
 
+impl Loop {
+    /// Tells the thread to stop, without waiting for it: stopping many loops at once takes one
+    /// [`STOP_CHECK`], not one each.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
