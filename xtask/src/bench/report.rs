@@ -259,7 +259,7 @@ pub fn markdown(r: &Results) -> String {
          - machine: {} × {}, {:.0} GiB, kernel {}; load average at start {} (other work on the machine shares the cores)\n\
          - tools: {}\n\
          - zone: {} ClusterIP Services with a named port in 50 namespaces; the same A, SRV and PTR records in the xdns zone file, unbound `local-data`, dnsmasq `host-record`/`srv-host`, a master file for knotd and PowerDNS Recursor (`cluster.local.zone`, `96.10.in-addr.arpa.zone`) and a response policy zone for kresd (`cluster.local.rpz`); {} external names on an upstream dnsmasq (TTL 3600), warmed into every cache before measuring\n\
-         - client: a second network namespace over a veth pair per setup; every server, the client and the load generator share the same cores; threads: unbound 2, knotd 2 UDP workers (in XDP mode 1 XDP worker: knotd finds one queue on a veth), PowerDNS Recursor 2, kresd 1 process, dnsmasq 1, the xdns agent its runtime's 2 workers\n",
+         - client: a second network namespace over a veth pair per setup; every server, the client and the load generator share the same cores; threads: unbound 2, knotd 2 UDP workers (in XDP mode 1 XDP worker: knotd finds one queue on a veth), PowerDNS Recursor 2, kresd 1 process, dnsmasq 1, the xdns agent a UDP receive thread per CPU (2) and its runtime's 2 workers\n",
         r.command,
         if r.quick {
             "quick: one short trial per system; checks answers, measures nothing"
