@@ -1,6 +1,7 @@
 //! The serving path against the reference: whatever the zone went through, the reply the
 //! handler gives (from answers it keeps encoded per thread) is byte for byte the reply
-//! [`answer_from_zone`] builds from the model as it is now.
+//! [`answer_from_zone`] builds from the model as it is now; and a UDP receive loop gives every
+//! datagram that reply.
 
 use std::{
     net::IpAddr,
@@ -313,4 +314,59 @@ fn two_models_on_one_thread_keep_apart() {
         assert_eq!(served(&h2, &q), reference(&second, &q));
     }
     assert_ne!(served(&h1, &q), served(&h2, &q));
+}
+
+/// A query for `name`, type A, with `id`.
+fn query_for(name: &str, id: u16) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&wire_from_dotted(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    m
+}
+
+#[test]
+fn a_receive_loop_answers_every_datagram_and_leaves_its_socket_when_dropped() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let zone = Arc::new(RwLock::new(model()));
+    zone.write().unwrap().set_synced();
+    let handler = Arc::new(handler(zone));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (receive_loop, _ended) =
+        udp::Loop::spawn(socket, handler.clone(), runtime.handle().clone()).unwrap();
+
+    // More than one batch, sent at once: some wait in the socket while the loop answers others.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let queries: Vec<Vec<u8>> = (0..2 * mmsg::BATCH as u16 + 5)
+        .map(|id| query_for(&format!("nope-{id}.ns-1.svc.cluster.local"), id))
+        .collect();
+    for q in &queries {
+        client.send_to(q, addr).unwrap();
+    }
+    let mut replies = std::collections::BTreeMap::new();
+    let mut buf = [0u8; 1500];
+    while replies.len() < queries.len() {
+        let (n, from) = client.recv_from(&mut buf).expect("every query answered");
+        assert_eq!(from, addr);
+        replies.insert(u16::from_be_bytes([buf[0], buf[1]]), buf[..n].to_vec());
+    }
+    for (id, q) in queries.iter().enumerate() {
+        let want = served(&handler, q).expect("the zone answers it");
+        assert_eq!(want[3] & 0x0f, 3, "NXDOMAIN");
+        assert_eq!(replies[&(id as u16)], want, "reply to query {id}");
+    }
+
+    // Dropped, the loop has stopped and closed its socket: it has left the port (and a
+    // reuseport group) by the time the drop returns.
+    assert_eq!(handover::bound_before(addr, false), 1);
+    drop(receive_loop);
+    assert_eq!(handover::bound_before(addr, false), 0);
 }
