@@ -71,9 +71,7 @@ impl Loop {
             done,
         ))
     }
-}
 
-impl Loop {
     /// Tells the thread to stop, without waiting for it: stopping many loops at once takes one
     /// [`STOP_CHECK`], not one each.
     pub fn stop(&self) {
