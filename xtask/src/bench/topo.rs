@@ -498,8 +498,8 @@ impl Topology {
             let mut key = [0u8; 64];
             let mut at = 0;
             for label in name.trim_end_matches('.').split('.') {
-                // The root label's zero byte must fit after this label too.
-                if at + 1 + label.len() + 1 > key.len() - 1 {
+                // This label and the root label's zero byte: the name must stay under 64 bytes.
+                if at + 1 + label.len() + 1 >= key.len() {
                     at = key.len();
                     break;
                 }

@@ -30,7 +30,7 @@ use std::{
     fmt::Write as _,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -79,9 +79,10 @@ struct Figure {
 
 struct Contender {
     system: System,
-    /// For xdns systems: extra arguments and environment.
+    /// For xdns systems: extra arguments and environment, and another build of the agent.
     args: Vec<String>,
     env: Vec<(String, String)>,
+    bin: Option<PathBuf>,
 }
 
 pub fn bench_userspace(opts: Options) -> anyhow::Result<()> {
@@ -125,16 +126,19 @@ fn contenders(opts: &Options, topo: &Topology) -> anyhow::Result<Vec<Contender>>
             system: by_id("xdns-userspace"),
             args: Vec::new(),
             env: Vec::new(),
+            bin: None,
         },
         Contender {
             system: by_id("unbound"),
             args: Vec::new(),
             env: Vec::new(),
+            bin: None,
         },
         Contender {
             system: by_id("reflector-sockets"),
             args: Vec::new(),
             env: Vec::new(),
+            bin: None,
         },
     ];
     for (k, variant) in opts.variants.iter().enumerate() {
@@ -152,6 +156,10 @@ fn contenders(opts: &Options, topo: &Topology) -> anyhow::Result<Vec<Contender>>
         let (env, args): (Vec<&str>, Vec<&str>) = variant
             .split_whitespace()
             .partition(|w| !w.starts_with('-') && w.contains('='));
+        let (bin, env): (Vec<_>, Vec<_>) = env
+            .iter()
+            .filter_map(|w| w.split_once('='))
+            .partition(|(k, _)| *k == VARIANT_BIN);
         let id: &'static str = Box::leak(format!("xdns {variant}").into_boxed_str());
         out.push(Contender {
             system: System {
@@ -164,9 +172,9 @@ fn contenders(opts: &Options, topo: &Topology) -> anyhow::Result<Vec<Contender>>
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env
                 .iter()
-                .filter_map(|w| w.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bin: bin.last().map(|(_, path)| PathBuf::from(path)),
         });
     }
     Ok(out)
@@ -190,12 +198,7 @@ fn start_agent(
         .collect();
     let log = dir.join(format!("{safe}.log"));
     let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), metrics_port);
-    // `bin=PATH` in a variant: another build of the agent.
-    let agent_bin = c
-        .env
-        .iter()
-        .find(|(k, _)| k == VARIANT_BIN)
-        .map_or(agent_bin, |(_, path)| Path::new(path));
+    let agent_bin = c.bin.as_deref().unwrap_or(agent_bin);
     let mut command = topo.node.command(agent_bin);
     command
         .arg("run")
@@ -206,12 +209,7 @@ fn start_agent(
         .args(["--metrics-addr", &metrics.to_string()])
         .arg("--no-kernel")
         .args(&c.args)
-        .envs(
-            c.env
-                .iter()
-                .filter(|(k, _)| k != VARIANT_BIN)
-                .map(|(k, v)| (k, v)),
-        )
+        .envs(c.env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(File::create(&log)?);
